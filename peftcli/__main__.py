@@ -1,0 +1,3 @@
+from peftcli.cli import main
+
+main()

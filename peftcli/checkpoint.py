@@ -1,0 +1,182 @@
+"""Adapter save and load in HF peft's on-disk format, and atomic file writes.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` with keys
+`base_model.model.<parameter name>`, which is exactly what `peft.PeftModel.from_pretrained` reads.
+Only safetensors and JSON are read back: nothing a user supplies is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftcli.errors import CheckpointError
+from peftcli.methods import BY_PEFT_TYPE, Method, context_for
+from peftcli.methods.base import Adapted, trainable_parameters
+from peftcli.tasks import Task
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LABELS_NAME = "labels.json"
+
+
+# -- atomic writes -----------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes owner-only files; a result file is a normal file
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yields a temporary folder beside `path`; on success it replaces `path` in one rename, so a
+    reader (or a crash) sees the old folder or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~UMASK)
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- save --------------------------------------------------------------------------------------
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors under HF peft's key names: the adapter and any modules trained in full."""
+    return {PREFIX + name: p.detach().cpu().contiguous().clone() for name, p in trainable_parameters(model).items()}
+
+
+def adapter_config(method: Method, params: Any, adapted: Adapted, task: Task, base_model: str, revision: str | None) -> dict[str, Any]:
+    config = method.peft_config(params, adapted)
+    config.update({"task_type": task.peft_task_type, "base_model_name_or_path": base_model, "revision": revision})
+    return config
+
+
+def save_adapter(
+    folder: Path,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    label_names: list[str] | None = None,
+    tokenizer: Any = None,
+) -> None:
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if label_names is not None:
+            (tmp / LABELS_NAME).write_text(json.dumps({"labels": label_names}, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: adapter folder not found. Give a run directory's adapter/ folder.")
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME} in this folder; it is not an adapter folder.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}). The file is corrupt; re-save the adapter.") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise CheckpointError(f"{path}: no `peft_type` key; it is not an adapter config.")
+    return config
+
+
+def method_for(config: dict[str, Any], where: Path) -> Method:
+    peft_type = config["peft_type"]
+    if peft_type not in BY_PEFT_TYPE:
+        raise CheckpointError(
+            f"{where / CONFIG_NAME}: peft_type {peft_type!r} is not supported "
+            f"(supported: {', '.join(sorted(BY_PEFT_TYPE))})."
+        )
+    return BY_PEFT_TYPE[peft_type]
+
+
+def load_adapter(folder: Path, model: nn.Module, task: Task) -> tuple[Method, Any, Adapted]:
+    """Applies the adapter described in `folder` to `model` (in place) and loads its weights."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    method = method_for(config, folder)
+    params = method.from_peft_config(config)
+    adapted = method.apply(model, params, context_for(model, task.head_modules, strict=False))
+    load_weights(model, folder / WEIGHTS_NAME)
+    return method, params, adapted
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: adapter weights not found.")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter.") from None
+    expected = trainable_parameters(model)
+    names = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: k for k in state}
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(
+            f"{path}: the tensors do not fit this model ({detail}, {len(missing)} missing and "
+            f"{len(unexpected)} unexpected in all). Was the adapter trained on another base model?"
+        )
+    for name, param in expected.items():
+        tensor = state[names[name]]
+        if tensor.shape != param.shape:
+            raise CheckpointError(
+                f"{path}: {names[name]} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(param.shape)}. Was the adapter trained on another base model?"
+            )
+        with torch.no_grad():
+            param.copy_(tensor.to(param.dtype))

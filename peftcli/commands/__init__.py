@@ -1,0 +1,1 @@
+"""Each CLI command as a plain function that reads top to bottom."""

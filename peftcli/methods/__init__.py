@@ -1,0 +1,43 @@
+"""The method registry: every method peftcli offers, one file each, listed in one dict.
+
+A test fails when a file in this folder is missing here, and the shared method tests run over every
+entry, so a new method gets the whole contract suite for free.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftcli.errors import MethodError
+from peftcli.methods import lora
+from peftcli.methods.base import ApplyContext, Kind, Method
+
+METHODS: dict[str, Method] = {
+    "lora": lora.METHOD,
+}
+
+BY_PEFT_TYPE: dict[str, Method] = {m.peft_type: m for m in METHODS.values()}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(
+            f"method.name: unknown method {name!r}. Available: {', '.join(sorted(METHODS))}."
+        ) from None
+
+
+__all__ = ["METHODS", "BY_PEFT_TYPE", "ApplyContext", "Kind", "Method", "context_for", "get_method"]
+
+
+def context_for(model: nn.Module, head_modules: tuple[str, ...], strict: bool = True) -> ApplyContext:
+    """What a method may and may not touch in `model`: `all-linear` skips the head and the output layer."""
+    excluded = [n for n in head_modules if _has_module(model, n)]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded += [n for n, m in model.named_modules() if output is not None and m is output]
+    return ApplyContext(head_modules=head_modules, excluded_modules=tuple(excluded), strict=strict)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())

@@ -1,0 +1,149 @@
+"""What every method provides, and the helpers methods share (freezing, matching modules by name).
+
+A method is a plain record of functions (`Method`), not a class to inherit from: core code asks what a
+method can do (`method.merge is not None`, `method.kind`), never which method it is.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftcli.errors import MethodError
+
+
+class Kind(enum.Enum):
+    """How a method changes the model; decides what can be merged and what inspection shows."""
+
+    WEIGHT_DELTA = "adds a learned update to existing weights"
+    ACTIVATION_SCALE = "rescales activations"
+    VIRTUAL_TOKENS = "adds trainable virtual tokens"
+    NEW_MODULES = "inserts new modules"
+    SELECT = "trains a subset of the existing weights"
+
+
+@dataclass(frozen=True)
+class ApplyContext:
+    """What a method needs to know about the model and task, supplied by the core.
+
+    head_modules: names of the task head (e.g. `classifier`), trained in full for classification.
+    excluded_modules: modules never adapted by `all-linear` (the head and the output embedding).
+    """
+
+    head_modules: tuple[str, ...] = ()
+    excluded_modules: tuple[str, ...] = ()
+    # A recipe naming a module that does not exist is an error; an adapter_config.json written by
+    # HF peft lists both `classifier` and `score` for any classifier, so loading tolerates that.
+    strict: bool = True
+
+
+@dataclass
+class Adapted:
+    """What `apply` did: the modules it adapted and the modules trained in full (`modules_to_save`)."""
+
+    adapted_modules: list[str]
+    modules_to_save: list[str] = field(default_factory=list)
+    target_modules: list[str] | str = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    kind: Kind
+    params: type[BaseModel]
+    apply: Callable[[nn.Module, Any, ApplyContext], Adapted]
+    # Returns the adapter_config.json dict in HF peft's format (None where HF peft lacks the method).
+    peft_config: Callable[[Any, Adapted], dict[str, Any]]
+    # Parses an adapter_config.json written by us or by HF peft back into our params.
+    from_peft_config: Callable[[dict[str, Any]], Any]
+    # Folds the adapter into the base weights in place; None where the method cannot be merged.
+    merge: Callable[[nn.Module], None] | None
+    peft_type: str
+    paper: str = ""
+
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def name_matches(name: str, targets: list[str] | str) -> bool:
+    """HF peft's rule: a list matches a module name exactly or as a dotted suffix; a string is a
+    regular expression that must match the whole name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+
+
+def is_excluded(name: str, excluded: tuple[str, ...]) -> bool:
+    return any(name == e or name.startswith(e + ".") for e in excluded)
+
+
+def resolve_all_linear(model: nn.Module, ctx: ApplyContext) -> list[str]:
+    """`all-linear` as HF peft expands it: the last name part of every linear layer but the output
+    layer and the task head, so the saved config lists plain names that HF peft matches the same way."""
+    names = [n for n in linear_layer_names(model) if not is_excluded(n, ctx.excluded_modules)]
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def find_targets(model: nn.Module, targets: list[str] | str, ctx: ApplyContext, key: str) -> list[str]:
+    """Names of the linear layers the method adapts; a clear error when nothing matches."""
+    names = [
+        n
+        for n in linear_layer_names(model)
+        if name_matches(n, targets) and not is_excluded(n, ctx.excluded_modules)
+    ]
+    if not names:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
+        raise MethodError(
+            f"{key} {targets!r} matched no linear layer of {type(model).__name__} "
+            f"(linear layers: {', '.join(available)}). "
+            "`peft inspect --modules RECIPE` lists them with their full names."
+        )
+    return names
+
+
+def default_modules_to_save(requested: list[str] | None, ctx: ApplyContext, model: nn.Module) -> list[str]:
+    """The task head trains in full unless the recipe says otherwise (HF peft does the same for SEQ_CLS)."""
+    names = requested if requested is not None else list(ctx.head_modules)
+    present = dict(model.named_modules())
+    missing = [n for n in names if n not in present and not any(k.endswith("." + n) for k in present)]
+    if requested is not None and missing and ctx.strict:
+        raise MethodError(
+            f"method.modules_to_save: {missing} not found in {type(model).__name__}. "
+            "Name whole modules, e.g. 'classifier' or 'score'."
+        )
+    return [n for n in names if n not in missing]
+
+
+def unfreeze_modules(model: nn.Module, names: list[str]) -> None:
+    for module_name, module in model.named_modules():
+        if name_matches(module_name, names):
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,61 @@
+"""load_base_model: a hub id, a local folder, a GGUF file or a model shipped in a Python package ->
+a frozen transformers model for the task, and its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from peftcli.errors import ModelError
+from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, package_folder
+from peftcli.tasks import Task
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_location(spec: ModelSpec) -> str:
+    """Where transformers should load from: package:<pkg>/<folder> becomes that folder's path."""
+    if spec.name.startswith(PACKAGE_PREFIX):
+        folder = package_folder(spec.name)
+        if folder is None or not folder.exists():
+            raise ModelError(f"model.name: {spec.name!r} not found. Install the package that ships it.")
+        return str(folder)
+    return spec.name
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    location = model_location(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=spec.gguf_file, revision=spec.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_load_failure("tokenizer", spec, exc)) from None
+    if tokenizer.pad_token is None:
+        # Decoders often ship without a pad token; padding is masked out, so EOS is a safe stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrainedModel:
+    """The base model with the task's head, frozen, in the recipe's dtype."""
+    location = model_location(spec)
+    kwargs: dict[str, Any] = {"revision": spec.revision, "dtype": DTYPES[spec.dtype]}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    try:
+        model = task.auto_model.from_pretrained(location, **kwargs, **task_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_load_failure("model", spec, exc)) from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _load_failure(what: str, spec: ModelSpec, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = spec.name + (f" (gguf_file {spec.gguf_file})" if spec.gguf_file else "")
+    local = Path(model_location(spec)).exists() if not spec.name.startswith(PACKAGE_PREFIX) else True
+    fix = "Check the folder holds a transformers model." if local else "Check the hub id, or that you are online (or set HF_HUB_OFFLINE=1 with a cached copy)."
+    return f"model.name: cannot load the {what} from {where!r}: {first[:300]}. {fix}"

@@ -1,0 +1,390 @@
+"""The recipe schema and `load_recipe`: YAML + `key.path=value` overrides -> a validated Recipe.
+
+The schema is the single source of defaults and help. Every problem is collected and reported at once,
+each as `<file>: <key.path>: <what is wrong> (got <value>). <what to do>`. Relative input paths in a
+recipe file are resolved against the recipe's folder (so it runs from anywhere); paths given as
+command-line overrides against the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from peftcli.errors import RecipeError
+from peftcli.methods import METHODS
+
+TASKS = ("sequence_classification", "causal_lm")
+PACKAGE_PREFIX = "package:"
+MAX_RECIPE_BYTES = 1_000_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    name: str = Field(
+        description="hub id (org/name), a local model folder, or package:<python package>/<folder> "
+        "for a model shipped inside an installed package"
+    )
+    gguf_file: str | None = Field(None, description="a .gguf file inside `name` (dequantized to float)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the frozen base weights are loaded in"
+    )
+
+
+class Columns(Strict):
+    text: str | None = Field(None, description="text column (classification, or plain causal LM text)")
+    text_pair: str | None = Field(None, description="second text column for sentence-pair classification")
+    label: str | None = Field(None, description="label column: ints or strings (strings are mapped to ids)")
+    prompt: str | None = Field(None, description="prompt column (causal LM); its tokens get no loss")
+    response: str | None = Field(None, description="response column (causal LM); trained, EOS appended")
+    prompt_template: str | None = Field(
+        None, description="prompt built from columns, e.g. 'Question: {question}\\nAnswer: '"
+    )
+
+
+class DataSpec(Strict):
+    dataset: str | None = Field(None, description="hub dataset id, e.g. stanfordnlp/sst2")
+    subset: str | None = Field(None, description="hub dataset configuration name")
+    files: dict[str, list[str]] | None = Field(
+        None, description="split -> local file(s): csv, tsv, json, jsonl or parquet"
+    )
+    train_split: str = "train"
+    eval_split: str | None = Field("validation", description="split evaluated during training; null for none")
+    columns: Columns = Field(default_factory=Columns)
+    max_length: int = Field(128, gt=0, description="longer examples are truncated")
+    max_train_examples: int | None = Field(None, gt=0, description="use only the first N training examples")
+    max_eval_examples: int | None = Field(None, gt=0, description="use only the first N eval examples")
+    group_by_length: bool = Field(
+        True, description="batch examples of similar length (random across groups): far less padding"
+    )
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: [f] if isinstance(f, str) else f for k, f in v.items()}
+        return v
+
+
+class OptimizerSpec(Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW only")
+    eps: float = Field(1e-8, gt=0, description="AdamW only")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD only")
+
+
+class ScheduleSpec(Strict):
+    name: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warm-up")
+    warmup_steps: int | None = Field(None, ge=0, description="give this or warmup_ratio, not both")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of all steps spent warming up")
+
+
+class TrainSpec(Strict):
+    batch_size: int = Field(32, gt=0, description="examples per micro-batch per process")
+    eval_batch_size: int | None = Field(None, gt=0, description="default: 2 x batch_size")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null for none")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16 needs CUDA")
+    seed: int = 42
+    log_every: int = Field(10, gt=0, description="optimizer steps between log lines")
+    eval_every: int | None = Field(None, gt=0, description="optimizer steps between evals (always at the end)")
+    save_every: int | None = Field(None, gt=0, description="optimizer steps between adapter checkpoints")
+    save_total_limit: int = Field(2, gt=0, description="step checkpoints kept")
+    best_metric: str | None = Field(
+        None, description="eval metric that picks the saved adapter (accuracy, f1, loss...); default per task"
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
+
+
+class Recipe(Strict):
+    name: str | None = Field(None, description="run name; default: the recipe file's name")
+    task: Literal["sequence_classification", "causal_lm"]
+    model: ModelSpec
+    method: Any = Field(description="`name:` of a registered method plus that method's own keys")
+    data: DataSpec
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    output_dir: str | None = Field(None, description="run directory; default: runs/<name>")
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / (self.name or "run")
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    raw = read_yaml(path)
+    where: dict[tuple[str, ...], str] = {}
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_path(raw, key, value)
+        where[key] = f"override {item!r}"
+    raw.setdefault("name", path.stem)
+    return validate_recipe(raw, source=str(path), base_dir=path.parent, override_keys=where)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found. Check the path (relative to {Path.cwd()}).")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: recipe is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a short YAML file.")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}:{line}: invalid YAML ({problem}). Fix the syntax there.") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys (got {type(data).__name__}).")
+    return data
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {item!r}: expected key.path=value, e.g. train.max_steps=50")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    return tuple(key.split(".")), parsed
+
+
+def set_path(data: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in key[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[key[-1]] = value
+
+
+def validate_recipe(
+    raw: dict[str, Any],
+    source: str = "recipe",
+    base_dir: Path | None = None,
+    override_keys: dict[tuple[str, ...], str] | None = None,
+) -> Recipe:
+    """Checks everything and raises one RecipeError listing every problem."""
+    override_keys = override_keys or {}
+    problems: list[tuple[tuple[str, ...], str]] = []
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [(tuple(str(p) for p in e["loc"]), describe(e, Recipe)) for e in exc.errors()]
+
+    method_params = None
+    method_raw = raw.get("method")
+    if isinstance(method_raw, dict):
+        method_params, method_problems = validate_method(method_raw)
+        problems += method_problems
+    elif "method" in raw:
+        problems.append((("method",), f"expected a mapping with a `name:` key (got {method_raw!r})"))
+
+    if recipe is not None and method_params is not None:
+        recipe = recipe.model_copy(update={"method": method_params})
+        recipe = resolve_paths(recipe, base_dir or Path.cwd(), override_keys)
+        problems += semantic_problems(recipe)
+
+    if problems:
+        lines = []
+        for loc, message in problems:
+            origin = override_keys.get(loc) or _override_origin(loc, override_keys) or source
+            lines.append(f"{origin}: {'.'.join(loc) or '(top level)'}: {message}")
+        raise RecipeError(*lines)
+    assert recipe is not None
+    return recipe
+
+
+def _override_origin(loc: tuple[str, ...], override_keys: dict[tuple[str, ...], str]) -> str | None:
+    for key, origin in override_keys.items():
+        if loc[: len(key)] == key or key[: len(loc)] == loc:
+            return origin
+    return None
+
+
+def validate_method(raw: dict[str, Any]) -> tuple[Any, list[tuple[tuple[str, ...], str]]]:
+    name = raw.get("name")
+    if name not in METHODS:
+        choices = sorted(METHODS)
+        hint = _did_you_mean(str(name), choices)
+        return None, [(("method", "name"), f"unknown method (got {name!r}).{hint} Available: {', '.join(choices)}.")]
+    schema = METHODS[name].params
+    try:
+        return schema.model_validate(raw), []
+    except ValidationError as exc:
+        return None, [(("method",) + tuple(str(p) for p in e["loc"]), describe(e, schema)) for e in exc.errors()]
+
+
+def describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
+    """One pydantic error as `<what is wrong> (got <value>). <what to do>`."""
+    loc = [str(p) for p in error["loc"]]
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        fields = _fields_at(schema, loc[:-1])
+        hint = _did_you_mean(loc[-1], fields)
+        return f"unknown key.{hint or ''} Valid keys here: {', '.join(fields)}."
+    if kind == "missing":
+        desc = _description(schema, loc)
+        return "required key is missing." + (f" Set it: {desc}." if desc else "")
+    message = error["msg"][0].lower() + error["msg"][1:]
+    got = f" (got {error.get('input')!r})"
+    hint = ""
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+        hint = _did_you_mean(str(error.get("input")), choices) or ""
+    desc = _description(schema, loc)
+    return f"{message}{got}.{hint}" + (f" ({desc})" if desc and not hint else "")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _walk(schema: type[BaseModel], loc: list[str]) -> Any:
+    node: Any = schema
+    for part in loc:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            return None
+        annotation = node.model_fields[part].annotation
+        node = annotation
+    return node
+
+
+def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
+    node = _walk(schema, loc) if loc else schema
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
+
+
+def _description(schema: type[BaseModel], loc: list[str]) -> str | None:
+    if not loc:
+        return None
+    parent = _walk(schema, loc[:-1]) if len(loc) > 1 else schema
+    if isinstance(parent, type) and issubclass(parent, BaseModel) and loc[-1] in parent.model_fields:
+        return parent.model_fields[loc[-1]].description
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and cross-field checks
+
+
+def resolve_paths(recipe: Recipe, base_dir: Path, override_keys: dict[tuple[str, ...], str]) -> Recipe:
+    def resolve(p: str, key: tuple[str, ...]) -> str:
+        root = Path.cwd() if _override_origin(key, override_keys) else base_dir
+        candidate = Path(p).expanduser()
+        return str(candidate if candidate.is_absolute() else (root / candidate).resolve())
+
+    data = recipe.data
+    if data.files:
+        files = {split: [resolve(f, ("data", "files", split)) for f in fs] for split, fs in data.files.items()}
+        data = data.model_copy(update={"files": files})
+    model = recipe.model
+    if _looks_like_path(model.name):
+        model = model.model_copy(update={"name": resolve(model.name, ("model", "name"))})
+    return recipe.model_copy(update={"data": data, "model": model})
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and Path(name).exists()
+
+
+def package_folder(name: str) -> Path | None:
+    """`package:<pkg>/<sub/folder>` -> the folder inside the installed package, found without
+    importing it (importing may pull dependencies that are not installed)."""
+    package, _, sub = name[len(PACKAGE_PREFIX) :].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / sub
+
+
+def semantic_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    problems: list[tuple[tuple[str, ...], str]] = []
+    problems += _model_problems(recipe.model)
+    problems += _data_problems(recipe)
+    s = recipe.schedule
+    if s.warmup_steps is not None and s.warmup_ratio is not None:
+        problems.append(
+            (("schedule", "warmup_steps"), f"give warmup_steps or warmup_ratio, not both (got {s.warmup_steps} and {s.warmup_ratio}).")
+        )
+    return problems
+
+
+def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
+    key = ("model", "name")
+    if model.name.startswith(PACKAGE_PREFIX):
+        folder = package_folder(model.name)
+        if folder is None:
+            pkg = model.name[len(PACKAGE_PREFIX) :].partition("/")[0]
+            return [(key, f"Python package {pkg!r} is not installed (got {model.name!r}). Install it, e.g. `pip install {pkg.replace('_', '-')}`.")]
+        if not folder.exists():
+            return [(key, f"no folder {folder.name!r} inside the package (got {model.name!r}). Check the path after the package name.")]
+    elif _looks_like_path(model.name) and not Path(model.name).exists():
+        return [(key, f"model folder not found (got {model.name!r}). Give a hub id, an existing folder or package:<pkg>/<folder>.")]
+    return []
+
+
+def _data_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    data, problems = recipe.data, []
+    if (data.dataset is None) == (data.files is None):
+        problems.append((("data",), "give exactly one of `dataset` (a hub id) or `files` (split -> local files)."))
+    for split, files in (data.files or {}).items():
+        for f in files:
+            if not Path(f).is_file():
+                problems.append((("data", "files", split), f"file not found (got {f!r}). Relative paths in a recipe are relative to its folder."))
+    if data.files is not None:
+        for key, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
+            if split is not None and split not in data.files:
+                problems.append((("data", key), f"no such split in data.files (got {split!r}; files give {', '.join(data.files)})."))
+    c = data.columns
+    if recipe.task == "sequence_classification":
+        if not c.text:
+            problems.append((("data", "columns", "text"), "sequence_classification needs the text column's name (e.g. text: sentence)."))
+        if not c.label:
+            problems.append((("data", "columns", "label"), "sequence_classification needs the label column's name (e.g. label: label)."))
+    else:
+        has_prompt = bool(c.prompt or c.prompt_template)
+        if c.text and (has_prompt or c.response):
+            problems.append((("data", "columns"), "causal_lm takes either `text`, or `prompt`/`prompt_template` with `response`, not both."))
+        elif not c.text and not (has_prompt and c.response):
+            problems.append((("data", "columns"), "causal_lm needs `text`, or `response` with `prompt` or `prompt_template`."))
+        if c.prompt and c.prompt_template:
+            problems.append((("data", "columns", "prompt_template"), "give `prompt` or `prompt_template`, not both."))
+    return problems

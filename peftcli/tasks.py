@@ -1,0 +1,112 @@
+"""What differs per task: the model class, the head that trains in full, the loss and the metrics.
+
+Losses are returned as (sum, count) so the trainer can normalize over a whole accumulated batch: the
+gradient of 4 micro-batches of 8 then equals that of one batch of 32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_model: Any
+    peft_task_type: str
+    head_modules: tuple[str, ...]
+    best_metric: str
+    loss_sum: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+    # How many loss terms a batch holds (examples, or target tokens), known before the forward pass.
+    units: Callable[[dict[str, torch.Tensor]], int]
+    predictions: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]
+    metrics: Callable[[float, float, torch.Tensor | None, torch.Tensor | None, int], dict[str, float]]
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in ("loss", "perplexity")
+
+
+# -- sequence classification -------------------------------------------------------------------
+
+
+def classification_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+    return loss, torch.tensor(labels.numel(), device=labels.device)
+
+
+def classification_predictions(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits.argmax(-1), batch["labels"]
+
+
+def classification_metrics(
+    loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, num_labels: int
+) -> dict[str, float]:
+    assert preds is not None and labels is not None
+    f1s = []
+    for c in range(num_labels):
+        tp = ((preds == c) & (labels == c)).sum().item()
+        fp = ((preds == c) & (labels != c)).sum().item()
+        fn = ((preds != c) & (labels == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {
+        "loss": loss_sum / max(count, 1),
+        "accuracy": (preds == labels).float().mean().item() if labels.numel() else 0.0,
+        "f1": sum(f1s) / len(f1s),
+    }
+
+
+# -- causal language modelling -----------------------------------------------------------------
+
+
+def causal_lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # Position t predicts token t+1; masked labels (prompt, padding) are IGNORE_INDEX.
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def causal_lm_metrics(
+    loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, num_labels: int
+) -> dict[str, float]:
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+TASKS: dict[str, Task] = {
+    "sequence_classification": Task(
+        name="sequence_classification",
+        auto_model=AutoModelForSequenceClassification,
+        peft_task_type="SEQ_CLS",
+        head_modules=("classifier", "score"),
+        best_metric="accuracy",
+        loss_sum=classification_loss,
+        units=lambda batch: batch["labels"].numel(),
+        predictions=classification_predictions,
+        metrics=classification_metrics,
+    ),
+    "causal_lm": Task(
+        name="causal_lm",
+        auto_model=AutoModelForCausalLM,
+        peft_task_type="CAUSAL_LM",
+        head_modules=(),
+        best_metric="loss",
+        loss_sum=causal_lm_loss,
+        units=lambda batch: int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        predictions=lambda logits, batch: None,
+        metrics=causal_lm_metrics,
+    ),
+}
+
+BY_PEFT_TASK_TYPE = {t.peft_task_type: t for t in TASKS.values()}

@@ -1,0 +1,292 @@
+"""One flat accelerate training loop: mixed precision, gradient accumulation, clipping, the schedule,
+periodic eval and logging. It knows nothing about methods (it trains whatever requires grad) and
+nothing about files (the caller gets records and snapshots through `Hooks`).
+
+Read `train` top to bottom; each step is a named helper below it.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from peftcli.errors import PeftcliError
+from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.tasks import Task, higher_is_better
+
+
+@dataclass
+class Hooks:
+    """What the caller does with the loop's output; each defaults to nothing."""
+
+    on_log: Callable[[dict[str, Any]], None] = lambda record: None
+    on_eval: Callable[[int, dict[str, float], bool], None] = lambda step, metrics, best: None
+    on_save: Callable[[int], None] = lambda step: None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_seconds: float
+    tokens: int
+    examples: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None
+    peak_memory_mb: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    train_data: DataLoader,
+    eval_data: DataLoader | None,
+    spec: TrainSpec,
+    optim: OptimizerSpec,
+    schedule: ScheduleSpec,
+    num_labels: int = 0,
+    hooks: Hooks | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
+    hooks = hooks or Hooks()
+    accelerator = accelerator or make_accelerator(spec)
+    set_seed(spec.seed)
+    sampler = train_data.batch_sampler
+    optimizer = make_optimizer(model, optim)
+    model, optimizer, train_data = accelerator.prepare(model, optimizer, train_data)
+    if eval_data is not None:
+        eval_data = accelerator.prepare(eval_data)
+    # The schedule is built on the prepared (per-process) loader's length and stepped once per
+    # optimizer step; it is not passed to prepare(), which would step it once per process.
+    steps_per_epoch = math.ceil(len(train_data) / spec.grad_accum)
+    total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
+    scheduler = make_scheduler(optimizer, schedule, total_steps)
+    best_metric = spec.best_metric or task.best_metric
+
+    result = TrainResult(steps=0, train_seconds=0.0, tokens=0, examples=0)
+    window_stats = StepStats()
+    best_value: float | None = None
+    model.train()
+    with progress_bar(accelerator, total_steps) as (progress, bar):
+        for epoch in count():
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            for window in windows(iter(train_data), spec.grad_accum):
+                started = time.perf_counter()
+                loss, tokens, examples = train_step(model, optimizer, scheduler, window, task, accelerator, spec)
+                result.train_seconds += time.perf_counter() - started
+                result.steps += 1
+                result.tokens += tokens
+                result.examples += examples
+                window_stats.add(loss, tokens, examples, time.perf_counter() - started)
+                step = result.steps
+
+                if step % spec.log_every == 0 or step == total_steps:
+                    record = window_stats.record(step, step / steps_per_epoch, scheduler.get_last_lr()[0])
+                    result.history.append(record)
+                    hooks.on_log(record)
+                    progress.update(bar, completed=step, status=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
+                else:
+                    progress.update(bar, completed=step)
+
+                if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
+                    metrics = evaluate(model, eval_data, task, accelerator, num_labels)
+                    value = metrics.get(best_metric)
+                    if value is None:
+                        raise PeftcliError(f"train.best_metric: {best_metric!r} is not an eval metric of {task.name} (metrics: {', '.join(metrics)}).")
+                    improved = best_value is None or (value > best_value if higher_is_better(best_metric) else value < best_value)
+                    if improved:
+                        best_value, result.best_metrics, result.best_step = value, metrics, step
+                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4)} | {f"eval_{k}": v for k, v in metrics.items()}
+                    result.history.append(record)
+                    hooks.on_log(record)
+                    hooks.on_eval(step, metrics, improved)
+                    result.final_metrics = metrics
+                    progress.console.print(f"step {step}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+                    model.train()
+
+                if spec.save_every and step % spec.save_every == 0 and step != total_steps:
+                    hooks.on_save(step)
+                if step >= total_steps:
+                    break
+            if result.steps >= total_steps:
+                break
+    result.peak_memory_mb = peak_memory_mb(accelerator)
+    return result
+
+
+def make_accelerator(spec: TrainSpec) -> Accelerator:
+    if spec.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise PeftcliError(
+            "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
+            "Use bf16 (CPUs with bf16 support) or no."
+        )
+    return Accelerator(mixed_precision=spec.mixed_precision)
+
+
+def make_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PeftcliError("method: no parameter is trainable; the method adapted nothing.")
+    # As in HF Trainer: no weight decay on biases and norm weights (1-D tensors).
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": spec.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if spec.name == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, total_steps: int) -> Any:
+    warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil((spec.warmup_ratio or 0.0) * total_steps)
+    name = "constant_with_warmup" if spec.name == "constant" else spec.name
+    return get_scheduler(name, optimizer, num_warmup_steps=min(warmup, total_steps), num_training_steps=total_steps)
+
+
+def windows(batches: Iterator[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Groups micro-batches into the accumulation windows of one optimizer step each (the last may be short)."""
+    window: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    window: list[dict[str, torch.Tensor]],
+    task: Task,
+    accelerator: Accelerator,
+    spec: TrainSpec,
+) -> tuple[float, int, int]:
+    """One optimizer step over an accumulation window. Each micro-batch's summed loss is divided by
+    the loss terms of the whole window on all processes, so the gradient equals the large batch's."""
+    units = torch.tensor(float(sum(task.units(b) for b in window)), device=accelerator.device)
+    global_units = accelerator.reduce(units, reduction="sum").clamp(min=1.0)
+    # DDP averages gradients over processes, hence the factor num_processes.
+    scale = accelerator.num_processes / global_units
+    loss_total = torch.zeros((), device=accelerator.device)
+    tokens = examples = 0
+    for i, batch in enumerate(window):
+        sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+        with sync:
+            logits = model(**model_inputs(batch)).logits
+            loss_sum, _ = task.loss_sum(logits, batch)
+            accelerator.backward(loss_sum * scale)
+        loss_total += loss_sum.detach()
+        tokens += int(batch["attention_mask"].sum())
+        examples += batch["input_ids"].shape[0]
+    if spec.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = (accelerator.reduce(loss_total, reduction="sum") / global_units).item()
+    if not math.isfinite(loss):
+        raise PeftcliError(f"train: the loss became {loss} at step {scheduler.last_epoch}. Lower optimizer.lr or set train.max_grad_norm.")
+    return loss, tokens, examples
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, accelerator: Accelerator, num_labels: int) -> dict[str, float]:
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    units = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    preds: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for batch in loader:
+        logits = model(**model_inputs(batch)).logits
+        batch_loss, batch_units = task.loss_sum(logits, batch)
+        loss_sum += batch_loss.double()
+        units += batch_units
+        predicted = task.predictions(logits, batch)
+        if predicted is not None:
+            p, y = accelerator.gather_for_metrics(predicted)
+            preds.append(p.cpu())
+            labels.append(y.cpu())
+    total_loss = accelerator.reduce(loss_sum, reduction="sum").item()
+    total_units = accelerator.reduce(units, reduction="sum").item()
+    all_preds = torch.cat(preds) if preds else None
+    all_labels = torch.cat(labels) if labels else None
+    return task.metrics(total_loss, total_units, all_preds, all_labels, num_labels)
+
+
+class StepStats:
+    """Sums since the last log line, turned into one record."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = 0.0
+        self.steps = 0
+        self.tokens = 0
+        self.examples = 0
+        self.seconds = 0.0
+
+    def add(self, loss: float, tokens: int, examples: int, seconds: float) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+        self.examples += examples
+        self.seconds += seconds
+
+    def record(self, step: int, epoch: float, lr: float) -> dict[str, Any]:
+        seconds = max(self.seconds, 1e-9)
+        record = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": self.loss / max(self.steps, 1),
+            "lr": lr,
+            "tokens_per_s": self.tokens / seconds,
+            "examples_per_s": self.examples / seconds,
+        }
+        self.reset()
+        return record
+
+
+def peak_memory_mb(accelerator: Accelerator) -> float:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextmanager
+def progress_bar(accelerator: Accelerator, total: int) -> Iterator[tuple[Progress, Any]]:
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not accelerator.is_main_process,
+    )
+    with progress:
+        yield progress, progress.add_task("train", total=total, status="")
