@@ -54,7 +54,9 @@ class Columns(Strict):
 
 
 class DataSpec(Strict):
-    dataset: str | None = Field(None, description="hub dataset id, e.g. stanfordnlp/sst2")
+    dataset: str | None = Field(
+        None, description="hub dataset id (e.g. stanfordnlp/sst2) or a local folder whose files are named by split"
+    )
     subset: str | None = Field(None, description="hub dataset configuration name")
     files: dict[str, list[str]] | None = Field(
         None, description="split -> local file(s): csv, tsv, json, jsonl or parquet"
@@ -209,12 +211,21 @@ def validate_recipe(
         method_params, method_problems = validate_method(method_raw)
         problems += method_problems
     elif "method" in raw:
-        problems.append((("method",), f"expected a mapping with a `name:` key (got {method_raw!r})"))
+        problems.append((("method",), f"expected a mapping with a `name:` key (got {method_raw!r})."))
 
-    if recipe is not None and method_params is not None:
-        recipe = recipe.model_copy(update={"method": method_params})
-        recipe = resolve_paths(recipe, base_dir or Path.cwd(), override_keys)
-        problems += semantic_problems(recipe)
+    # Cross-field and file checks run on every section that is valid on its own, so a typo in one
+    # section does not hide a missing file in another.
+    root = base_dir or Path.cwd()
+    task = raw.get("task") if raw.get("task") in TASKS else None
+    model, data, schedule = (_valid(schema, raw.get(key)) for key, schema in (("model", ModelSpec), ("data", DataSpec), ("schedule", ScheduleSpec)))
+    if model is not None:
+        model = resolve_model_path(model, root, override_keys)
+        problems += _model_problems(model)
+    if data is not None:
+        data = resolve_data_paths(data, root, override_keys)
+        problems += _data_problems(data, task)
+    if schedule is not None:
+        problems += _schedule_problems(schedule)
 
     if problems:
         lines = []
@@ -223,7 +234,14 @@ def validate_recipe(
             lines.append(f"{origin}: {'.'.join(loc) or '(top level)'}: {message}")
         raise RecipeError(*lines)
     assert recipe is not None
-    return recipe
+    return recipe.model_copy(update={"method": method_params, "model": model, "data": data})
+
+
+def _valid(schema: type[BaseModel], raw: Any) -> Any:
+    try:
+        return schema.model_validate(raw if raw is not None else {})
+    except ValidationError:
+        return None
 
 
 def _override_origin(loc: tuple[str, ...], override_keys: dict[tuple[str, ...], str]) -> str | None:
@@ -253,7 +271,7 @@ def describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     if kind == "extra_forbidden":
         fields = _fields_at(schema, loc[:-1])
         hint = _did_you_mean(loc[-1], fields)
-        return f"unknown key.{hint or ''} Valid keys here: {', '.join(fields)}."
+        return f"unknown key.{hint}" if hint else f"unknown key. Valid keys here: {', '.join(fields)}."
     if kind == "missing":
         desc = _description(schema, loc)
         return "required key is missing." + (f" Set it: {desc}." if desc else "")
@@ -263,8 +281,7 @@ def describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
         hint = _did_you_mean(str(error.get("input")), choices) or ""
-    desc = _description(schema, loc)
-    return f"{message}{got}.{hint}" + (f" ({desc})" if desc and not hint else "")
+    return f"{message}{got}.{hint}"
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -302,20 +319,29 @@ def _description(schema: type[BaseModel], loc: list[str]) -> str | None:
 # Paths and cross-field checks
 
 
-def resolve_paths(recipe: Recipe, base_dir: Path, override_keys: dict[tuple[str, ...], str]) -> Recipe:
+def _resolver(root: Path, override_keys: dict[tuple[str, ...], str]) -> Any:
     def resolve(p: str, key: tuple[str, ...]) -> str:
-        root = Path.cwd() if _override_origin(key, override_keys) else base_dir
+        base = Path.cwd() if _override_origin(key, override_keys) else root
         candidate = Path(p).expanduser()
-        return str(candidate if candidate.is_absolute() else (root / candidate).resolve())
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
 
-    data = recipe.data
+    return resolve
+
+
+def resolve_model_path(model: ModelSpec, root: Path, override_keys: dict[tuple[str, ...], str]) -> ModelSpec:
+    if not _looks_like_path(model.name):
+        return model
+    return model.model_copy(update={"name": _resolver(root, override_keys)(model.name, ("model", "name"))})
+
+
+def resolve_data_paths(data: DataSpec, root: Path, override_keys: dict[tuple[str, ...], str]) -> DataSpec:
+    resolve = _resolver(root, override_keys)
     if data.files:
         files = {split: [resolve(f, ("data", "files", split)) for f in fs] for split, fs in data.files.items()}
         data = data.model_copy(update={"files": files})
-    model = recipe.model
-    if _looks_like_path(model.name):
-        model = model.model_copy(update={"name": resolve(model.name, ("model", "name"))})
-    return recipe.model_copy(update={"data": data, "model": model})
+    if data.dataset and _looks_like_path(data.dataset):
+        data = data.model_copy(update={"dataset": resolve(data.dataset, ("data", "dataset"))})
+    return data
 
 
 def _looks_like_path(name: str) -> bool:
@@ -335,16 +361,10 @@ def package_folder(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / sub
 
 
-def semantic_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
-    problems: list[tuple[tuple[str, ...], str]] = []
-    problems += _model_problems(recipe.model)
-    problems += _data_problems(recipe)
-    s = recipe.schedule
+def _schedule_problems(s: ScheduleSpec) -> list[tuple[tuple[str, ...], str]]:
     if s.warmup_steps is not None and s.warmup_ratio is not None:
-        problems.append(
-            (("schedule", "warmup_steps"), f"give warmup_steps or warmup_ratio, not both (got {s.warmup_steps} and {s.warmup_ratio}).")
-        )
-    return problems
+        return [(("schedule", "warmup_steps"), f"give warmup_steps or warmup_ratio, not both (got {s.warmup_steps} and {s.warmup_ratio}).")]
+    return []
 
 
 def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
@@ -361,10 +381,12 @@ def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
     return []
 
 
-def _data_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
-    data, problems = recipe.data, []
+def _data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...], str]]:
+    problems: list[tuple[tuple[str, ...], str]] = []
     if (data.dataset is None) == (data.files is None):
         problems.append((("data",), "give exactly one of `dataset` (a hub id) or `files` (split -> local files)."))
+    if data.dataset and _looks_like_path(data.dataset) and not Path(data.dataset).exists():
+        problems.append((("data", "dataset"), f"local dataset folder not found (got {data.dataset!r}). Give a hub id or an existing folder."))
     for split, files in (data.files or {}).items():
         for f in files:
             if not Path(f).is_file():
@@ -372,14 +394,14 @@ def _data_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     if data.files is not None:
         for key, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
             if split is not None and split not in data.files:
-                problems.append((("data", key), f"no such split in data.files (got {split!r}; files give {', '.join(data.files)})."))
+                problems.append((("data", key), f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). Add data.files.{split}" + (" or set data.eval_split: null." if key == "eval_split" else ".")))
     c = data.columns
-    if recipe.task == "sequence_classification":
+    if task == "sequence_classification":
         if not c.text:
             problems.append((("data", "columns", "text"), "sequence_classification needs the text column's name (e.g. text: sentence)."))
         if not c.label:
             problems.append((("data", "columns", "label"), "sequence_classification needs the label column's name (e.g. label: label)."))
-    else:
+    elif task == "causal_lm":
         has_prompt = bool(c.prompt or c.prompt_template)
         if c.text and (has_prompt or c.response):
             problems.append((("data", "columns"), "causal_lm takes either `text`, or `prompt`/`prompt_template` with `response`, not both."))

@@ -71,7 +71,7 @@ DOMAINS = {
     },
     "restaurant": {
         "subjects": ["the restaurant", "this cafe", "the bistro on the corner",
-                     "the new pizza place", "dinner last night", "the ramen bar",
+                     "the new pizza place", "the steakhouse", "the ramen bar",
                      "our brunch spot"],
         "nouns": ["restaurant", "cafe", "bistro", "meal", "dinner"],
         "aspects": ["the food", "the service", "the dessert", "the atmosphere",
@@ -227,6 +227,9 @@ DOMAINS = {
         ],
     },
 }
+
+for _name, _d in DOMAINS.items():
+    _d["name"] = _name
 
 PLURAL = {
     "these headphones", "the running shoes", "the portions", "the characters",
@@ -462,7 +465,11 @@ def t_although(r, d, y):
 
 
 def t_people(r, d, y):
-    return f"{cap(r.choice(PEOPLE))} and I {r.choice(VP[y])}."
+    # "My sister and I were ..." -- plural verb, and skip phrases written for "I" alone.
+    vp = r.choice([v for v in VP[y] if " my " not in f" {v} " and "I " not in v])
+    if vp.startswith("was "):
+        vp = "were " + vp[4:]
+    return f"{cap(r.choice(PEOPLE))} and I {vp}."
 
 
 def t_question_short(r, d, y):
@@ -503,9 +510,18 @@ def t_long(r, d, y):
     return f"{cap(s)} {be(s)} {j1}, {a} {be(a)} {j2}, and {det}."
 
 
+END_PHRASE = {  # how to say "by the end" for each domain; {s} is a subject
+    "film": "By the end of {s}", "book": "By the end of {s}", "game": "After a weekend with {s}",
+    "concert": "By the end of {s}", "restaurant": "After dinner at {s}",
+    "product": "After a month with {s}", "hotel": "By the end of our week at {s}",
+}
+
+
 def t_by_the_end(r, d, y):
     s = r.choice(d["subjects"])
-    return f"By the end of {s}, I {r.choice(VP[y])}."
+    if d["name"] == "hotel" and s in ("our room", "our stay"):
+        s = "the hotel"
+    return f"{END_PHRASE[d['name']].format(s=s)}, I {r.choice(VP[y])}."
 
 
 def t_clause_after_simple(r, d, y):

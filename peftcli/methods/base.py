@@ -52,6 +52,8 @@ class Adapted:
     adapted_modules: list[str]
     modules_to_save: list[str] = field(default_factory=list)
     target_modules: list[str] | str = field(default_factory=list)
+    # Method-specific adapter_config.json values that depend on the model (e.g. LoRA's fan_in_fan_out).
+    config_extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

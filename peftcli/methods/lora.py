@@ -103,12 +103,19 @@ def apply(model: nn.Module, params: LoraParams, ctx: ApplyContext) -> Adapted:
     else:
         targets = params.target_modules
     names = find_targets(model, targets, ctx, "method.target_modules")
+    # GPT-2's Conv1D stores weights transposed; HF peft records that as fan_in_fan_out.
+    transposed = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
     for name in names:
         layer = LoraLinear(model.get_submodule(name), params.rank, params.alpha, params.dropout, params.use_rslora)
         replace_module(model, name, layer)
     to_save = default_modules_to_save(params.modules_to_save, ctx, model)
     unfreeze_modules(model, to_save)
-    return Adapted(adapted_modules=names, modules_to_save=to_save, target_modules=targets)
+    return Adapted(
+        adapted_modules=names,
+        modules_to_save=to_save,
+        target_modules=targets,
+        config_extras={"fan_in_fan_out": transposed},
+    )
 
 
 def merge(model: nn.Module) -> None:
@@ -127,7 +134,7 @@ def peft_config(params: LoraParams, adapted: Adapted) -> dict[str, Any]:
         "use_rslora": params.use_rslora,
         "modules_to_save": adapted.modules_to_save or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": adapted.config_extras.get("fan_in_fan_out", False),
         "init_lora_weights": True,
         "use_dora": False,
         "layers_to_transform": None,

@@ -1,0 +1,188 @@
+"""Tiny models built from configs (no downloads), a tiny word-level tokenizer, and tiny data files.
+
+Every model here has dropout 0, so outputs are deterministic and comparisons can be exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice", "happy", "fun"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "sad", "ugly", "weak"]
+FILLER = ["the", "film", "was", "very", "a", "meal", "and", "book", "really", "quite", "story", "show"]
+QA = ["what", "is", "plus", "one", "two", "three", "four", "five", "six", "question", "answer", ":"]
+SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+VOCAB = SPECIALS + POSITIVE + NEGATIVE + FILLER + QA
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+def _bert_cls(num_labels: int = 2) -> torch.nn.Module:
+    cfg = BertConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        num_labels=num_labels, pad_token_id=0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def _gpt2() -> torch.nn.Module:
+    cfg = GPT2Config(
+        vocab_size=len(VOCAB), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )
+
+
+def _llama() -> torch.nn.Module:
+    return LlamaForCausalLM(_llama_config())
+
+
+def _llama_cls(num_labels: int = 2) -> torch.nn.Module:
+    cfg = _llama_config()
+    cfg.num_labels = num_labels
+    return LlamaForSequenceClassification(cfg)
+
+
+# name -> (builder, task)
+TINY = {
+    "bert-cls": (_bert_cls, "sequence_classification"),
+    "llama-cls": (_llama_cls, "sequence_classification"),
+    "gpt2-lm": (_gpt2, "causal_lm"),
+    "llama-lm": (_llama, "causal_lm"),
+}
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = TINY[name][0]()
+    model.eval()
+    return model
+
+
+def sample_batch(name: str, tokenizer: PreTrainedTokenizerFast, n: int = 4) -> dict[str, torch.Tensor]:
+    rng = random.Random(0)
+    words = POSITIVE + NEGATIVE + FILLER
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        # The sentiment word opens and closes the text: BERT classifies from the first token and
+        # Llama from the last, so a tiny random model learns the task in a few steps.
+        key = rng.choice(POSITIVE if positive else NEGATIVE)
+        words = [key] + [rng.choice(FILLER) for _ in range(rng.randint(1, 9))] + [key]
+        rows.append({"text": " ".join(words), "label": "positive" if positive else "negative"})
+    return rows
+
+
+def qa_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    numbers = ["one", "two", "three", "four", "five", "six"]
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 2), rng.randint(0, 2)
+        pad = " ".join(rng.choice(FILLER) for _ in range(rng.randint(0, 6)))
+        rows.append({"question": f"{pad} what is {numbers[a]} plus {numbers[b]}".strip(), "answer": numbers[a + b + 1]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each tiny model saved as a transformers folder with its tokenizer, as `peft train` loads it."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name in TINY:
+        folder = root / name
+        tiny_model(name).save_pretrained(folder)
+        make_tokenizer().save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "sentiment_train": write_jsonl(root / "sentiment" / "train.jsonl", sentiment_rows(96, 1)),
+        "sentiment_validation": write_jsonl(root / "sentiment" / "validation.jsonl", sentiment_rows(32, 2)),
+        "qa_train": write_jsonl(root / "qa" / "train.jsonl", qa_rows(96, 3)),
+        "qa_validation": write_jsonl(root / "qa" / "validation.jsonl", qa_rows(24, 4)),
+    }
+
+
+def clone(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model)
+
+
+def tiny_recipe(model_dir: Path, data: dict[str, Path], task: str, **sections: Any) -> dict[str, Any]:
+    """A complete recipe dict for a tiny model; `sections` replace or extend top-level sections."""
+    if task == "sequence_classification":
+        files = {"train": [str(data["sentiment_train"])], "validation": [str(data["sentiment_validation"])]}
+        columns = {"text": "text", "label": "label"}
+    else:
+        files = {"train": [str(data["qa_train"])], "validation": [str(data["qa_validation"])]}
+        columns = {"prompt_template": "question : {question} answer :", "response": "answer"}
+    recipe: dict[str, Any] = {
+        "name": "tiny",
+        "task": task,
+        "model": {"name": str(model_dir)},
+        "method": {"name": "lora", "rank": 4, "alpha": 8, "target_modules": "all-linear"},
+        "data": {"files": files, "columns": columns, "max_length": 32},
+        "optimizer": {"name": "adamw", "lr": 1e-2},
+        "schedule": {"name": "constant", "warmup_steps": 0},
+        "train": {"batch_size": 8, "max_steps": 6, "log_every": 2, "eval_every": 3, "seed": 0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe

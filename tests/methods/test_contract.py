@@ -1,0 +1,82 @@
+"""The contract every registered method keeps, on every tiny architecture: see STYLE.md.
+
+A new method in METHODS gets all of these tests without writing any."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftcli.methods
+from peftcli.checkpoint import adapter_config, adapter_state, load_adapter, save_adapter
+from peftcli.methods import METHODS
+from peftcli.recipe import TrainSpec
+from peftcli.tasks import TASKS
+from tests.conftest import TINY, sample_batch, tiny_model
+from tests.helpers import adapt, logits, randomize_trainable, run_training
+
+ARCHS = list(TINY)
+CASES = [(m, a) for m in METHODS for a in ARCHS]
+
+
+def test_every_method_file_is_registered() -> None:
+    folder = Path(peftcli.methods.__file__).parent
+    files = {p.stem for p in folder.glob("*.py")} - {"__init__", "base"}
+    registered = {m.__module__.rsplit(".", 1)[-1] for m in (METHODS[k].apply for k in METHODS)}
+    assert files == registered
+
+
+@pytest.mark.parametrize("method_name,arch", CASES)
+def test_fresh_adapter_reproduces_base_model(method_name: str, arch: str, tokenizer) -> None:
+    base = tiny_model(arch)
+    batch = sample_batch(arch, tokenizer)
+    expected = logits(base, batch)
+    adapted = tiny_model(arch)
+    adapt(adapted, METHODS[method_name], TINY[arch][1])
+    assert torch.equal(logits(adapted, batch), expected)
+
+
+@pytest.mark.parametrize("method_name,arch", CASES)
+def test_training_changes_only_adapter_and_lowers_loss(method_name: str, arch: str, tokenizer, tiny_data) -> None:
+    task = TINY[arch][1]
+    model = tiny_model(arch)
+    adapt(model, METHODS[method_name], task)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = run_training(model, task, tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=12, log_every=1, seed=0))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+@pytest.mark.parametrize("method_name,arch", CASES)
+def test_save_then_load_keeps_outputs(method_name: str, arch: str, tokenizer, tmp_path: Path) -> None:
+    task = TASKS[TINY[arch][1]]
+    method = METHODS[method_name]
+    model = tiny_model(arch)
+    params, adapted = adapt(model, method, task.name)
+    randomize_trainable(model)
+    batch = sample_batch(arch, tokenizer)
+    expected = logits(model, batch)
+    save_adapter(tmp_path / "adapter", adapter_state(model), adapter_config(method, params, adapted, task, "tiny", None))
+
+    fresh = tiny_model(arch)
+    load_adapter(tmp_path / "adapter", fresh, task)
+    assert torch.equal(logits(fresh, batch), expected)
+
+
+@pytest.mark.parametrize("method_name,arch", [c for c in CASES if METHODS[c[0]].merge is not None])
+def test_merge_keeps_outputs(method_name: str, arch: str, tokenizer) -> None:
+    method = METHODS[method_name]
+    model = tiny_model(arch)
+    adapt(model, method, TINY[arch][1])
+    randomize_trainable(model)
+    batch = sample_batch(arch, tokenizer)
+    expected = logits(model, batch)
+    method.merge(model)
+    reference = tiny_model(arch)
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in reference.named_parameters()}
+    torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
