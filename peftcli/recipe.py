@@ -178,6 +178,9 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
         parsed = yaml.safe_load(value) if value else ""
     except yaml.YAMLError:
         parsed = value
+    # Only an explicit [..] or {..} makes a list or mapping: "Q: {question}" stays a string.
+    if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("[", "{")):
+        parsed = value
     return tuple(key.split(".")), parsed
 
 

@@ -5,6 +5,12 @@ Every model here has dropout 0, so outputs are deterministic and comparisons can
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach the hub: every model and dataset they use is built here or shipped by a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import copy
 import json
 import random

@@ -1,0 +1,42 @@
+"""Every recipe under recipes/ validates, as shipped and with the local-data overrides the README shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftcli.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+SHARED = ROOT.parent / "shared" / "data"
+
+LOCAL_OVERRIDES = {
+    "lora-sst2.yaml": [f"data.dataset={SHARED / 'sst2'}"],
+    "lora-smollm2-instruct.yaml": [
+        "data.dataset=null",
+        f"data.files.train={SHARED / 'instruct' / 'gsm8k_train.jsonl'}",
+        f"data.files.test={SHARED / 'instruct' / 'gsm8k_test.jsonl'}",
+    ],
+}
+
+
+def test_the_three_documented_recipes_are_shipped() -> None:
+    assert {"quickstart.yaml", "lora-sst2.yaml", "lora-smollm2-instruct.yaml"} <= {p.name for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    first_lines = path.read_text().splitlines()[:6]
+    assert any(f"peft train recipes/{path.name}" in line for line in first_lines), "a recipe's first lines show how to run it"
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_OVERRIDES))
+def test_recipe_validates_with_local_data(name: str) -> None:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    recipe = load_recipe(ROOT / "recipes" / name, LOCAL_OVERRIDES[name])
+    assert recipe.data.dataset is None or Path(recipe.data.dataset).is_dir()

