@@ -119,7 +119,7 @@ class TrainSpec(Strict):
 
 class Recipe(Strict):
     name: str | None = Field(None, description="run name; default: the recipe file's name")
-    task: Literal["sequence_classification", "causal_lm"]
+    task: Literal["sequence_classification", "causal_lm"] = Field(description="sequence_classification or causal_lm")
     model: ModelSpec
     method: Any = Field(description="`name:` of a registered method plus that method's own keys")
     data: DataSpec

@@ -142,3 +142,28 @@ def test_validate_ok_and_missing_file(tmp_path: Path) -> None:
 def test_version_and_module_entry_point() -> None:
     result = peft("--version")
     assert result.returncode == 0 and result.stdout.startswith("peftcli ")
+
+
+def test_bf16_autocast_trains_on_cpu_and_saves_float32(tmp_path: Path, tiny_dirs, tiny_data) -> None:
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tiny_dirs["llama-lm"], tiny_data, "causal_lm", output_dir=str(run_dir), train={"mixed_precision": "bf16"})
+    result = peft("train", str(write_recipe(tmp_path, recipe)))
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    state = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert state and all(t.dtype == torch.float32 for t in state.values())
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["summary"]["mixed_precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(report["final_metrics"]["loss"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_fp16_without_cuda_is_refused(tmp_path: Path, tiny_dirs, tiny_data) -> None:
+    recipe = tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(tmp_path / "run"), train={"mixed_precision": "fp16"})
+    result = peft("train", str(write_recipe(tmp_path, recipe)))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). Use bf16 (CPUs with bf16 support) or no."
+    )
+    assert not (tmp_path / "run").exists()

@@ -40,3 +40,12 @@ def test_recipe_validates_with_local_data(name: str) -> None:
         pytest.skip("../shared/data is not beside this checkout")
     recipe = load_recipe(ROOT / "recipes" / name, LOCAL_OVERRIDES[name])
     assert recipe.data.dataset is None or Path(recipe.data.dataset).is_dir()
+
+
+def test_recipe_reference_is_up_to_date() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_reference", ROOT / "scripts" / "recipe_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "recipe-reference.md").read_text() == module.render(), "run python scripts/recipe_reference.py"
