@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peftcli.errors import RecipeError
 from peftcli.methods import METHODS
+from peftcli.tasks import TASKS
 
-TASKS = ("sequence_classification", "causal_lm")
 PACKAGE_PREFIX = "package:"
 MAX_RECIPE_BYTES = 1_000_000
 
@@ -229,6 +229,9 @@ def validate_recipe(
         problems += _data_problems(data, task)
     if schedule is not None:
         problems += _schedule_problems(schedule)
+    train = _valid(TrainSpec, raw.get("train"))
+    if train is not None and task is not None:
+        problems += _train_problems(train, task)
 
     if problems:
         lines = []
@@ -367,6 +370,14 @@ def package_folder(name: str) -> Path | None:
 def _schedule_problems(s: ScheduleSpec) -> list[tuple[tuple[str, ...], str]]:
     if s.warmup_steps is not None and s.warmup_ratio is not None:
         return [(("schedule", "warmup_steps"), f"give warmup_steps or warmup_ratio, not both (got {s.warmup_steps} and {s.warmup_ratio}).")]
+    return []
+
+
+def _train_problems(t: TrainSpec, task: str) -> list[tuple[tuple[str, ...], str]]:
+    names = TASKS[task].metric_names
+    if t.best_metric is not None and t.best_metric not in names:
+        hint = _did_you_mean(t.best_metric, list(names))
+        return [(("train", "best_metric"), f"not an eval metric of {task} (got {t.best_metric!r}).{hint} Metrics: {', '.join(names)}.")]
     return []
 
 

@@ -25,6 +25,7 @@ class Task:
     peft_task_type: str
     head_modules: tuple[str, ...]
     best_metric: str
+    metric_names: tuple[str, ...]
     loss_sum: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
     # How many loss terms a batch holds (examples, or target tokens), known before the forward pass.
     units: Callable[[dict[str, torch.Tensor]], int]
@@ -91,6 +92,7 @@ TASKS: dict[str, Task] = {
         peft_task_type="SEQ_CLS",
         head_modules=("classifier", "score"),
         best_metric="accuracy",
+        metric_names=("loss", "accuracy", "f1"),
         loss_sum=classification_loss,
         units=lambda batch: batch["labels"].numel(),
         predictions=classification_predictions,
@@ -102,6 +104,7 @@ TASKS: dict[str, Task] = {
         peft_task_type="CAUSAL_LM",
         head_modules=(),
         best_metric="loss",
+        metric_names=("loss", "perplexity"),
         loss_sum=causal_lm_loss,
         units=lambda batch: int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
         predictions=lambda logits, batch: None,

@@ -165,3 +165,10 @@ def test_shipped_recipes_dump_as_plain_yaml(recipe_dir: Path) -> None:
 
 def test_parse_override_keeps_strings() -> None:
     assert parse_override("data.columns.prompt_template=Q: {question}") == (("data", "columns", "prompt_template"), "Q: {question}")
+
+
+def test_best_metric_must_be_a_metric_of_the_task(recipe_dir: Path) -> None:
+    path = write(recipe_dir, BASE + "train: {best_metric: acuracy}\n")
+    assert errors(path) == [
+        f"{path}: train.best_metric: not an eval metric of sequence_classification (got 'acuracy'). Did you mean 'accuracy'? Metrics: loss, accuracy, f1."
+    ]
