@@ -50,6 +50,24 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def add_step(self, tokens: int, examples: int, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.examples += examples
+        self.train_seconds += seconds
+
+    def track_eval(self, step: int, metrics: dict[str, float], metric: str) -> bool:
+        """Records an eval; True when it is the best so far by `metric` (ties keep the earlier one)."""
+        if metric not in metrics:
+            raise PeftcliError(f"train.best_metric: {metric!r} is not an eval metric (metrics: {', '.join(metrics)}).")
+        self.final_metrics = metrics
+        best = self.best_metrics.get(metric)
+        value = metrics[metric]
+        improved = best is None or (value > best if higher_is_better(metric) else value < best)
+        if improved:
+            self.best_metrics, self.best_step = metrics, step
+        return improved
+
 
 def train(
     model: nn.Module,
@@ -76,56 +94,39 @@ def train(
     steps_per_epoch = math.ceil(len(train_data) / spec.grad_accum)
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, schedule, total_steps)
-    best_metric = spec.best_metric or task.best_metric
 
     result = TrainResult(steps=0, train_seconds=0.0, tokens=0, examples=0)
-    window_stats = StepStats()
-    best_value: float | None = None
+    since_log = StepStats()
+
+    def log(record: dict[str, Any]) -> None:
+        result.history.append(record)
+        hooks.on_log(record)
+
     model.train()
     with progress_bar(accelerator, total_steps) as (progress, bar):
-        for epoch in count():
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            for window in windows(iter(train_data), spec.grad_accum):
-                started = time.perf_counter()
-                loss, tokens, examples = train_step(model, optimizer, scheduler, window, task, accelerator, spec)
-                result.train_seconds += time.perf_counter() - started
-                result.steps += 1
-                result.tokens += tokens
-                result.examples += examples
-                window_stats.add(loss, tokens, examples, time.perf_counter() - started)
-                step = result.steps
+        for step, window in enumerate(step_windows(train_data, sampler, spec.grad_accum, total_steps), start=1):
+            started = time.perf_counter()
+            loss, tokens, examples = train_step(model, optimizer, scheduler, window, task, accelerator, spec)
+            seconds = time.perf_counter() - started
+            result.add_step(tokens, examples, seconds)
+            since_log.add(loss, tokens, examples, seconds)
 
-                if step % spec.log_every == 0 or step == total_steps:
-                    record = window_stats.record(step, step / steps_per_epoch, scheduler.get_last_lr()[0])
-                    result.history.append(record)
-                    hooks.on_log(record)
-                    progress.update(bar, completed=step, status=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
-                else:
-                    progress.update(bar, completed=step)
+            if step % spec.log_every == 0 or step == total_steps:
+                record = since_log.record(step, step / steps_per_epoch, scheduler.get_last_lr()[0])
+                log(record)
+                progress.update(bar, status=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
+            progress.update(bar, completed=step)
 
-                if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
-                    metrics = evaluate(model, eval_data, task, accelerator, num_labels)
-                    value = metrics.get(best_metric)
-                    if value is None:
-                        raise PeftcliError(f"train.best_metric: {best_metric!r} is not an eval metric of {task.name} (metrics: {', '.join(metrics)}).")
-                    improved = best_value is None or (value > best_value if higher_is_better(best_metric) else value < best_value)
-                    if improved:
-                        best_value, result.best_metrics, result.best_step = value, metrics, step
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4)} | {f"eval_{k}": v for k, v in metrics.items()}
-                    result.history.append(record)
-                    hooks.on_log(record)
-                    hooks.on_eval(step, metrics, improved)
-                    result.final_metrics = metrics
-                    progress.console.print(f"step {step}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
-                    model.train()
+            if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
+                metrics = evaluate(model, eval_data, task, accelerator, num_labels)
+                improved = result.track_eval(step, metrics, spec.best_metric or task.best_metric)
+                log({"step": step, "epoch": round(step / steps_per_epoch, 4)} | {f"eval_{k}": v for k, v in metrics.items()})
+                hooks.on_eval(step, metrics, improved)
+                progress.console.print(f"step {step}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+                model.train()
 
-                if spec.save_every and step % spec.save_every == 0 and step != total_steps:
-                    hooks.on_save(step)
-                if step >= total_steps:
-                    break
-            if result.steps >= total_steps:
-                break
+            if spec.save_every and step % spec.save_every == 0 and step != total_steps:
+                hooks.on_save(step)
     result.peak_memory_mb = peak_memory_mb(accelerator)
     return result
 
@@ -158,6 +159,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, total_s
     warmup = spec.warmup_steps if spec.warmup_steps is not None else math.ceil((spec.warmup_ratio or 0.0) * total_steps)
     name = "constant_with_warmup" if spec.name == "constant" else spec.name
     return get_scheduler(name, optimizer, num_warmup_steps=min(warmup, total_steps), num_training_steps=total_steps)
+
+
+def step_windows(loader: DataLoader, sampler: Any, grad_accum: int, total_steps: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The accumulation window of each optimizer step, epoch after epoch, until total_steps."""
+    steps = 0
+    for epoch in count():
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for window in windows(iter(loader), grad_accum):
+            yield window
+            steps += 1
+            if steps >= total_steps:
+                return
 
 
 def windows(batches: Iterator[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:

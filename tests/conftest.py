@@ -168,14 +168,18 @@ def clone(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
-def tiny_recipe(model_dir: Path, data: dict[str, Path], task: str, **sections: Any) -> dict[str, Any]:
-    """A complete recipe dict for a tiny model; `sections` replace or extend top-level sections."""
+def tiny_data_section(task: str, data: dict[str, Path]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The `data.files` and `data.columns` of a recipe over the tiny data, for the task."""
     if task == "sequence_classification":
         files = {"train": [str(data["sentiment_train"])], "validation": [str(data["sentiment_validation"])]}
-        columns = {"text": "text", "label": "label"}
-    else:
-        files = {"train": [str(data["qa_train"])], "validation": [str(data["qa_validation"])]}
-        columns = {"prompt_template": "question : {question} answer :", "response": "answer"}
+        return files, {"text": "text", "label": "label"}
+    files = {"train": [str(data["qa_train"])], "validation": [str(data["qa_validation"])]}
+    return files, {"prompt_template": "question : {question} answer :", "response": "answer"}
+
+
+def tiny_recipe(model_dir: Path, data: dict[str, Path], task: str, **sections: Any) -> dict[str, Any]:
+    """A complete recipe dict for a tiny model; `sections` replace or extend top-level sections."""
+    files, columns = tiny_data_section(task, data)
     recipe: dict[str, Any] = {
         "name": "tiny",
         "task": task,

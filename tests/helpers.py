@@ -14,6 +14,7 @@ from peftcli.methods.base import Adapted
 from peftcli.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.tasks import TASKS
 from peftcli.trainer import TrainResult, train
+from tests.conftest import tiny_data_section
 
 
 def adapt(model: torch.nn.Module, method: Method, task: str, **params: Any) -> tuple[Any, Adapted]:
@@ -37,12 +38,7 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def data_spec(task: str, data: dict[str, Path], **kw: Any) -> DataSpec:
-    if task == "sequence_classification":
-        files = {"train": [str(data["sentiment_train"])], "validation": [str(data["sentiment_validation"])]}
-        columns = {"text": "text", "label": "label"}
-    else:
-        files = {"train": [str(data["qa_train"])], "validation": [str(data["qa_validation"])]}
-        columns = {"prompt_template": "question : {question} answer :", "response": "answer"}
+    files, columns = tiny_data_section(task, data)
     return DataSpec(files=files, columns=columns, max_length=32, **kw)
 
 

@@ -36,28 +36,26 @@ def test_grad_accumulation_4x8_equals_1x32(arch: str, tokenizer, tiny_data) -> N
     assert all(not torch.allclose(initial[n], big[n]) for n in big)
 
 
-def test_warmup_then_linear_decay() -> None:
+def learning_rates(schedule: ScheduleSpec, total_steps: int, lr: float) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    scheduler = make_scheduler(optimizer, ScheduleSpec(name="linear", warmup_ratio=0.2), total_steps=10)
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = make_scheduler(optimizer, schedule, total_steps)
     lrs = []
-    for _ in range(10):
+    for _ in range(total_steps):
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_warmup_then_linear_decay() -> None:
+    lrs = learning_rates(ScheduleSpec(name="linear", warmup_ratio=0.2), total_steps=10, lr=1.0)
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
     assert lrs[2:] == sorted(lrs[2:], reverse=True)
 
 
 def test_constant_schedule_keeps_lr_after_warmup() -> None:
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=0.1)
-    scheduler = make_scheduler(optimizer, ScheduleSpec(name="constant", warmup_steps=2), total_steps=6)
-    lrs = []
-    for _ in range(6):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
+    lrs = learning_rates(ScheduleSpec(name="constant", warmup_steps=2), total_steps=6, lr=0.1)
     assert lrs == pytest.approx([0.0, 0.05, 0.1, 0.1, 0.1, 0.1])
 
 
