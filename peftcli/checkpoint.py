@@ -162,7 +162,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter.") from None
     expected = trainable_parameters(model)
-    names = {k[len(PREFIX) :] if k.startswith(PREFIX) else k: k for k in state}
+    names = {k.removeprefix(PREFIX): k for k in state}
     missing = sorted(set(expected) - set(names))
     unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:

@@ -51,14 +51,18 @@ def quiet_libraries(debug: bool) -> None:
     """Library warnings (newly initialized heads, progress bars) drown the output a user needs."""
     if debug:
         return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Read when tqdm is first imported: transformers' GGUF loader draws a bar of its own.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import datasets
+    import huggingface_hub
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 @app.command("train")

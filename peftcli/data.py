@@ -73,7 +73,11 @@ def _load_split(spec: DataSpec, split: str) -> datasets.Dataset:
         raise DataError(f"data: cannot load split {split!r} from {source}: {first}. Check the dataset id, split and files.") from None
     except Exception as exc:  # pyarrow/csv parse errors have many types; name the file and the cause
         source = spec.files[split] if spec.files else spec.dataset
-        raise DataError(f"data: cannot read split {split!r} from {source}: {type(exc).__name__}: {str(exc)[:300]}.") from None
+        detail = str(exc).strip().splitlines()[0][:300].rstrip(".") if str(exc).strip() else ""
+        raise DataError(
+            f"data: cannot read split {split!r} from {source}: {type(exc).__name__}: {detail}. "
+            "Check the dataset id and your connection, or point data.dataset / data.files at local files."
+        ) from None
 
 
 def _require_columns(ds: datasets.Dataset, split: str, wanted: dict[str, str | None]) -> None:
@@ -93,7 +97,7 @@ def label_names_for(ds: datasets.Dataset, column: str) -> list[str]:
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     values = set(ds.unique(column))
-    if all(isinstance(v, bool) or isinstance(v, int) for v in values):
+    if all(isinstance(v, (bool, int)) for v in values):
         if min(values) < 0:
             raise DataError(f"data.columns.label: integer labels must be 0..N-1 (got {min(values)}).")
         return [str(i) for i in range(max(values) + 1)]

@@ -54,7 +54,7 @@ def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrain
 
 
 def _load_failure(what: str, spec: ModelSpec, exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     where = spec.name + (f" (gguf_file {spec.gguf_file})" if spec.gguf_file else "")
     local = Path(model_location(spec)).exists() if not spec.name.startswith(PACKAGE_PREFIX) else True
     fix = "Check the folder holds a transformers model." if local else "Check the hub id, or that you are online (or set HF_HUB_OFFLINE=1 with a cached copy)."

@@ -28,7 +28,7 @@ def get_method(name: str) -> Method:
         ) from None
 
 
-__all__ = ["METHODS", "BY_PEFT_TYPE", "ApplyContext", "Kind", "Method", "context_for", "get_method"]
+__all__ = ["BY_PEFT_TYPE", "METHODS", "ApplyContext", "Kind", "Method", "context_for", "get_method"]
 
 
 def context_for(model: nn.Module, head_modules: tuple[str, ...], strict: bool = True) -> ApplyContext:

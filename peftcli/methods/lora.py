@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftcli.errors import CheckpointError
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
@@ -30,7 +31,6 @@ from peftcli.methods.base import (
     resolve_all_linear,
     unfreeze_modules,
 )
-from peftcli.errors import CheckpointError
 
 
 class LoraParams(BaseModel):
