@@ -87,6 +87,65 @@ def validate_cmd(recipe: RecipeArg, overrides: OverridesArg = None, debug: Debug
     print(f"{recipe}: ok ({r.method.name} on {r.model.name}, {r.task}, run directory {r.run_dir()})")
 
 
+TargetArg = Annotated[Path, typer.Argument(help="a run directory, an adapter folder, or a recipe", show_default=False)]
+
+
+@app.command("eval")
+def eval_cmd(
+    target: TargetArg,
+    overrides: OverridesArg = None,
+    split: Annotated[str | None, typer.Option(help="split to evaluate (default: the recipe's eval split)")] = None,
+    max_examples: Annotated[int | None, typer.Option(min=1, help="evaluate the first N examples only")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="examples per batch")] = 64,
+    out: Annotated[Path | None, typer.Option(help="where to write the JSON report (default: RUN/eval.json, or ./eval.json)")] = None,
+    base: Annotated[bool, typer.Option("--base", help="evaluate the base model without the adapter")] = False,
+    generate: Annotated[int, typer.Option(min=0, help="causal LM: write greedy answers to the first N prompts")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="with --generate: tokens per answer")] = 128,
+    labels: Annotated[str | None, typer.Option(help="class names in id order, comma-separated, for adapters without labels.json")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate an adapter (or the base model) and write eval.json. Other data: data.* overrides."""
+    from peftcli.commands.evaluate import run_eval
+
+    names = [x.strip() for x in labels.split(",")] if labels else None
+    run(run_eval, target, overrides or [], split, max_examples, batch_size, out, base, generate, max_new_tokens, names, debug=debug)
+
+
+@app.command("merge")
+def merge_cmd(
+    target: TargetArg,
+    out: Annotated[Path, typer.Option("--out", help="folder for the standalone model", show_default=False)],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    tolerance: Annotated[float, typer.Option(help="largest logit difference accepted between adapted and merged")] = 1e-3,
+    overrides: OverridesArg = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fold the adapter into the base weights and write a standalone transformers model."""
+    from peftcli.commands.merge import run_merge
+    from peftcli.errors import PeftcliError
+
+    def checked() -> None:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise PeftcliError(f"--dtype: unknown dtype (got {dtype!r}). Use float32, bfloat16 or float16.")
+        run_merge(target, out, dtype, overrides or [], tolerance, overwrite)
+
+    run(checked, debug=debug)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    target: TargetArg,
+    overrides: OverridesArg = None,
+    modules: Annotated[bool, typer.Option("--modules", help="list the model's linear layers (candidate target_modules)")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what is trained: adapted modules, parameter counts, adapter size and memory."""
+    from peftcli.commands.inspection import run_inspect
+
+    run(run_inspect, target, overrides or [], modules, debug=debug)
+
+
 def version_callback(value: bool) -> None:
     if value:
         print(f"peftcli {__version__}")

@@ -38,16 +38,17 @@ class PreparedData:
 
 def load_raw(spec: DataSpec) -> dict[str, datasets.Dataset]:
     """The train and eval splits as HF datasets, trimmed to max_*_examples."""
-    wanted = {spec.train_split: spec.max_train_examples}
-    if spec.eval_split:
-        wanted[spec.eval_split] = spec.max_eval_examples
-    splits: dict[str, datasets.Dataset] = {}
-    for split, limit in wanted.items():
-        ds = _load_split(spec, split)
-        if len(ds) == 0:
-            raise DataError(f"data: split {split!r} is empty. Give a file or split with examples.")
-        splits[split] = ds.select(range(min(limit, len(ds)))) if limit else ds
+    splits = {spec.train_split: load_trimmed(spec, spec.train_split, spec.max_train_examples)}
+    if spec.eval_split and spec.eval_split not in splits:
+        splits[spec.eval_split] = load_trimmed(spec, spec.eval_split, spec.max_eval_examples)
     return splits
+
+
+def load_trimmed(spec: DataSpec, split: str, limit: int | None) -> datasets.Dataset:
+    ds = _load_split(spec, split)
+    if len(ds) == 0:
+        raise DataError(f"data: split {split!r} is empty. Give a file or split with examples.")
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
 
 
 def _load_split(spec: DataSpec, split: str) -> datasets.Dataset:
@@ -104,29 +105,34 @@ def label_names_for(ds: datasets.Dataset, column: str) -> list[str]:
     return sorted(str(v) for v in values)
 
 
-def _label_ids(values: list[Any], label_names: list[str], split: str, column: str) -> list[int]:
+def _label_ids(values: list[Any], label_names: list[str], split: str, known_from: str) -> list[int]:
     index = {name: i for i, name in enumerate(label_names)}
     ids = []
     for v in values:
         key = str(int(v)) if isinstance(v, (bool, int)) else str(v)
         if key not in index:
             raise DataError(
-                f"data.columns.label: label {v!r} in split {split!r} does not occur in training "
-                f"(labels: {', '.join(label_names)}). Fix the data or the label column."
+                f"data.columns.label: label {v!r} in split {split!r} is not one of {known_from} "
+                f"({', '.join(label_names)}). Fix the data or the label column."
             )
         ids.append(index[key])
     return ids
 
 
 def tokenize_classification(
-    ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str], split: str
+    ds: datasets.Dataset,
+    spec: DataSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str],
+    split: str,
+    known_from: str = "the training split's labels",
 ) -> datasets.Dataset:
     c = spec.columns
 
     def encode(rows: dict[str, list[Any]]) -> dict[str, Any]:
         pair = [str(t) for t in rows[c.text_pair]] if c.text_pair else None
         enc = tokenizer([str(t) for t in rows[c.text]], pair, truncation=True, max_length=spec.max_length)
-        enc["labels"] = _label_ids(rows[c.label], label_names, split, c.label)
+        enc["labels"] = _label_ids(rows[c.label], label_names, split, known_from)
         return enc
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
@@ -177,20 +183,24 @@ def tokenize_causal_lm(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrain
 # -- entry point -------------------------------------------------------------------------------
 
 
+def check_columns(ds: datasets.Dataset, split: str, spec: DataSpec, task: str) -> None:
+    c = spec.columns
+    template_cols = _template_fields(c.prompt_template) if c.prompt_template else []
+    wanted = {"text": c.text, "text_pair": c.text_pair, "prompt": c.prompt, "response": c.response}
+    wanted |= {"label": c.label} if task == "sequence_classification" else {}
+    wanted |= {f"prompt_template ({{{f}}})": f for f in template_cols}
+    _require_columns(ds, split, wanted)
+
+
 def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     raw = load_raw(spec)
-    c = spec.columns
     for split, ds in raw.items():
-        template_cols = _template_fields(c.prompt_template) if c.prompt_template else []
-        wanted = {"text": c.text, "text_pair": c.text_pair, "prompt": c.prompt, "response": c.response}
-        wanted |= {"label": c.label} if task == "sequence_classification" else {}
-        wanted |= {f"prompt_template ({{{f}}})": f for f in template_cols}
-        _require_columns(ds, split, wanted)
+        check_columns(ds, split, spec, task)
     train_raw = raw[spec.train_split]
     eval_raw = raw.get(spec.eval_split) if spec.eval_split else None
     if task == "sequence_classification":
-        assert c.label is not None
-        label_names = label_names_for(train_raw, c.label)
+        assert spec.columns.label is not None
+        label_names = label_names_for(train_raw, spec.columns.label)
         if len(label_names) < 2:
             raise DataError(f"data.columns.label: the training split has a single label ({label_names}); classification needs two or more.")
         train = tokenize_classification(train_raw, spec, tokenizer, label_names, spec.train_split)
@@ -202,6 +212,17 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
     if len(train) == 0:
         raise DataError(f"data.max_length: every training example's prompt fills all {spec.max_length} tokens; raise max_length.")
     return PreparedData(train, ev, None, dropped)
+
+
+def prepare_eval_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None) -> datasets.Dataset:
+    """Only the eval split, with the label ids the adapter was trained with."""
+    split = str(spec.eval_split)
+    ds = load_trimmed(spec, split, spec.max_eval_examples)
+    check_columns(ds, split, spec, task)
+    if task == "sequence_classification":
+        assert label_names is not None
+        return tokenize_classification(ds, spec, tokenizer, label_names, split, "the adapter's labels (adapter/labels.json, or --labels)")
+    return tokenize_causal_lm(ds, spec, tokenizer, split)
 
 
 # -- batching ----------------------------------------------------------------------------------

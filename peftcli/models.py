@@ -38,6 +38,18 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def head_kwargs(task: Task, label_names: list[str] | None, tokenizer: Any) -> dict[str, Any]:
+    if label_names is None:
+        return {}
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+        # Decoder classifiers pick the last non-pad token, so they must know the pad id.
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrainedModel:
     """The base model with the task's head, frozen, in the recipe's dtype."""
     location = model_location(spec)

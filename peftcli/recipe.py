@@ -226,7 +226,7 @@ def validate_recipe(
         problems += _model_problems(model)
     if data is not None:
         data = resolve_data_paths(data, root, override_keys)
-        problems += _data_problems(data, task)
+        problems += data_problems(data, task)
     if schedule is not None:
         problems += _schedule_problems(schedule)
     train = _valid(TrainSpec, raw.get("train"))
@@ -395,7 +395,7 @@ def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
     return []
 
 
-def _data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...], str]]:
+def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...], str]]:
     problems: list[tuple[tuple[str, ...], str]] = []
     if (data.dataset is None) == (data.files is None):
         problems.append((("data",), "give exactly one of `dataset` (a hub id) or `files` (split -> local files)."))

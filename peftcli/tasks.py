@@ -67,6 +67,23 @@ def classification_metrics(
     }
 
 
+def classification_details(preds: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict[str, Any]:
+    """Per-class precision and recall and the confusion matrix (rows: true label, columns: predicted)."""
+    n = len(label_names)
+    confusion = torch.zeros((n, n), dtype=torch.long)
+    confusion.index_put_((labels.long(), preds.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    per_class = {}
+    for i, name in enumerate(label_names):
+        tp = int(confusion[i, i])
+        predicted, actual = int(confusion[:, i].sum()), int(confusion[i, :].sum())
+        per_class[name] = {
+            "precision": tp / predicted if predicted else 0.0,
+            "recall": tp / actual if actual else 0.0,
+            "support": actual,
+        }
+    return {"per_class": per_class, "confusion_matrix": confusion.tolist(), "labels": label_names}
+
+
 # -- causal language modelling -----------------------------------------------------------------
 
 

@@ -118,7 +118,7 @@ def train(
             progress.update(bar, completed=step)
 
             if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
-                metrics = evaluate(model, eval_data, task, accelerator, num_labels)
+                metrics = evaluate(model, eval_data, task, accelerator, num_labels).metrics
                 improved = result.track_eval(step, metrics, spec.best_metric or task.best_metric)
                 log({"step": step, "epoch": round(step / steps_per_epoch, 4)} | {f"eval_{k}": v for k, v in metrics.items()})
                 hooks.on_eval(step, metrics, improved)
@@ -227,8 +227,22 @@ def train_step(
     return loss, tokens, examples
 
 
+@dataclass
+class EvalOutput:
+    metrics: dict[str, float]
+    preds: torch.Tensor | None  # classification: predicted and true label ids, gathered from all processes
+    labels: torch.Tensor | None
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, task: Task, accelerator: Accelerator, num_labels: int) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    task: Task,
+    accelerator: Accelerator,
+    num_labels: int,
+    on_batch: Callable[[], None] = lambda: None,
+) -> EvalOutput:
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     units = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -244,11 +258,12 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, accelerator: Acce
             p, y = accelerator.gather_for_metrics(predicted)
             preds.append(p.cpu())
             labels.append(y.cpu())
+        on_batch()
     total_loss = accelerator.reduce(loss_sum, reduction="sum").item()
     total_units = accelerator.reduce(units, reduction="sum").item()
     all_preds = torch.cat(preds) if preds else None
     all_labels = torch.cat(labels) if labels else None
-    return task.metrics(total_loss, total_units, all_preds, all_labels, num_labels)
+    return EvalOutput(task.metrics(total_loss, total_units, all_preds, all_labels, num_labels), all_preds, all_labels)
 
 
 class StepStats:

@@ -20,13 +20,13 @@ from peftcli.checkpoint import WEIGHTS_NAME, adapter_config, adapter_state, atom
 from peftcli.data import eval_loader, prepare_data, train_loader
 from peftcli.errors import PeftcliError
 from peftcli.methods import context_for, get_method
-from peftcli.models import load_base_model, load_tokenizer, model_location
+from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, write_report
 from peftcli.tasks import TASKS, Task
 from peftcli.trainer import Hooks, make_accelerator, train
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False) -> Path:
@@ -84,18 +84,6 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
             f"{run_dir}: run directory already exists. Pass --overwrite to replace it, "
             "or give the run another name (name=NEW or output_dir=DIR)."
         )
-
-
-def head_kwargs(task: Task, label_names: list[str] | None, tokenizer: Any) -> dict[str, Any]:
-    if label_names is None:
-        return {}
-    return {
-        "num_labels": len(label_names),
-        "id2label": dict(enumerate(label_names)),
-        "label2id": {name: i for i, name in enumerate(label_names)},
-        # Decoder classifiers pick the last non-pad token, so they must know the pad id.
-        "pad_token_id": tokenizer.pad_token_id,
-    }
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -36,7 +36,7 @@ def test_eval_label_unseen_in_training_is_an_error(tmp_path: Path, tokenizer) ->
     ev = write_jsonl(tmp_path / "validation.jsonl", [{"t": "a", "y": "neutral"}])
     with pytest.raises(DataError) as info:
         prepare_data(spec({"train": train, "validation": ev}, columns={"text": "t", "label": "y"}), "sequence_classification", tokenizer)
-    assert str(info.value) == "data.columns.label: label 'neutral' in split 'validation' does not occur in training (labels: neg, pos). Fix the data or the label column."
+    assert str(info.value) == "data.columns.label: label 'neutral' in split 'validation' is not one of the training split's labels (neg, pos). Fix the data or the label column."
 
 
 def test_missing_column_names_the_columns_there(tmp_path: Path, tokenizer) -> None:

@@ -1,0 +1,155 @@
+"""`peft eval TARGET`: metrics of an adapter (or of the base model, --base) on the recipe's eval split
+or on other data given as data.* overrides; prints a table and writes eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from peftcli.checkpoint import atomic_write_text, write_json
+from peftcli.data import eval_loader, prepare_eval_data
+from peftcli.errors import RecipeError
+from peftcli.recipe import DataSpec, data_problems, describe, parse_override, resolve_data_paths, set_path
+from peftcli.target import Target, build, resolve_target
+from peftcli.tasks import IGNORE_INDEX, classification_details
+from peftcli.trainer import evaluate
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def run_eval(
+    target_path: Path,
+    overrides: list[str],
+    split: str | None = None,
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    out: Path | None = None,
+    base: bool = False,
+    generate: int = 0,
+    max_new_tokens: int = 128,
+    labels: list[str] | None = None,
+) -> dict[str, Any]:
+    target = resolve_target(target_path, overrides)
+    if labels:
+        target.label_names = with_label_names(target, labels)
+    spec = eval_data_spec(target, overrides, split, max_examples)
+    out = out or default_output(target, base)
+    built = build(target, with_adapter=not base)
+    task = target.task
+    data = prepare_eval_data(spec, task.name, built.tokenizer, target.label_names)
+
+    accelerator = Accelerator()
+    loader = accelerator.prepare(eval_loader(data, built.tokenizer.pad_token_id, batch_size))
+    model = accelerator.prepare(built.model)
+    with Progress(console=console, transient=True, disable=not accelerator.is_main_process) as progress:
+        bar = progress.add_task("eval", total=len(loader))
+        result = evaluate(model, loader, task, accelerator, len(target.label_names or []), lambda: progress.advance(bar))
+
+    report: dict[str, Any] = {
+        "target": str(target.path),
+        "adapter": None if base else str(target.adapter_dir),
+        "model": target.model.name,
+        "task": task.name,
+        "split": spec.eval_split,
+        "examples": len(data),
+        "metrics": result.metrics,
+    }
+    if result.preds is not None and result.labels is not None and target.label_names:
+        report["classes"] = classification_details(result.preds, result.labels, target.label_names)
+    if generate:
+        samples = generate_samples(built.model, built.tokenizer, data, generate, max_new_tokens)
+        path = out.with_name(out.stem + "-generations.jsonl")
+        atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
+        report["generations"] = str(path)
+    if accelerator.is_main_process:
+        write_json(out, report)
+        print_report(report, out)
+    return report
+
+
+def with_label_names(target: Target, labels: list[str]) -> list[str]:
+    """--labels names the classes of an adapter that has no labels.json (HF peft saves none)."""
+    if target.task.name != "sequence_classification":
+        raise RecipeError(f"--labels: only classification has labels (the task is {target.task.name}).")
+    if target.label_names is not None and len(labels) != len(target.label_names):
+        raise RecipeError(f"--labels: the adapter's head has {len(target.label_names)} classes (got {len(labels)}: {', '.join(labels)}).")
+    return labels
+
+
+def eval_data_spec(target: Target, overrides: list[str], split: str | None, max_examples: int | None) -> DataSpec:
+    """The recipe's data section (or, for a bare adapter, data.* overrides) narrowed to the eval split."""
+    raw: dict[str, Any] = target.recipe.data.model_dump() if target.recipe is not None else {}
+    origin = str(target.path)
+    if target.recipe is None:
+        for item in overrides:
+            key, value = parse_override(item)
+            if key[0] == "data":
+                set_path(raw, key[1:], value)
+        origin = "data overrides"
+        if not raw:
+            raise RecipeError(
+                f"{target.path}: an adapter folder without a run recipe needs its eval data, e.g. "
+                "data.files.validation=val.jsonl data.columns.text=text data.columns.label=label"
+            )
+    raw["eval_split"] = split or raw.get("eval_split") or "validation"
+    raw["train_split"] = raw["eval_split"]  # eval reads this one split only
+    if max_examples is not None:
+        raw["max_eval_examples"] = max_examples
+    try:
+        spec = DataSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(*(f"{origin}: data.{'.'.join(map(str, e['loc']))}: {describe(e, DataSpec)}" for e in exc.errors())) from None
+    spec = resolve_data_paths(spec, Path.cwd(), {("data",): "override"})
+    problems = data_problems(spec, target.task.name)
+    if problems:
+        raise RecipeError(*(f"{origin}: {'.'.join(loc)}: {message}" for loc, message in problems))
+    return spec
+
+
+def default_output(target: Target, base: bool) -> Path:
+    name = "eval-base.json" if base else "eval.json"
+    return (target.run_dir / name) if target.run_dir is not None else Path(name)
+
+
+@torch.inference_mode()
+def generate_samples(model: torch.nn.Module, tokenizer: Any, data: Any, n: int, max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy answers to the first n eval prompts, beside the reference answers."""
+    model.eval()
+    device = next(model.parameters()).device
+    samples = []
+    for row in data.select(range(min(n, len(data)))):
+        ids, labels = row["input_ids"], row["labels"]
+        start = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids))
+        prompt = torch.tensor([ids[:start]], device=device)
+        output = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        )
+        samples.append({
+            "prompt": tokenizer.decode(ids[:start], skip_special_tokens=True),
+            "reference": tokenizer.decode([t for t in labels[start:] if t != IGNORE_INDEX], skip_special_tokens=True),
+            "generated": tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True),
+        })
+    return samples
+
+
+def print_report(report: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"{report['task']} on {report['split']} ({report['examples']} examples)" + (" - base model" if report["adapter"] is None else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report["metrics"].items():
+        table.add_row(key, f"{value:.4f}")
+    for name, c in report.get("classes", {}).get("per_class", {}).items():
+        table.add_row(f"{name}: precision / recall", f"{c['precision']:.4f} / {c['recall']:.4f}")
+    console.print(table)
+    if "classes" in report:
+        console.print(f"confusion matrix (rows true, columns predicted; {', '.join(report['classes']['labels'])}): {report['classes']['confusion_matrix']}")
+    console.print(f"wrote {out}" + (f" and {report['generations']}" if "generations" in report else ""))

@@ -1,0 +1,122 @@
+"""`peft inspect TARGET`: what a recipe, run or adapter trains: adapted modules, trainable and total
+parameters, adapter size, and the memory for weights, gradients and optimizer state. `--modules`
+lists the model's linear layers, to help write `target_modules`."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers.pytorch_utils import Conv1D
+
+from peftcli.checkpoint import WEIGHTS_NAME
+from peftcli.methods.base import LINEAR_TYPES
+from peftcli.target import build, resolve_target
+
+console = Console(soft_wrap=True)
+BYTES_PER = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) -> dict[str, Any]:
+    target = resolve_target(target_path, overrides)
+    built = build(target, with_adapter=not modules)
+    if modules:
+        rows = linear_layers(built.model)
+        print_layers(rows, type(built.model).__name__)
+        return {"linear_layers": rows}
+    assert built.method is not None and built.adapted is not None
+    trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in built.model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in built.model.parameters())
+    optimizer = target.recipe.optimizer.name if target.recipe is not None else "adamw"
+    states = 2 if optimizer == "adamw" else (1 if target.recipe and target.recipe.optimizer.momentum else 0)
+    adapter_file = target.adapter_dir / WEIGHTS_NAME if target.adapter_dir is not None else None
+    info = {
+        "method": built.method.name,
+        "model": target.model.name,
+        "task": target.task.name,
+        "adapted_modules": len(built.adapted.adapted_modules),
+        "modules_to_save": [
+            {"name": n, "trainable_parameters": sum(p.numel() for p in built.model.get_submodule(n).parameters())}
+            for n in built.adapted.modules_to_save
+        ],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+        # Trainable tensors are kept in float32 whatever the base dtype.
+        "adapter_bytes": adapter_file.stat().st_size if adapter_file is not None else trainable * 4,
+        "adapter_bytes_measured": adapter_file is not None,
+        "memory_bytes": {
+            "weights": weights,
+            "gradients": trainable * 4,
+            "optimizer_state": trainable * 4 * states,
+        },
+        "module_groups": module_groups(built.model, built.adapted.adapted_modules),
+    }
+    print_info(info)
+    return info
+
+
+def pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def module_groups(model: torch.nn.Module, names: list[str]) -> list[dict[str, Any]]:
+    """Adapted modules grouped by name pattern (layer numbers as *), with their trainable parameters."""
+    groups: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "trainable_parameters": 0})
+    for name in names:
+        g = groups[pattern(name)]
+        g["count"] += 1
+        g["trainable_parameters"] += sum(p.numel() for p in model.get_submodule(name).parameters() if p.requires_grad)
+    return [{"pattern": k} | v for k, v in groups.items()]
+
+
+def linear_layers(model: torch.nn.Module) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, int, int], int] = defaultdict(int)
+    for name, module in model.named_modules():
+        if isinstance(module, LINEAR_TYPES):
+            w = module.weight
+            out_f, in_f = (w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else (w.shape[0], w.shape[1])
+            groups[(pattern(name), type(module).__name__, in_f, out_f)] += 1
+    return [
+        {"pattern": p, "suffix": p.rsplit(".", 1)[-1], "type": t, "in_features": i, "out_features": o, "count": c}
+        for (p, t, i, o), c in groups.items()
+    ]
+
+
+def print_layers(rows: list[dict[str, Any]], model_name: str) -> None:
+    table = Table(title=f"linear layers of {model_name} (use the last part, or a dotted suffix, in target_modules)")
+    for col in ("name pattern", "type", "in -> out", "count"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["pattern"], r["type"], f"{r['in_features']} -> {r['out_features']}", str(r["count"]))
+    console.print(table)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def print_info(info: dict[str, Any]) -> None:
+    table = Table(title=f"{info['method']} on {info['model']} ({info['task']})")
+    table.add_column("adapted modules")
+    table.add_column("count", justify="right")
+    table.add_column("trainable parameters", justify="right")
+    for g in info["module_groups"]:
+        table.add_row(g["pattern"], str(g["count"]), f"{g['trainable_parameters']:,}")
+    for m in info["modules_to_save"]:
+        table.add_row(f"{m['name']} (trained in full)", "1", f"{m['trainable_parameters']:,}")
+    console.print(table)
+    m = info["memory_bytes"]
+    size = _mb(info["adapter_bytes"]) + ("" if info["adapter_bytes_measured"] else " (estimated, float32)")
+    console.print(
+        f"trainable parameters: {info['trainable_parameters']:,} of {info['total_parameters']:,} ({info['trainable_percent']:.3f}%)\n"
+        f"adapter size: {size}\n"
+        f"memory: weights {_mb(m['weights'])}, gradients {_mb(m['gradients'])}, optimizer state {_mb(m['optimizer_state'])} "
+        "(activations come on top and grow with batch size and sequence length)"
+    )

@@ -1,0 +1,88 @@
+"""`peft merge TARGET --out DIR`: fold a mergeable adapter into the base weights and write a standalone
+transformers model folder. It checks its own work: the merged model must give the adapted model's
+logits on a few probe batches, or nothing is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from peftcli.checkpoint import atomic_dir
+from peftcli.errors import PeftcliError
+from peftcli.models import DTYPES
+from peftcli.target import build, resolve_target
+
+console = Console(stderr=True, soft_wrap=True)
+
+PROBE_TEXTS = [
+    "The film was a delight from start to finish.",
+    "Question: What is 12 plus 30?\nAnswer:",
+    "I would not recommend this hotel to anyone.",
+    "Write a short poem about the sea.",
+    "The quarterly report shows revenue grew by 4 percent, driven by strong sales in Europe.",
+    "ok",
+    "Translate to French: good morning",
+    "Plain, unremarkable, and a little too long.",
+]
+
+
+def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: list[str] | None = None, tolerance: float = 1e-3, overwrite: bool = False) -> dict[str, Any]:
+    target = resolve_target(target_path, overrides or [])
+    if target.adapter_dir is None:
+        raise PeftcliError(f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
+    built = build(target)
+    method = built.method
+    assert method is not None
+    if method.merge is None:
+        raise PeftcliError(
+            f"{target.adapter_dir}: {method.name} {method.kind.value} and cannot be merged into the weights. "
+            "Use the adapter as it is: `peft eval`, or HF peft's PeftModel.from_pretrained."
+        )
+    model = built.model.eval()
+    batches = probe_batches(built.tokenizer)
+    before = [logits(model, b) for b in batches]
+    method.merge(model)
+    leftover = sorted(set(parameter_names(model)) ^ set(plain_parameter_names(model)))
+    difference = max(float((logits(model, b) - ref).abs().max()) for b, ref in zip(batches, before))
+    if leftover or difference > tolerance:
+        raise PeftcliError(
+            f"merge check failed: the merged model's logits differ from the adapted model's by {difference:.3g} "
+            f"(tolerance {tolerance:g}){f'; parameters differ from a plain model: {leftover[:3]}' if leftover else ''}. Nothing was written."
+        )
+    model.to(DTYPES[dtype])
+    cast_difference = max(float((logits(model, b).float() - ref).abs().max()) for b, ref in zip(batches, before))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        built.tokenizer.save_pretrained(tmp)
+    console.print(
+        f"merged {method.name} into {target.model.name}: largest logit difference {difference:.2e} (float32)"
+        + (f", {cast_difference:.2e} after casting to {dtype}" if dtype != "float32" else "")
+        + f". Wrote {out}; load it with {type(model).__name__}.from_pretrained('{out}')."
+    )
+    return {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
+
+
+def parameter_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters()]
+
+
+def plain_parameter_names(model: torch.nn.Module) -> list[str]:
+    """The parameter names of an unadapted model of the same class and config (built on the meta
+    device: no memory), which is what the merged folder must hold to load without peftcli."""
+    with torch.device("meta"):
+        return parameter_names(type(model)(model.config))
+
+
+def probe_batches(tokenizer: Any, size: int = 4) -> list[dict[str, torch.Tensor]]:
+    return [dict(tokenizer(PROBE_TEXTS[i : i + size], padding=True, return_tensors="pt")) for i in range(0, len(PROBE_TEXTS), size)]
+
+
+@torch.inference_mode()
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    return model(**batch).logits.float()

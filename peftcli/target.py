@@ -1,0 +1,157 @@
+"""What `peft eval`, `peft merge` and `peft inspect` act on: a run directory, an adapter folder (ours
+or HF peft's), or a recipe. resolve_target finds the base model, the task and the labels for each."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftcli.checkpoint import CONFIG_NAME, LABELS_NAME, PREFIX, WEIGHTS_NAME, load_adapter, read_adapter_config
+from peftcli.data import label_names_for, load_trimmed
+from peftcli.errors import CheckpointError, DataError, PeftcliError, RecipeError
+from peftcli.methods import Method, context_for, get_method
+from peftcli.methods.base import Adapted
+from peftcli.models import head_kwargs, load_base_model, load_tokenizer
+from peftcli.recipe import ModelSpec, Recipe, describe, load_recipe, parse_override, set_path
+from peftcli.tasks import BY_PEFT_TASK_TYPE, TASKS, Task
+
+RUN_RECIPE = "recipe.yaml"
+
+
+@dataclass
+class Target:
+    path: Path
+    adapter_dir: Path | None  # None for a recipe: the method is applied fresh
+    recipe: Recipe | None  # the run's (or given) recipe, when there is one
+    model: ModelSpec
+    task: Task
+    label_names: list[str] | None
+
+    @property
+    def run_dir(self) -> Path | None:
+        if self.adapter_dir is not None and (self.adapter_dir.parent / RUN_RECIPE).is_file():
+            return self.adapter_dir.parent
+        return None
+
+
+def resolve_target(path: Path, overrides: list[str]) -> Target:
+    """`overrides` (key.path=value) change the recipe or, for a bare adapter, the model (model.name=...)."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(path, overrides)
+        return Target(path, None, recipe, recipe.model, TASKS[recipe.task], None)
+    if not path.exists():
+        raise PeftcliError(f"{path}: not found. Give a run directory, an adapter folder or a recipe file.")
+    if (path / "adapter" / CONFIG_NAME).is_file():
+        adapter_dir = path / "adapter"
+    elif (path / CONFIG_NAME).is_file():
+        adapter_dir = path
+    else:
+        raise PeftcliError(
+            f"{path}: not a run directory (no adapter/{CONFIG_NAME}), an adapter folder (no {CONFIG_NAME}) or a recipe."
+        )
+    config = read_adapter_config(adapter_dir)
+    run_recipe = adapter_dir.parent / RUN_RECIPE
+    if run_recipe.is_file():
+        recipe = load_recipe(run_recipe, overrides)
+        return Target(path, adapter_dir, recipe, recipe.model, TASKS[recipe.task], read_labels(adapter_dir, TASKS[recipe.task]))
+    task = task_of(config, adapter_dir)
+    model = model_of(config, adapter_dir, overrides)
+    return Target(path, adapter_dir, None, model, task, read_labels(adapter_dir, task))
+
+
+def task_of(config: dict[str, Any], adapter_dir: Path) -> Task:
+    task_type = config.get("task_type")
+    if task_type not in BY_PEFT_TASK_TYPE:
+        raise CheckpointError(
+            f"{adapter_dir / CONFIG_NAME}: task_type {task_type!r} is not supported "
+            f"(supported: {', '.join(sorted(BY_PEFT_TASK_TYPE))})."
+        )
+    return BY_PEFT_TASK_TYPE[task_type]
+
+
+def model_of(config: dict[str, Any], adapter_dir: Path, overrides: list[str]) -> ModelSpec:
+    raw: dict[str, Any] = {"model": {"name": config.get("base_model_name_or_path"), "revision": config.get("revision")}}
+    for item in overrides:
+        key, value = parse_override(item)
+        if key[0] == "data":  # the eval data of a bare adapter; see peftcli.commands.evaluate
+            continue
+        if key[0] != "model":
+            raise RecipeError(f"override {item!r}: an adapter folder without a run recipe takes only model.* overrides here.")
+        set_path(raw, key, value)
+    if not raw["model"]["name"]:
+        raise CheckpointError(
+            f"{adapter_dir / CONFIG_NAME}: base_model_name_or_path is empty. Name the base model: model.name=<hub id or folder>."
+        )
+    try:
+        return ModelSpec.model_validate(raw["model"])
+    except ValidationError as exc:
+        raise RecipeError(*(f"model.{'.'.join(map(str, e['loc']))}: {describe(e, ModelSpec)}" for e in exc.errors())) from None
+
+
+def read_labels(adapter_dir: Path, task: Task) -> list[str] | None:
+    """Classification labels: labels.json (ours), else the trained head's size (HF peft's adapters)."""
+    if task.name != "sequence_classification":
+        return None
+    labels = adapter_dir / LABELS_NAME
+    if labels.is_file():
+        try:
+            return [str(x) for x in json.loads(labels.read_text(encoding="utf-8"))["labels"]]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise CheckpointError(f"{labels}: expected {{\"labels\": [...]}}; the file is corrupt.") from None
+    try:
+        with safe_open(str(adapter_dir / WEIGHTS_NAME), "pt") as f:
+            for key in f.keys():
+                name = key.removeprefix(PREFIX)
+                if any(name == f"{h}.weight" or name.endswith(f".{h}.weight") or name == f"{h}.out_proj.weight" for h in task.head_modules):
+                    return [str(i) for i in range(f.get_slice(key).get_shape()[0])]
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{adapter_dir / WEIGHTS_NAME}: cannot read the safetensors file ({exc}). It is corrupt or truncated.") from None
+    raise CheckpointError(f"{adapter_dir}: no labels.json and no trained classification head; cannot tell the number of labels.")
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    method: Method | None  # None for the bare base model
+    params: Any
+    adapted: Adapted | None
+
+
+def build(target: Target, with_adapter: bool = True) -> Built:
+    """The target's base model with its adapter loaded (or, for a recipe, freshly applied)."""
+    tokenizer = load_tokenizer(target.model)
+    labels = target.label_names
+    if labels is None and target.recipe is not None and target.task.name == "sequence_classification":
+        labels = labels_from_recipe(target.recipe)
+        target.label_names = labels
+    model = load_base_model(target.model, target.task, **head_kwargs(target.task, labels, tokenizer))
+    if not with_adapter:
+        return Built(model, tokenizer, None, None, None)
+    if target.adapter_dir is not None:
+        method, params, adapted = load_adapter(target.adapter_dir, model, target.task)
+        return Built(model, tokenizer, method, params, adapted)
+    assert target.recipe is not None
+    method = get_method(target.recipe.method.name)
+    adapted = method.apply(model, target.recipe.method, context_for(model, target.task.head_modules))
+    return Built(model, tokenizer, method, target.recipe.method, adapted)
+
+
+def labels_from_recipe(recipe: Recipe) -> list[str]:
+    """The label set of the training split, as `peft train` computes it (the head's size depends on it)."""
+    column = recipe.data.columns.label
+    if column is None:
+        raise DataError("data.columns.label: sequence_classification needs the label column's name.")
+    ds = load_trimmed(recipe.data, recipe.data.train_split, recipe.data.max_train_examples)
+    if column not in ds.column_names:
+        raise DataError(f"data.columns.label: column {column!r} is not in split {recipe.data.train_split!r} (columns: {', '.join(ds.column_names)}).")
+    return label_names_for(ds, column)
