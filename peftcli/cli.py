@@ -15,6 +15,11 @@ from rich.console import Console
 from peftcli import __version__
 from peftcli.errors import PeftcliError
 
+# Set before any command imports tqdm (it reads the variable once, on import): transformers' GGUF
+# loader draws a progress bar of its own, and peftcli draws its own with rich.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 app = typer.Typer(
     name="peft",
     help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.",
@@ -51,9 +56,6 @@ def quiet_libraries(debug: bool) -> None:
     """Library warnings (newly initialized heads, progress bars) drown the output a user needs."""
     if debug:
         return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Read when tqdm is first imported: transformers' GGUF loader draws a bar of its own.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     import datasets
     import huggingface_hub
     import transformers

@@ -60,9 +60,22 @@ def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrain
         model = task.auto_model.from_pretrained(location, **kwargs, **task_kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_failure("model", spec, exc)) from None
+    if spec.gguf_file:
+        as_plain_float_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def as_plain_float_model(model: PreTrainedModel) -> None:
+    """transformers dequantizes GGUF weights to float tensors on load but keeps the model marked as
+    quantized, which stops save_pretrained (so `peft merge` could not export it). When every weight
+    is an ordinary float tensor, the mark is dropped."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and all(p.is_floating_point() for p in model.parameters()):
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def _load_failure(what: str, spec: ModelSpec, exc: Exception) -> str:

@@ -36,6 +36,20 @@ def test_quickstart_trains_minilm_to_high_accuracy(tmp_path: Path) -> None:
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line and "eval" not in line]
     assert losses[-1] < losses[0]
 
+    # eval reproduces the best eval of training; the base model (random head) is far worse.
+    assert peft("eval", str(run_dir)).returncode == 0
+    evaluated = json.loads((run_dir / "eval.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(report["best_metrics"]["accuracy"], abs=1e-6)
+    assert peft("eval", str(run_dir), "--base").returncode == 0
+    assert json.loads((run_dir / "eval-base.json").read_text())["metrics"]["accuracy"] < evaluated["accuracy"] - 0.2
+
+    merged = peft("merge", str(run_dir), "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
 
 @pytest.mark.skipif(not (SHARED / "instruct").is_dir(), reason="../shared/data is not beside this checkout")
 def test_smollm2_instruct_trains_and_loads_in_hf_peft(tmp_path: Path) -> None:
@@ -62,3 +76,12 @@ def test_smollm2_instruct_trains_and_loads_in_hf_peft(tmp_path: Path) -> None:
     theirs = PeftModel.from_pretrained(load_base_model(recipe.model, task), run_dir / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-5, atol=1e-5)
+
+    # Merged into a standalone float32 model: the same logits as the adapter on the base.
+    merged = peft("merge", str(run_dir), "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+    from transformers import AutoModelForCausalLM
+
+    standalone = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(standalone(**batch).logits, ours(**batch).logits, rtol=1e-4, atol=1e-4)
