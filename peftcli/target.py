@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
-
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 

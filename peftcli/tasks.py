@@ -50,15 +50,23 @@ def classification_predictions(logits: torch.Tensor, batch: dict[str, torch.Tens
     return logits.argmax(-1), batch["labels"]
 
 
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Counts per (true label, predicted label): rows are true labels, columns predictions."""
+    confusion = torch.zeros((num_labels, num_labels), dtype=torch.long)
+    confusion.index_put_((labels.long(), preds.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    return confusion
+
+
 def classification_metrics(
     loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, num_labels: int
 ) -> dict[str, float]:
     assert preds is not None and labels is not None
+    confusion = confusion_matrix(preds, labels, num_labels)
     f1s = []
     for c in range(num_labels):
-        tp = ((preds == c) & (labels == c)).sum().item()
-        fp = ((preds == c) & (labels != c)).sum().item()
-        fn = ((preds != c) & (labels == c)).sum().item()
+        tp = int(confusion[c, c])
+        fp = int(confusion[:, c].sum()) - tp
+        fn = int(confusion[c, :].sum()) - tp
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return {
         "loss": loss_sum / max(count, 1),
@@ -69,9 +77,7 @@ def classification_metrics(
 
 def classification_details(preds: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict[str, Any]:
     """Per-class precision and recall and the confusion matrix (rows: true label, columns: predicted)."""
-    n = len(label_names)
-    confusion = torch.zeros((n, n), dtype=torch.long)
-    confusion.index_put_((labels.long(), preds.long()), torch.ones_like(labels, dtype=torch.long), accumulate=True)
+    confusion = confusion_matrix(preds, labels, len(label_names))
     per_class = {}
     for i, name in enumerate(label_names):
         tp = int(confusion[i, i])

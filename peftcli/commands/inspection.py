@@ -15,11 +15,10 @@ from rich.table import Table
 from transformers.pytorch_utils import Conv1D
 
 from peftcli.checkpoint import WEIGHTS_NAME
-from peftcli.methods.base import LINEAR_TYPES
+from peftcli.methods.base import LINEAR_TYPES, count_parameters
 from peftcli.target import build, resolve_target
 
 console = Console(soft_wrap=True)
-BYTES_PER = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) -> dict[str, Any]:
@@ -30,8 +29,7 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
         print_layers(rows, type(built.model).__name__)
         return {"linear_layers": rows}
     assert built.method is not None and built.adapted is not None
-    trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in built.model.parameters())
+    trainable, total = count_parameters(built.model)
     weights = sum(p.numel() * p.element_size() for p in built.model.parameters())
     optimizer = target.recipe.optimizer.name if target.recipe is not None else "adamw"
     states = 2 if optimizer == "adamw" else (1 if target.recipe and target.recipe.optimizer.momentum else 0)

@@ -20,6 +20,7 @@ from peftcli.checkpoint import WEIGHTS_NAME, adapter_config, adapter_state, atom
 from peftcli.data import eval_loader, prepare_data, train_loader
 from peftcli.errors import PeftcliError
 from peftcli.methods import context_for, get_method
+from peftcli.methods.base import count_parameters
 from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, write_report
@@ -84,12 +85,6 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
             f"{run_dir}: run directory already exists. Pass --overwrite to replace it, "
             "or give the run another name (name=NEW or output_dir=DIR)."
         )
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
 
 
 def resolved_recipe_text(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> str:

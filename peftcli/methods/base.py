@@ -85,6 +85,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as HF peft's get_nb_trainable_parameters reports them."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
 def name_matches(name: str, targets: list[str] | str) -> bool:
     """HF peft's rule: a list matches a module name exactly or as a dotted suffix; a string is a
     regular expression that must match the whole name."""
