@@ -93,6 +93,14 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX + name: p.detach().cpu().contiguous().clone() for name, p in trainable_parameters(model).items()}
 
 
+def method_state(method: Method, model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
+    """What goes into adapter_model.safetensors: the method's own export where it has one (folded
+    prompt encoders, selected entries and their indices), else every trainable tensor."""
+    if method.state is None:
+        return adapter_state(model)
+    return {k: v.detach().cpu().contiguous().clone() for k, v in method.state(model, adapted).items()}
+
+
 def adapter_config(method: Method, params: Any, adapted: Adapted, task: Task, base_model: str, revision: str | None) -> dict[str, Any]:
     config = method.peft_config(params, adapted)
     config.update({"task_type": task.peft_task_type, "base_model_name_or_path": base_model, "revision": revision})
@@ -150,17 +158,27 @@ def load_adapter(folder: Path, model: nn.Module, task: Task) -> tuple[Method, An
     method = method_for(config, folder)
     params = method.from_peft_config(config)
     adapted = method.apply(model, params, context_for(model, task.head_modules, strict=False))
-    load_weights(model, folder / WEIGHTS_NAME)
+    path = folder / WEIGHTS_NAME
+    state = read_state(path)
+    if method.load_state is not None:
+        method.load_state(model, adapted, state, str(path))
+    else:
+        assign_state(model, state, str(path))
     return method, params, adapted
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
+def read_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: adapter weights not found.")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter.") from None
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Copies `state` (keys `base_model.model.<name>`) into the trainable parameters, which it must
+    match exactly in names and shapes."""
     expected = trainable_parameters(model)
     names = {k.removeprefix(PREFIX): k for k in state}
     missing = sorted(set(expected) - set(names))

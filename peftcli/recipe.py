@@ -110,6 +110,9 @@ class TrainSpec(Strict):
     best_metric: str | None = Field(
         None, description="eval metric that picks the saved adapter (accuracy, f1, loss...); default per task"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, about 30% slower"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -232,6 +235,8 @@ def validate_recipe(
     train = _valid(TrainSpec, raw.get("train"))
     if train is not None and task is not None:
         problems += _train_problems(train, task)
+    if train is not None and method_params is not None:
+        problems += _method_train_problems(METHODS[method_params.name], train)
 
     if problems:
         lines = []
@@ -255,6 +260,12 @@ def _override_origin(loc: tuple[str, ...], override_keys: dict[tuple[str, ...], 
         if loc[: len(key)] == key or key[: len(loc)] == loc:
             return origin
     return None
+
+
+def _method_train_problems(method: Any, train: TrainSpec) -> list[tuple[tuple[str, ...], str]]:
+    if train.gradient_checkpointing and not method.supports_gradient_checkpointing:
+        return [(("train", "gradient_checkpointing"), f"{method.name} cannot train with gradient checkpointing (got true). Set it to false.")]
+    return []
 
 
 def validate_method(raw: dict[str, Any]) -> tuple[Any, list[tuple[tuple[str, ...], str]]]:

@@ -1,6 +1,6 @@
 """One flat accelerate training loop: mixed precision, gradient accumulation, clipping, the schedule,
-periodic eval and logging. It knows nothing about methods (it trains whatever requires grad) and
-nothing about files (the caller gets records and snapshots through `Hooks`).
+periodic eval and logging. It knows nothing about methods (it trains whatever requires grad, and calls
+the generic TrainingHooks a method may ask for) and nothing about files (the caller gets records and snapshots through `Hooks`).
 
 Read `train` top to bottom; each step is a named helper below it.
 """
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from peftcli.errors import PeftcliError
+from peftcli.methods.base import TrainingHooks
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.tasks import Task, higher_is_better
 
@@ -80,8 +81,10 @@ def train(
     num_labels: int = 0,
     hooks: Hooks | None = None,
     accelerator: Accelerator | None = None,
+    method_hooks: TrainingHooks | None = None,
 ) -> TrainResult:
     hooks = hooks or Hooks()
+    method_hooks = method_hooks or TrainingHooks()
     accelerator = accelerator or make_accelerator(spec)
     set_seed(spec.seed)
     sampler = train_data.batch_sampler
@@ -94,6 +97,7 @@ def train(
     steps_per_epoch = math.ceil(len(train_data) / spec.grad_accum)
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, schedule, total_steps)
+    method_hooks.start(total_steps)
 
     result = TrainResult(steps=0, train_seconds=0.0, tokens=0, examples=0)
     since_log = StepStats()
@@ -106,7 +110,7 @@ def train(
     with progress_bar(accelerator, total_steps) as (progress, bar):
         for step, window in enumerate(step_windows(train_data, sampler, spec.grad_accum, total_steps), start=1):
             started = time.perf_counter()
-            loss, tokens, examples = train_step(model, optimizer, scheduler, window, task, accelerator, spec)
+            loss, tokens, examples = train_step(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step)
             seconds = time.perf_counter() - started
             result.add_step(tokens, examples, seconds)
             since_log.add(loss, tokens, examples, seconds)
@@ -198,9 +202,12 @@ def train_step(
     task: Task,
     accelerator: Accelerator,
     spec: TrainSpec,
+    method_hooks: TrainingHooks,
+    step: int,
 ) -> tuple[float, int, int]:
     """One optimizer step over an accumulation window. Each micro-batch's summed loss is divided by
-    the loss terms of the whole window on all processes, so the gradient equals the large batch's."""
+    the loss terms of the whole window on all processes, so the gradient equals the large batch's.
+    A method's regularizer joins the last micro-batch's loss: once per step, inside the gradient sync."""
     units = torch.tensor(float(sum(task.units(b) for b in window)), device=accelerator.device)
     global_units = accelerator.reduce(units, reduction="sum").clamp(min=1.0)
     # DDP averages gradients over processes, hence the factor num_processes.
@@ -212,7 +219,10 @@ def train_step(
         with sync:
             logits = model(**model_inputs(batch)).logits
             loss_sum, _ = task.loss_sum(logits, batch)
-            accelerator.backward(loss_sum * scale)
+            objective = loss_sum * scale
+            if method_hooks.regularizer is not None and i == len(window) - 1:
+                objective = objective + method_hooks.regularizer()
+            accelerator.backward(objective)
         loss_total += loss_sum.detach()
         tokens += int(batch["attention_mask"].sum())
         examples += batch["input_ids"].shape[0]
@@ -220,6 +230,7 @@ def train_step(
         accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
     optimizer.step()
     scheduler.step()
+    method_hooks.after_optimizer_step(step)
     optimizer.zero_grad(set_to_none=True)
     loss = (accelerator.reduce(loss_total, reduction="sum") / global_units).item()
     if not math.isfinite(loss):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from accelerate import Accelerator
 
 from peftcli.data import eval_loader, prepare_data, train_loader
 from peftcli.methods import Method, context_for
-from peftcli.methods.base import Adapted
+from peftcli.methods.base import Adapted, Calibration, TrainingHooks
 from peftcli.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.tasks import TASKS
 from peftcli.trainer import TrainResult, train
@@ -18,8 +19,41 @@ from tests.conftest import tiny_data_section
 
 
 def adapt(model: torch.nn.Module, method: Method, task: str, **params: Any) -> tuple[Any, Adapted]:
+    """Applies `method` as `peft train` does, calibrating on random batches where the method needs it."""
     p = method.params(**params)
-    return p, method.apply(model, p, context_for(model, TASKS[task].head_modules))
+    adapted = method.apply(model, p, context_for(model, TASKS[task].head_modules))
+    if method.calibrate is not None:
+        method.calibrate(model, p, adapted, Calibration(iter(random_batches(model, task)), mean_loss(task)))
+    return p, adapted
+
+
+def random_batches(model: torch.nn.Module, task: str, n: int = 4, size: int = 4, length: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Labelled batches of random token ids (no tokenizer needed), the last two positions padded."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(4, model.config.vocab_size, (size, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        ids[0, -2:] = 0
+        if task == "sequence_classification":
+            labels = torch.randint(0, model.config.num_labels, (size,), generator=g)
+        else:
+            labels = ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def mean_loss(task: str) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        total, count = TASKS[task].loss_sum(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch)
+        return total / count.clamp(min=1)
+
+    return loss
+
+
+def training_hooks(model: torch.nn.Module, method: Method, params: Any, adapted: Adapted) -> TrainingHooks | None:
+    return method.training_hooks(model, params, adapted) if method.training_hooks is not None else None
 
 
 def randomize_trainable(model: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> None:
@@ -50,6 +84,7 @@ def run_training(
     train_spec: TrainSpec,
     optim: OptimizerSpec | None = None,
     group_by_length: bool = True,
+    method_hooks: TrainingHooks | None = None,
 ) -> TrainResult:
     prepared = prepare_data(data_spec(task, data), task, tokenizer)
     loader = train_loader(prepared.train, tokenizer.pad_token_id, train_spec.batch_size, train_spec.grad_accum, group_by_length, train_spec.seed)
@@ -57,4 +92,4 @@ def run_training(
     optim = optim or OptimizerSpec(lr=1e-2)
     schedule = ScheduleSpec(name="constant", warmup_steps=0)
     model.train()
-    return train(model, TASKS[task], loader, evals, train_spec, optim, schedule, len(prepared.label_names or []), accelerator=Accelerator(cpu=True))
+    return train(model, TASKS[task], loader, evals, train_spec, optim, schedule, len(prepared.label_names or []), accelerator=Accelerator(cpu=True), method_hooks=method_hooks)

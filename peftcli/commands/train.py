@@ -16,11 +16,11 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 import peftcli
-from peftcli.checkpoint import WEIGHTS_NAME, adapter_config, adapter_state, atomic_write_text, save_adapter
+from peftcli.checkpoint import WEIGHTS_NAME, adapter_config, atomic_write_text, method_state, save_adapter
 from peftcli.data import eval_loader, prepare_data, train_loader
 from peftcli.errors import PeftcliError
 from peftcli.methods import context_for, get_method
-from peftcli.methods.base import count_parameters
+from peftcli.methods.base import Calibration, count_parameters
 from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, write_report
@@ -42,36 +42,45 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False) 
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
     model = load_base_model(recipe.model, task, **head_kwargs(task, data.label_names, tokenizer))
-    set_seed(recipe.train.seed)  # the adapter's random initialization is part of the recipe
-    adapted = method.apply(model, recipe.method, context_for(model, task.head_modules))
-    trainable, total = count_parameters(model)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-
     t = recipe.train
     loader = train_loader(data.train, tokenizer.pad_token_id, t.batch_size, t.grad_accum, recipe.data.group_by_length, t.seed)
     evals = eval_loader(data.eval, tokenizer.pad_token_id, t.eval_batch_size or 2 * t.batch_size) if data.eval else None
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_seed(recipe.train.seed)  # the adapter's random initialization is part of the recipe
+    adapted = method.apply(model, recipe.method, context_for(model, task.head_modules))
+    if method.calibrate is not None:
+        model.to(accelerator.device)
+        method.calibrate(model, recipe.method, adapted, calibration(loader, task, accelerator))
+    trainable, total = count_parameters(model)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # only reached with --overwrite, after everything loaded
     run_dir.mkdir(parents=True)
     atomic_write_text(run_dir / "recipe.yaml", resolved_recipe_text(recipe, recipe_path, overrides))
-    config = adapter_config(method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision)
     is_main = accelerator.is_main_process
     best: dict[str, Any] = {}
 
+    def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        # The config is taken with the weights: training may change it (AdaLoRA's rank pattern).
+        config = adapter_config(method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision)
+        return method_state(method, model, adapted), config
+
     def on_eval(step: int, metrics: dict[str, float], improved: bool) -> None:
         if improved:
-            best["state"] = adapter_state(model)
+            best["snapshot"] = snapshot()
 
     def on_save(step: int) -> None:
         if is_main:
-            save_step_checkpoint(run_dir, step, adapter_state(model), config, data.label_names, t.save_total_limit)
+            save_step_checkpoint(run_dir, step, *snapshot(), data.label_names, t.save_total_limit)
 
     hooks = Hooks(on_log=MetricsLog(run_dir / "metrics.jsonl") if is_main else Hooks().on_log, on_eval=on_eval, on_save=on_save)
-    result = train(model, task, loader, evals, t, recipe.optimizer, recipe.schedule, len(data.label_names or []), hooks, accelerator)
+    method_hooks = method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
+    result = train(model, task, loader, evals, t, recipe.optimizer, recipe.schedule, len(data.label_names or []), hooks, accelerator, method_hooks)
 
     if is_main:
-        state = best.get("state") or adapter_state(model)
+        state, config = best.get("snapshot") or snapshot()
         save_adapter(run_dir / "adapter", state, config, data.label_names, tokenizer)
         report = build_report(recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator)
         write_report(run_dir, report, result.history, t.best_metric or task.best_metric)
@@ -148,3 +157,15 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
         f"{s['tokens_per_s']:,.0f} tok/s, peak {s['peak_memory_mb']:,.0f} MB. {metrics}"
     )
     console.print(f"run directory: {run_dir}  (adapter in {run_dir / 'adapter'})")
+
+
+def calibration(loader: Any, task: Task, accelerator: Any) -> Calibration:
+    """Training batches and the task's mean loss, for methods that score parameters before training."""
+
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        total, count = task.loss_sum(model(**inputs).logits, batch)
+        return total / count.clamp(min=1)
+
+    return Calibration(batches=iter(loader), loss=loss)

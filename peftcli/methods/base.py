@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,29 @@ class Adapted:
     config_extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TrainingHooks:
+    """What a method asks of the training loop beyond training its parameters (AdaLoRA's rank budget).
+
+    start(total_steps) runs once before the first step; regularizer() is added to the loss of every
+    optimizer step (once per step, whatever the accumulation); after_optimizer_step(step) runs after
+    optimizer.step() while the gradients are still there.
+    """
+
+    start: Callable[[int], None] = lambda total_steps: None
+    regularizer: Callable[[], torch.Tensor] | None = None
+    after_optimizer_step: Callable[[int], None] = lambda step: None
+
+
+@dataclass
+class Calibration:
+    """Training batches (labels included) and the task's mean loss on one, for methods that look at
+    gradients before training (gradient-based selection). Take as many batches as the method needs."""
+
+    batches: Iterator[dict[str, torch.Tensor]]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -63,7 +86,8 @@ class Method:
     kind: Kind
     params: type[BaseModel]
     apply: Callable[[nn.Module, Any, ApplyContext], Adapted]
-    # Returns the adapter_config.json dict in HF peft's format (None where HF peft lacks the method).
+    # Returns the adapter_config.json dict in HF peft's format (our own peft_type where HF peft lacks
+    # the method). Called at save time: training may change what it says (AdaLoRA's rank_pattern).
     peft_config: Callable[[Any, Adapted], dict[str, Any]]
     # Parses an adapter_config.json written by us or by HF peft back into our params.
     from_peft_config: Callable[[dict[str, Any]], Any]
@@ -71,6 +95,18 @@ class Method:
     merge: Callable[[nn.Module], None] | None
     peft_type: str
     paper: str = ""
+    # The tensors written to adapter_model.safetensors, under their file keys. None: every trainable
+    # parameter as `base_model.model.<name>` (checkpoint.adapter_state).
+    state: Callable[[nn.Module, Adapted], dict[str, torch.Tensor]] | None = None
+    # Loads such tensors into a model that `apply` prepared (raising CheckpointError on a mismatch).
+    # None: checkpoint.assign_state matches them to the trainable parameters by name.
+    load_state: Callable[[nn.Module, Adapted, dict[str, torch.Tensor], str], None] | None = None
+    # Runs after apply and before training with a few training batches; None for most methods.
+    calibrate: Callable[[nn.Module, Any, Adapted, Calibration], None] | None = None
+    # Builds the hooks the training loop calls; None for most methods.
+    training_hooks: Callable[[nn.Module, Any, Adapted], TrainingHooks] | None = None
+    # Whether the adapted model still trains correctly with gradient checkpointing.
+    supports_gradient_checkpointing: bool = True
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)

@@ -8,16 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
 from peftcli.commands.merge import run_merge
 from peftcli.errors import PeftcliError
 from peftcli.methods import BY_PEFT_TYPE
 from tests.cli.test_cli import files_under, peft, write_recipe
-from tests.conftest import make_tokenizer, tiny_model, tiny_recipe
+from tests.conftest import make_tokenizer, tiny_recipe
 from tests.helpers import randomize_trainable
 
 BATCH_TEXTS = ["good film good", "bad book bad", "the story was quite fun"]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import peftcli.methods
-from peftcli.checkpoint import adapter_config, adapter_state, load_adapter, save_adapter
-from peftcli.methods import METHODS
+from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.methods import METHODS, Kind
 from peftcli.recipe import TrainSpec
 from peftcli.tasks import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
-from tests.helpers import adapt, logits, randomize_trainable, run_training
+from tests.helpers import adapt, logits, randomize_trainable, run_training, training_hooks
 
 ARCHS = list(TINY)
 CASES = [(m, a) for m in METHODS for a in ARCHS]
@@ -28,7 +28,8 @@ def test_every_method_file_is_registered() -> None:
     assert files == registered
 
 
-@pytest.mark.parametrize("method_name,arch", CASES)
+# Virtual tokens change the input by design; every other method starts as the identity.
+@pytest.mark.parametrize("method_name,arch", [c for c in CASES if METHODS[c[0]].kind is not Kind.VIRTUAL_TOKENS])
 def test_fresh_adapter_reproduces_base_model(method_name: str, arch: str, tokenizer) -> None:
     base = tiny_model(arch)
     batch = sample_batch(arch, tokenizer)
@@ -42,10 +43,12 @@ def test_fresh_adapter_reproduces_base_model(method_name: str, arch: str, tokeni
 def test_training_changes_only_adapter_and_lowers_loss(method_name: str, arch: str, tokenizer, tiny_data) -> None:
     task = TINY[arch][1]
     model = tiny_model(arch)
-    adapt(model, METHODS[method_name], task)
+    method = METHODS[method_name]
+    params, adapted = adapt(model, method, task)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = run_training(model, task, tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=12, log_every=1, seed=0))
+    spec = TrainSpec(batch_size=8, max_steps=12, log_every=1, seed=0)
+    result = run_training(model, task, tokenizer, tiny_data, spec, method_hooks=training_hooks(model, method, params, adapted))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable
     losses = [r["loss"] for r in result.history if "loss" in r]
@@ -61,7 +64,7 @@ def test_save_then_load_keeps_outputs(method_name: str, arch: str, tokenizer, tm
     randomize_trainable(model)
     batch = sample_batch(arch, tokenizer)
     expected = logits(model, batch)
-    save_adapter(tmp_path / "adapter", adapter_state(model), adapter_config(method, params, adapted, task, "tiny", None))
+    save_adapter(tmp_path / "adapter", method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None))
 
     fresh = tiny_model(arch)
     load_adapter(tmp_path / "adapter", fresh, task)
