@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from peftcli import __version__
 from peftcli.errors import PeftcliError
@@ -45,7 +46,8 @@ def run(fn: Callable[..., T], *args: Any, debug: bool = False, **kwargs: Any) ->
         if debug:
             raise
         for line in exc.lines:
-            err.print(f"[bold red]error:[/] {line}", markup=True, highlight=False)
+            # The line echoes user input ([down_proj], {name: ia3}): escape it so rich prints it as is.
+            err.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -41,7 +41,7 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
     if method.merge is None:
         raise PeftcliError(
             f"{target.adapter_dir}: {method.name} {method.kind.value} and cannot be merged into the weights. "
-            "Use the adapter as it is: `peft eval`, or HF peft's PeftModel.from_pretrained."
+            "Use the adapter as it is: `peft eval`" + (", or HF peft's PeftModel.from_pretrained." if method.in_hf_peft else ".")
         )
     model = built.model.eval()
     batches = probe_batches(built.tokenizer)

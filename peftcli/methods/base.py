@@ -107,6 +107,8 @@ class Method:
     training_hooks: Callable[[nn.Module, Any, Adapted], TrainingHooks] | None = None
     # Whether the adapted model still trains correctly with gradient checkpointing.
     supports_gradient_checkpointing: bool = True
+    # Whether HF peft knows this peft_type (so its PeftModel.from_pretrained loads our adapters).
+    in_hf_peft: bool = True
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -192,3 +194,65 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+# -- transformer blocks, for layer freezing (full, bitfit) ------------------------------------
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The model's stack of transformer blocks: the ModuleList holding them (`bert.encoder.layer`,
+    `model.layers`, `transformer.h`, ...) and how many there are."""
+
+    path: str
+    count: int
+
+    def index(self, name: str) -> int | None:
+        """The block a parameter or module name belongs to; None outside the blocks."""
+        if not name.startswith(self.path + "."):
+            return None
+        return int(name[len(self.path) + 1 :].split(".", 1)[0])
+
+
+def find_blocks(model: nn.Module) -> Blocks | None:
+    """The ModuleList of same-type modules holding the most parameters: the transformer blocks of every
+    encoder and decoder in transformers, found without a name pattern per architecture (a list of
+    experts inside a block holds fewer parameters than the list of blocks)."""
+    candidates = [
+        (sum(p.numel() for p in m.parameters()), name, len(m))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+    ]
+    if not candidates:
+        return None
+    _, path, count = max(candidates)
+    return Blocks(path, count)
+
+
+def top_parameter_names(model: nn.Module, last: int, key: str) -> set[str]:
+    """The parameters of the last `last` transformer blocks and of what comes after them (the final
+    norm, a pooler, the head): the top of the network, which layer freezing trains. Embeddings and the
+    earlier blocks are left out, and so is an output layer tied to the input embeddings (it is them).
+
+    "After" is registration order, which transformers models keep in forward order (embeddings,
+    blocks, final norm, head)."""
+    blocks = find_blocks(model)
+    if blocks is None:
+        raise MethodError(
+            f"{key}: found no list of transformer blocks in {type(model).__name__} (got {last}). "
+            "Set it to null to train every layer."
+        )
+    if last > blocks.count:
+        raise MethodError(
+            f"{key}: {type(model).__name__} has {blocks.count} transformer blocks (got {last}). "
+            f"Give at most {blocks.count}, or null to train every layer."
+        )
+    first = blocks.count - last
+    names: set[str] = set()
+    seen_blocks = False
+    for name, _ in model.named_parameters():
+        index = blocks.index(name)
+        seen_blocks = seen_blocks or index is not None
+        if (index is not None and index >= first) or (index is None and seen_blocks):
+            names.add(name)
+    return names
