@@ -9,11 +9,31 @@ from __future__ import annotations
 from torch import nn
 
 from peftcli.errors import MethodError
-from peftcli.methods import lora
+from peftcli.methods import (
+    adalora,
+    bitfit,
+    bottleneck,
+    full,
+    ia3,
+    lora,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    selective,
+)
 from peftcli.methods.base import ApplyContext, Kind, Method
 
 METHODS: dict[str, Method] = {
     "lora": lora.METHOD,
+    "adalora": adalora.METHOD,
+    "ia3": ia3.METHOD,
+    "prefix_tuning": prefix_tuning.METHOD,
+    "prompt_tuning": prompt_tuning.METHOD,
+    "p_tuning": p_tuning.METHOD,
+    "bottleneck": bottleneck.METHOD,
+    "selective": selective.METHOD,
+    "bitfit": bitfit.METHOD,
+    "full": full.METHOD,
 }
 
 BY_PEFT_TYPE: dict[str, Method] = {m.peft_type: m for m in METHODS.values()}

@@ -12,13 +12,15 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 SHARED = ROOT.parent / "shared" / "data"
 
-LOCAL_OVERRIDES = {
-    "lora-sst2.yaml": [f"data.dataset={SHARED / 'sst2'}"],
-    "lora-smollm2-instruct.yaml": [
-        "data.dataset=null",
-        f"data.files.train={SHARED / 'instruct' / 'gsm8k_train.jsonl'}",
-        f"data.files.test={SHARED / 'instruct' / 'gsm8k_test.jsonl'}",
-    ],
+SST2_LOCAL = [f"data.dataset={SHARED / 'sst2'}"]
+GSM8K_LOCAL = [
+    "data.dataset=null",
+    f"data.files.train={SHARED / 'instruct' / 'gsm8k_train.jsonl'}",
+    f"data.files.test={SHARED / 'instruct' / 'gsm8k_test.jsonl'}",
+]
+# Every SST-2 and SmolLM2 recipe also validates with the local-data overrides its comments show.
+LOCAL_OVERRIDES = {p.name: SST2_LOCAL for p in RECIPES if p.name.endswith("-sst2.yaml")} | {
+    p.name: GSM8K_LOCAL for p in RECIPES if p.name.endswith("-smollm2-instruct.yaml")
 }
 
 
