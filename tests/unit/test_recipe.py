@@ -98,8 +98,10 @@ def test_every_problem_is_reported_at_once(recipe_dir: Path) -> None:
 def test_unknown_method_lists_the_registry(recipe_dir: Path) -> None:
     path = write(recipe_dir, BASE)
     assert errors(path, ["method.name=lroa"]) == [
-        "override 'method.name=lroa': method.name: unknown method (got 'lroa'). Did you mean 'lora'? "
-        "Available: adalora, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, selective."
+        (
+            "override 'method.name=lroa': method.name: unknown method (got 'lroa'). Did you mean 'lora'? "
+            "Available: adalora, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, selective."
+        )
     ]
 
 
