@@ -23,7 +23,7 @@ from torch import nn
 
 from peftcli.errors import CheckpointError
 from peftcli.methods import BY_PEFT_TYPE, Method, context_for
-from peftcli.methods.base import Adapted, trainable_parameters
+from peftcli.methods.base import Adapted, assign_tensors, trainable_parameters
 from peftcli.tasks import Task
 
 PREFIX = "base_model.model."
@@ -179,22 +179,4 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 def assign_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """Copies `state` (keys `base_model.model.<name>`) into the trainable parameters, which it must
     match exactly in names and shapes."""
-    expected = trainable_parameters(model)
-    names = {k.removeprefix(PREFIX): k for k in state}
-    missing = sorted(set(expected) - set(names))
-    unexpected = sorted(set(names) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(
-            f"{path}: the tensors do not fit this model ({detail}, {len(missing)} missing and "
-            f"{len(unexpected)} unexpected in all). Was the adapter trained on another base model?"
-        )
-    for name, param in expected.items():
-        tensor = state[names[name]]
-        if tensor.shape != param.shape:
-            raise CheckpointError(
-                f"{path}: {names[name]} has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(param.shape)}. Was the adapter trained on another base model?"
-            )
-        with torch.no_grad():
-            param.copy_(tensor.to(param.dtype))
+    assign_tensors({PREFIX + name: p for name, p in trainable_parameters(model).items()}, state, path)

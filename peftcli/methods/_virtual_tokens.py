@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from peftcli.errors import CheckpointError, MethodError
-from peftcli.methods.base import Adapted, ApplyContext, default_modules_to_save, freeze, unfreeze_modules
+from peftcli.methods.base import (
+    Adapted,
+    ApplyContext,
+    assign_tensors,
+    default_modules_to_save,
+    freeze,
+    unfreeze_modules,
+)
 
 PROMPT_MODULE = "prompt_encoder"  # the submodule on the model; HF peft's parameter names start the same
 FILE_KEY = "prompt_embeddings"
@@ -169,23 +176,7 @@ def load_state(model: nn.Module, adapted: Adapted, tensors: dict[str, torch.Tens
 
 
 def load_head(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
-    expected = head_parameters(model)
-    names = {k.removeprefix(HEAD_PREFIX): k for k in tensors}
-    missing, unexpected = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(
-            f"{path}: the head tensors do not fit this model ({detail}). Was the adapter trained on another base model?"
-        )
-    for name, param in expected.items():
-        tensor = tensors[names[name]]
-        if tensor.shape != param.shape:
-            raise CheckpointError(
-                f"{path}: {names[name]} has shape {tuple(tensor.shape)} but the model expects {tuple(param.shape)}. "
-                "Was the adapter trained on another base model?"
-            )
-        with torch.no_grad():
-            param.copy_(tensor.to(param.dtype))
+    assign_tensors({HEAD_PREFIX + n: p for n, p in head_parameters(model).items()}, tensors, path)
 
 
 def check_single_submodule(config: dict[str, Any]) -> None:

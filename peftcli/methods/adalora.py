@@ -34,6 +34,7 @@ from peftcli.methods.base import (
     default_modules_to_save,
     find_targets,
     freeze,
+    merge_layers,
     replace_module,
     resolve_all_linear,
     trainable_parameters,
@@ -164,9 +165,7 @@ def apply(model: nn.Module, params: AdaLoraParams, ctx: ApplyContext) -> Adapted
 
 
 def merge(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SVDLinear):
-            replace_module(model, name, module.merged())
+    merge_layers(model, SVDLinear)
 
 
 def svd_layers(model: nn.Module, adapted: Adapted) -> dict[str, SVDLinear]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftcli.errors import MethodError
+from peftcli.errors import CheckpointError, MethodError
 
 
 class Kind(enum.Enum):
@@ -195,6 +195,36 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
+
+def merge_layers(model: nn.Module, layer_type: type[nn.Module]) -> None:
+    """Replaces every `layer_type` wrapper by the plain layer its `merged()` returns (the update
+    folded into the base weights), so the model's parameter names are the unadapted model's."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, layer_type):
+            replace_module(model, name, module.merged())
+
+
+
+def assign_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: str, target: str = "this model") -> None:
+    """Copies `tensors` into `expected` (both keyed by their file keys), which they must match exactly
+    in keys and shapes; a CheckpointError names the first mismatch otherwise."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(
+            f"{path}: the tensors do not fit {target} ({detail}, {len(missing)} missing and "
+            f"{len(unexpected)} unexpected in all). Was the adapter trained on another base model?"
+        )
+    for key, param in expected.items():
+        tensor = tensors[key]
+        if tensor.shape != param.shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(param.shape)}. Was the adapter trained on another base model?"
+            )
+        with torch.no_grad():
+            param.copy_(tensor.to(param.dtype))
 
 # -- transformer blocks, for layer freezing (full, bitfit) ------------------------------------
 

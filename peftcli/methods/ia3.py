@@ -29,6 +29,7 @@ from peftcli.methods.base import (
     default_modules_to_save,
     find_targets,
     freeze,
+    merge_layers,
     replace_module,
     resolve_all_linear,
     unfreeze_modules,
@@ -180,9 +181,7 @@ def apply(model: nn.Module, params: IA3Params, ctx: ApplyContext) -> Adapted:
 
 
 def merge(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, IA3Linear):
-            replace_module(model, name, module.merged())
+    merge_layers(model, IA3Linear)
 
 
 def peft_config(params: IA3Params, adapted: Adapted) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from peftcli.methods.base import (
     default_modules_to_save,
     find_targets,
     freeze,
+    merge_layers,
     replace_module,
     resolve_all_linear,
     unfreeze_modules,
@@ -119,9 +120,7 @@ def apply(model: nn.Module, params: LoraParams, ctx: ApplyContext) -> Adapted:
 
 
 def merge(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
-            replace_module(model, name, module.merged())
+    merge_layers(model, LoraLinear)
 
 
 def peft_config(params: LoraParams, adapted: Adapted) -> dict[str, Any]:

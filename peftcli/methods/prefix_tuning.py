@@ -29,6 +29,7 @@ from peftcli.methods.base import (
     ApplyContext,
     Kind,
     Method,
+    assign_tensors,
     default_modules_to_save,
     freeze,
     unfreeze_modules,
@@ -236,22 +237,7 @@ def load_state(model: nn.Module, adapted: Adapted, tensors: dict[str, torch.Tens
     expected = {FILE_KEY: encoder.embedding.weight} | {
         HEAD_PREFIX + n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(ENCODER + ".")
     }
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(
-            f"{path}: the tensors do not fit a prefix-tuned {type(model).__name__} ({detail}). "
-            "Was the adapter trained on another base model or task?"
-        )
-    for key, param in expected.items():
-        tensor = tensors[key]
-        if tensor.shape != param.shape:
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(param.shape)}. "
-                "Was the adapter trained on another base model?"
-            )
-        with torch.no_grad():
-            param.copy_(tensor.to(param.dtype))
+    assign_tensors(expected, tensors, path, f"a prefix-tuned {type(model).__name__}")
 
 
 def peft_config(params: PrefixTuningParams, adapted: Adapted) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from peftcli.methods.base import (
     default_modules_to_save,
     find_targets,
     freeze,
+    merge_layers,
     replace_module,
     resolve_all_linear,
     unfreeze_modules,
@@ -441,9 +442,7 @@ def checked_indices(key: str, indices: torch.Tensor, size: int | None, path: str
 
 
 def merge(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SelectiveLinear):
-            replace_module(model, name, module.merged())
+    merge_layers(model, SelectiveLinear)
 
 
 def peft_config(params: SelectiveParams, adapted: Adapted) -> dict[str, Any]:
