@@ -31,6 +31,7 @@ from peftcli.methods.base import (
     Kind,
     Method,
     TrainingHooks,
+    WrappedLayer,
     default_modules_to_save,
     find_targets,
     freeze,
@@ -102,14 +103,12 @@ class AdaLoraParams(BaseModel):
         return v
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(WrappedLayer):
     """A frozen linear layer (nn.Linear, or GPT-2's transposed Conv1D) plus a trainable update
     s * B diag(E) A. `ranknum` is init_r even after the layer keeps fewer triplets, as in HF peft."""
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, ranknum: int) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.transposed = isinstance(base_layer, Conv1D)
+        super().__init__(base_layer)
         w = base_layer.weight
         out_features, in_features = (w.shape[1], w.shape[0]) if self.transposed else w.shape
         kw = {"device": w.device, "dtype": torch.float32}
@@ -120,10 +119,6 @@ class SVDLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.alpha = alpha
         self.ranknum = float(ranknum)
-
-    # The base layer's weight and bias, as LoRA's wrapper exposes them (model code reads `layer.weight.dtype`).
-    weight = LoraLinear.weight
-    bias = LoraLinear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

@@ -114,6 +114,25 @@ class Method:
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+class WrappedLayer(nn.Module):
+    """A frozen linear layer (nn.Linear, or GPT-2's Conv1D, which stores its weight transposed) that a
+    method wraps. It stays `base_layer`, so parameter names match HF peft's, and `weight` / `bias` stay
+    the base layer's: model code sometimes reads `layer.weight.dtype`."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.transposed = isinstance(base_layer, Conv1D)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

@@ -30,6 +30,7 @@ from peftcli.methods.base import (
     ApplyContext,
     Kind,
     Method,
+    WrappedLayer,
     default_modules_to_save,
     find_targets,
     freeze,
@@ -123,13 +124,12 @@ class BottleneckParams(BaseModel):
         return value
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(WrappedLayer):
     """A frozen output projection (nn.Linear, or GPT-2's transposed Conv1D) followed by a residual
     bottleneck: y = h + up(act(down(h))) with h = base_layer(x)."""
 
     def __init__(self, base_layer: nn.Module, size: int, activation: str, layer_norm: bool) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         hidden = output_features(base_layer)
         device, dtype = base_layer.weight.device, torch.float32
         self.adapter_norm = nn.LayerNorm(hidden, device=device, dtype=dtype) if layer_norm else nn.Identity()
@@ -141,14 +141,6 @@ class BottleneckAdapter(nn.Module):
         # W_up = 0 and b_up = 0: the adapter adds exactly zero until it has trained.
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
-
-    @property
-    def weight(self) -> torch.Tensor:  # model code sometimes reads `layer.weight.dtype`
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)

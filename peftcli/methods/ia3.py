@@ -26,6 +26,7 @@ from peftcli.methods.base import (
     ApplyContext,
     Kind,
     Method,
+    WrappedLayer,
     default_modules_to_save,
     find_targets,
     freeze,
@@ -88,27 +89,17 @@ class IA3Params(BaseModel):
         return self
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLayer):
     """A frozen linear layer (nn.Linear, or GPT-2's transposed Conv1D) whose output, or input for a
     feed-forward layer, is multiplied by a trainable vector `ia3_l`."""
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.is_feedforward = is_feedforward
-        self.transposed = isinstance(base_layer, Conv1D)
         w = base_layer.weight
         in_features, out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
         shape = (1, in_features) if is_feedforward else (out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=torch.float32))
-
-    @property
-    def weight(self) -> torch.Tensor:  # model code sometimes reads `layer.weight.dtype`
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.ia3_l.flatten()

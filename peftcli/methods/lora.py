@@ -24,6 +24,7 @@ from peftcli.methods.base import (
     ApplyContext,
     Kind,
     Method,
+    WrappedLayer,
     default_modules_to_save,
     find_targets,
     freeze,
@@ -52,13 +53,11 @@ class LoraParams(BaseModel):
     )
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLayer):
     """A frozen linear layer (nn.Linear, or GPT-2's transposed Conv1D) plus a trainable low-rank update."""
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.transposed = isinstance(base_layer, Conv1D)
+        super().__init__(base_layer)
         out_features, in_features = self.base_weight_shape()
         device, dtype = base_layer.weight.device, torch.float32
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
@@ -73,14 +72,6 @@ class LoraLinear(nn.Module):
     def base_weight_shape(self) -> tuple[int, int]:
         w = self.base_layer.weight
         return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
-
-    @property
-    def weight(self) -> torch.Tensor:  # model code sometimes reads `layer.weight.dtype`
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods.base import (
@@ -52,6 +51,7 @@ from peftcli.methods.base import (
     Calibration,
     Kind,
     Method,
+    WrappedLayer,
     default_modules_to_save,
     find_targets,
     freeze,
@@ -160,15 +160,13 @@ class _SparseDeltaLinear(torch.autograd.Function):
         return grad_x, None, None, None, grad_w, None, grad_b, None
 
 
-class SelectiveLinear(nn.Module):
+class SelectiveLinear(WrappedLayer):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) whose selected weight (and bias) entries train."""
 
     def __init__(
         self, base_layer: nn.Module, weight_indices: torch.Tensor, bias_indices: torch.Tensor | None = None
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.transposed = isinstance(base_layer, Conv1D)
+        super().__init__(base_layer)
         for part, indices in (("weight", weight_indices), ("bias", bias_indices)):
             tensor = getattr(base_layer, part)
             selected = indices is not None and indices.numel() > 0 and tensor is not None
@@ -182,14 +180,6 @@ class SelectiveLinear(nn.Module):
                 f"{part}_indices", indices.to(tensor.device, torch.long) if selected else None, persistent=False
             )
             self.register_parameter(f"{part}_delta", delta)
-
-    @property
-    def weight(self) -> torch.Tensor:  # model code sometimes reads `layer.weight.dtype`
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SparseDeltaLinear.apply(
