@@ -72,17 +72,22 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~UMASK)
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        atomic_rename_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_rename_dir(tmp: Path, path: Path) -> None:
+    """Puts the finished folder `tmp` at `path`, replacing any folder there."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 # -- save --------------------------------------------------------------------------------------
@@ -115,12 +120,24 @@ def save_adapter(
     tokenizer: Any = None,
 ) -> None:
     with atomic_dir(folder) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        if label_names is not None:
-            (tmp / LABELS_NAME).write_text(json.dumps({"labels": label_names}, indent=2) + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write_adapter(tmp, state, config, label_names, tokenizer)
+
+
+def write_adapter(
+    folder: Path,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    label_names: list[str] | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """The adapter's files, into a folder that is not yet in place (see `atomic_dir`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if label_names is not None:
+        (folder / LABELS_NAME).write_text(json.dumps({"labels": label_names}, indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
 
 
 # -- load --------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ T = TypeVar("T")
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 OverridesArg = Annotated[
-    list[str] | None, typer.Argument(help="recipe overrides as key.path=value, e.g. train.max_steps=50", show_default=False)
+    list[str] | None,
+    typer.Argument(help="recipe overrides as key.path=value, e.g. train.max_steps=50", show_default=False),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show the full traceback of errors")]
 
@@ -47,7 +48,7 @@ def run(fn: Callable[..., T], *args: Any, debug: bool = False, **kwargs: Any) ->
             raise
         for line in exc.lines:
             # The line echoes user input ([down_proj], {name: ia3}): escape it so rich prints it as is.
-            err.print(f"[bold red]error:[/] {escape(line)}", markup=True, highlight=False)
+            err.print(f"[bold red]{exc.prefix}:[/] {escape(line)}", markup=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -74,12 +75,20 @@ def train_cmd(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="[CHECKPOINT]",
+            help="continue the run from its latest step checkpoint, or from the checkpoint folder given",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Train an adapter from a recipe and write the run directory."""
     from peftcli.commands.train import run_train
 
-    run(run_train, recipe, overrides or [], overwrite=overwrite, debug=debug)
+    run(run_train, recipe, overrides or [], overwrite=overwrite, resume=resume, debug=debug)
 
 
 @app.command("validate")
@@ -101,18 +110,35 @@ def eval_cmd(
     split: Annotated[str | None, typer.Option(help="split to evaluate (default: the recipe's eval split)")] = None,
     max_examples: Annotated[int | None, typer.Option(min=1, help="evaluate the first N examples only")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="examples per batch")] = 64,
-    out: Annotated[Path | None, typer.Option(help="where to write the JSON report (default: RUN/eval.json, or ./eval.json)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="where to write the JSON report (default: RUN/eval.json, or ./eval.json)")
+    ] = None,
     base: Annotated[bool, typer.Option("--base", help="evaluate the base model without the adapter")] = False,
     generate: Annotated[int, typer.Option(min=0, help="causal LM: write greedy answers to the first N prompts")] = 0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="with --generate: tokens per answer")] = 128,
-    labels: Annotated[str | None, typer.Option(help="class names in id order, comma-separated, for adapters without labels.json")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="class names in id order, comma-separated, for adapters without labels.json")
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate an adapter (or the base model) and write eval.json. Other data: data.* overrides."""
     from peftcli.commands.evaluate import run_eval
 
     names = [x.strip() for x in labels.split(",")] if labels else None
-    run(run_eval, target, overrides or [], split, max_examples, batch_size, out, base, generate, max_new_tokens, names, debug=debug)
+    run(
+        run_eval,
+        target,
+        overrides or [],
+        split,
+        max_examples,
+        batch_size,
+        out,
+        base,
+        generate,
+        max_new_tokens,
+        names,
+        debug=debug,
+    )
 
 
 @app.command("merge")
@@ -120,7 +146,9 @@ def merge_cmd(
     target: TargetArg,
     out: Annotated[Path, typer.Option("--out", help="folder for the standalone model", show_default=False)],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    tolerance: Annotated[float, typer.Option(help="largest logit difference accepted between adapted and merged")] = 1e-3,
+    tolerance: Annotated[
+        float, typer.Option(help="largest logit difference accepted between adapted and merged")
+    ] = 1e-3,
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder")] = False,
     debug: DebugOpt = False,
@@ -141,7 +169,9 @@ def merge_cmd(
 def inspect_cmd(
     target: TargetArg,
     overrides: OverridesArg = None,
-    modules: Annotated[bool, typer.Option("--modules", help="list the model's linear layers (candidate target_modules)")] = False,
+    modules: Annotated[
+        bool, typer.Option("--modules", help="list the model's linear layers (candidate target_modules)")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show what is trained: adapted modules, parameter counts, adapter size and memory."""
@@ -158,13 +188,30 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")
+    ] = False,
 ) -> None:
     """Parameter-efficient fine-tuning of Hugging Face models from YAML recipes."""
 
 
 def main() -> None:
-    app(prog_name="peft")
+    app(args=optional_values(sys.argv[1:]), prog_name="peft")
+
+
+OPTIONAL_VALUES = {"--resume": "latest"}
+
+
+def optional_values(argv: list[str]) -> list[str]:
+    """`--resume` takes an optional value: alone (last, or before another option or a key=value
+    override) it means `latest`. Typer has no optional option values, so the default is filled in here."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in OPTIONAL_VALUES and (following is None or following.startswith("-") or "=" in following):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
 
 
 if __name__ == "__main__":

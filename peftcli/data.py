@@ -307,7 +307,13 @@ def lengths_of(ds: datasets.Dataset) -> list[int]:
 
 def train_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int, grad_accum: int, group_by_length: bool, seed: int) -> DataLoader:
     sampler = GroupedBatchSampler(lengths_of(ds), batch_size, grad_accum, group_by_length, seed)
-    return DataLoader(ds.with_format(None), batch_sampler=sampler, collate_fn=Collator(pad_token_id))
+    return DataLoader(ds.with_format(None), batch_sampler=sampler, collate_fn=Collator(pad_token_id), generator=own_generator(seed))
+
+
+def own_generator(seed: int) -> torch.Generator:
+    """A DataLoader draws a seed from the global generator each time it is iterated, unless it has
+    its own: with one, evals and resumed runs leave the global generator (dropout) untouched."""
+    return torch.Generator().manual_seed(seed)
 
 
 def eval_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int) -> DataLoader:
@@ -315,4 +321,4 @@ def eval_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int) -> Dat
     lengths = lengths_of(ds)
     order = sorted(range(len(ds)), key=lambda i: -lengths[i])
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    return DataLoader(ds.with_format(None), batch_sampler=batches, collate_fn=Collator(pad_token_id))
+    return DataLoader(ds.with_format(None), batch_sampler=batches, collate_fn=Collator(pad_token_id), generator=own_generator(0))

@@ -11,6 +11,7 @@ class PeftcliError(Exception):
     """A problem with the user's input (recipe, files, arguments), reported as one or more lines."""
 
     exit_code = 2
+    prefix = "error"
 
     def __init__(self, *lines: str) -> None:
         self.lines = [line for line in lines if line]
@@ -35,3 +36,19 @@ class MethodError(PeftcliError):
 
 class CheckpointError(PeftcliError):
     """An adapter folder is missing, corrupt, or does not fit the base model."""
+
+
+class TrainingDiverged(PeftcliError):
+    """The loss stopped being finite; the run stopped and its last good checkpoint is kept."""
+
+    exit_code = 1
+
+
+class RunInterrupted(PeftcliError):
+    """SIGINT or SIGTERM: the run saved a checkpoint at a step boundary and stopped (exit 128 + signal)."""
+
+    prefix = "stopped"
+
+    def __init__(self, signal: int, *lines: str) -> None:
+        super().__init__(*lines)
+        self.exit_code = 128 + signal

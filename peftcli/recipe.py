@@ -105,13 +105,16 @@ class TrainSpec(Strict):
     seed: int = 42
     log_every: int = Field(10, gt=0, description="optimizer steps between log lines")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between evals (always at the end)")
-    save_every: int | None = Field(None, gt=0, description="optimizer steps between adapter checkpoints")
-    save_total_limit: int = Field(2, gt=0, description="step checkpoints kept")
+    save_every: int | None = Field(None, gt=0, description="optimizer steps between step checkpoints (adapter and training state, for --resume)")
+    save_total_limit: int = Field(2, gt=0, description="step checkpoints kept (the newest)")
     best_metric: str | None = Field(
         None, description="eval metric that picks the saved adapter (accuracy, f1, loss...); default per task"
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, about 30% slower"
+    )
+    skip_nonfinite_steps: int = Field(
+        0, ge=0, description="steps with a NaN/inf loss skipped (no update) before the run stops; 0 stops at the first"
     )
 
     @field_validator("mixed_precision", mode="before")

@@ -11,12 +11,13 @@ from peftcli.checkpoint import atomic_write_text, write_json
 
 
 class MetricsLog:
-    """Appends one JSON line per record to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+    """Appends one JSON line per record to metrics.jsonl (flushed, so a crash keeps what was logged).
+    It starts from `history`: empty for a new run, the checkpoint's log for a resumed one (dropping
+    what was logged after that checkpoint)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, history: list[dict[str, Any]] | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("", encoding="utf-8")
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history or []))
 
     def __call__(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -71,7 +72,9 @@ def curves_svg(history: list[dict[str, Any]], eval_metric: str, width: int = 720
         hi = hi if hi > lo else lo + 1.0
         xy = [(pad + (s - x0) / (x1 - x0) * w, 30 + h - (v - lo) / (hi - lo) * h) for s, v in points]
         d = "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-        dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in xy) if len(xy) < 60 else ""
+        dots = (
+            "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in xy) if len(xy) < 60 else ""
+        )
         return f'<path d="{d}" fill="none" stroke="{color}" stroke-width="2"/>{dots}', lo, hi
 
     loss_path, loss_lo, loss_hi = path(train, "#1f77b4")
@@ -81,7 +84,9 @@ def curves_svg(history: list[dict[str, Any]], eval_metric: str, width: int = 720
         '<rect width="100%" height="100%" fill="white"/>',
         f'<rect x="{pad}" y="30" width="{w}" height="{h}" fill="none" stroke="#999"/>',
         f'<text x="{pad}" y="20" fill="#1f77b4">train loss ({loss_lo:.3g} to {loss_hi:.3g})</text>',
-        f'<text x="{pad + w}" y="20" text-anchor="end" fill="#d62728">{escape(key)} ({ev_lo:.3g} to {ev_hi:.3g})</text>' if evals else "",
+        f'<text x="{pad + w}" y="20" text-anchor="end" fill="#d62728">{escape(key)} ({ev_lo:.3g} to {ev_hi:.3g})</text>'
+        if evals
+        else "",
         f'<text x="{pad}" y="{height - 25}">step {x0}</text>',
         f'<text x="{pad + w}" y="{height - 25}" text-anchor="end">step {x1}</text>',
         loss_path,

@@ -1,6 +1,8 @@
 """One flat accelerate training loop: mixed precision, gradient accumulation, clipping, the schedule,
-periodic eval and logging. It knows nothing about methods (it trains whatever requires grad, and calls
-the generic TrainingHooks a method may ask for) and nothing about files (the caller gets records and snapshots through `Hooks`).
+periodic eval and logging, and the state a run needs to continue exactly (`LoopState`). It knows
+nothing about methods (it trains whatever requires grad, and calls the generic TrainingHooks a method
+may ask for) and nothing about files (the caller gets records and loop states through `Hooks`, and
+hands a loop state back to resume).
 
 Read `train` top to bottom; each step is a named helper below it.
 """
@@ -8,14 +10,16 @@ Read `train` top to bottom; each step is a named helper below it.
 from __future__ import annotations
 
 import math
+import random
 import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from itertools import count
+from itertools import islice
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -24,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from peftcli.distributed import full_parameters, partitioned_optimizer
 from peftcli.errors import PeftcliError
 from peftcli.methods.base import TrainingHooks
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
@@ -32,11 +37,62 @@ from peftcli.tasks import Task, higher_is_better
 
 @dataclass
 class Hooks:
-    """What the caller does with the loop's output; each defaults to nothing."""
+    """What the caller does with the loop's output; each defaults to nothing. on_eval, on_save and
+    on_end run with every parameter whole (`full_parameters`), so they may read and save the model
+    however it is sharded. on_save gets the loop state to store, or None where the optimizer is
+    partitioned across processes (FSDP, DeepSpeed) and the run cannot resume from it."""
 
     on_log: Callable[[dict[str, Any]], None] = lambda record: None
     on_eval: Callable[[int, dict[str, float], bool], None] = lambda step, metrics, best: None
-    on_save: Callable[[int], None] = lambda step: None
+    on_save: Callable[[int, LoopState | None], None] = lambda step, state: None
+    on_end: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Position:
+    """Where the data stream stands: the epoch, and the micro-batches this process has taken from it."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to go on from a step boundary as if it had never stopped: the
+    trainable parameters, optimizer, schedule, grad scaler, the method's own training state, this
+    process's random number generators and the data position. `peftcli.resume` stores it."""
+
+    step: int
+    position: Position
+    params: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    method: tuple[dict[str, torch.Tensor], dict[str, Any]] | None
+    result: dict[str, Any]
+    rng: dict[str, Any]
+
+
+@dataclass
+class Stop:
+    """Set from a signal handler; the loop saves a loop state at the next step boundary and raises Stopped."""
+
+    signal: int | None = None
+
+    def request(self, signum: int) -> None:
+        self.signal = signum
+
+
+class Stopped(Exception):
+    def __init__(self, step: int, signal: int) -> None:
+        super().__init__(f"stopped at step {step} by signal {signal}")
+        self.step, self.signal = step, signal
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"the loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
 
 
 @dataclass
@@ -50,6 +106,23 @@ class TrainResult:
     best_step: int | None = None
     peak_memory_mb: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+
+    CARRIED = (
+        "steps",
+        "train_seconds",
+        "tokens",
+        "examples",
+        "final_metrics",
+        "best_metrics",
+        "best_step",
+        "history",
+        "skipped_steps",
+    )
+
+    def carried(self) -> dict[str, Any]:
+        """What a resumed run takes over: the counters, the evals so far and the log."""
+        return {k: getattr(self, k) for k in self.CARRIED}
 
     def add_step(self, tokens: int, examples: int, seconds: float) -> None:
         self.steps += 1
@@ -82,10 +155,13 @@ def train(
     hooks: Hooks | None = None,
     accelerator: Accelerator | None = None,
     method_hooks: TrainingHooks | None = None,
+    resume: LoopState | None = None,
+    stop: Stop | None = None,
 ) -> TrainResult:
     hooks = hooks or Hooks()
     method_hooks = method_hooks or TrainingHooks()
     accelerator = accelerator or make_accelerator(spec)
+    stop = stop or Stop()
     set_seed(spec.seed)
     sampler = train_data.batch_sampler
     optimizer = make_optimizer(model, optim)
@@ -100,39 +176,158 @@ def train(
     method_hooks.start(total_steps)
 
     result = TrainResult(steps=0, train_seconds=0.0, tokens=0, examples=0)
+    position = Position()
+    if resume is not None:
+        restore(resume, model, optimizer, scheduler, accelerator, method_hooks, result, position)
     since_log = StepStats()
 
     def log(record: dict[str, Any]) -> None:
         result.history.append(record)
         hooks.on_log(record)
 
+    def loop_state(step: int) -> LoopState:
+        return capture(step, position, model, optimizer, scheduler, accelerator, method_hooks, result)
+
     model.train()
-    with progress_bar(accelerator, total_steps) as (progress, bar):
-        for step, window in enumerate(step_windows(train_data, sampler, spec.grad_accum, total_steps), start=1):
+    first = result.steps + 1
+    with progress_bar(accelerator, total_steps, first - 1) as (progress, bar):
+        for step, window in enumerate(
+            step_windows(train_data, sampler, spec.grad_accum, total_steps - first + 1, position), start=first
+        ):
             started = time.perf_counter()
-            loss, tokens, examples = train_step(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step)
+            loss, tokens, examples = train_step(
+                model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step
+            )
             seconds = time.perf_counter() - started
             result.add_step(tokens, examples, seconds)
-            since_log.add(loss, tokens, examples, seconds)
+            if not math.isfinite(loss):
+                result.skipped_steps += 1
+                if result.skipped_steps > spec.skip_nonfinite_steps:
+                    raise NonFiniteLoss(step, loss)
+                progress.console.print(
+                    f"step {step}: the loss is {loss}; the step was skipped ({result.skipped_steps} of {spec.skip_nonfinite_steps} allowed)"
+                )
+            else:
+                since_log.add(loss, tokens, examples, seconds)
 
             if step % spec.log_every == 0 or step == total_steps:
                 record = since_log.record(step, step / steps_per_epoch, scheduler.get_last_lr()[0])
                 log(record)
-                progress.update(bar, status=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s")
+                progress.update(
+                    bar, status=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+                )
             progress.update(bar, completed=step)
 
             if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
                 metrics = evaluate(model, eval_data, task, accelerator, num_labels).metrics
                 improved = result.track_eval(step, metrics, spec.best_metric or task.best_metric)
-                log({"step": step, "epoch": round(step / steps_per_epoch, 4)} | {f"eval_{k}": v for k, v in metrics.items()})
-                hooks.on_eval(step, metrics, improved)
+                log(
+                    {"step": step, "epoch": round(step / steps_per_epoch, 4)}
+                    | {f"eval_{k}": v for k, v in metrics.items()}
+                )
+                with full_parameters(accelerator, model):
+                    hooks.on_eval(step, metrics, improved)
                 progress.console.print(f"step {step}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
                 model.train()
 
-            if spec.save_every and step % spec.save_every == 0 and step != total_steps:
-                hooks.on_save(step)
+            stopping = stop_requested(stop, accelerator) if step != total_steps else None
+            if stopping is not None or (spec.save_every and step % spec.save_every == 0 and step != total_steps):
+                with full_parameters(accelerator, model):
+                    hooks.on_save(step, None if partitioned_optimizer(accelerator) else loop_state(step))
+            if stopping is not None:
+                raise Stopped(step, stopping)
     result.peak_memory_mb = peak_memory_mb(accelerator)
+    with full_parameters(accelerator, model):
+        hooks.on_end()
     return result
+
+
+def stop_requested(stop: Stop, accelerator: Accelerator) -> int | None:
+    """The signal that asked to stop, on any process: all processes stop at the same step."""
+    signal = stop.signal or 0
+    if accelerator.num_processes > 1:
+        signal = int(accelerator.reduce(torch.tensor(signal, device=accelerator.device), reduction="max").item())  # type: ignore[union-attr]
+    return signal or None
+
+
+def capture(
+    step: int,
+    position: Position,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    accelerator: Accelerator,
+    method_hooks: TrainingHooks,
+    result: TrainResult,
+) -> LoopState:
+    unwrapped = accelerator.unwrap_model(model)
+    return LoopState(
+        step=step,
+        position=Position(position.epoch, position.batches),
+        params={n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        method=method_hooks.state() if method_hooks.state is not None else None,
+        result=result.carried(),
+        rng=rng_state(),
+    )
+
+
+def restore(
+    state: LoopState,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    accelerator: Accelerator,
+    method_hooks: TrainingHooks,
+    result: TrainResult,
+    position: Position,
+) -> None:
+    unwrapped = accelerator.unwrap_model(model)
+    params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    if set(params) != set(state.params):
+        missing, extra = sorted(set(params) - set(state.params)), sorted(set(state.params) - set(params))
+        raise PeftcliError(
+            f"--resume: the checkpoint's trainable parameters do not match this model's (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}). Resume with the recipe the run was started with."
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != state.params[name].shape:
+                raise PeftcliError(
+                    f"--resume: {name} has shape {tuple(state.params[name].shape)} in the checkpoint and "
+                    f"{tuple(p.shape)} in this model. Resume with the recipe the run was started with."
+                )
+            p.copy_(state.params[name])
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    if accelerator.scaler is not None and state.scaler is not None:
+        accelerator.scaler.load_state_dict(state.scaler)
+    if state.method is not None and method_hooks.load_state is not None:
+        method_hooks.load_state(*state.method)
+    for key, value in state.result.items():
+        setattr(result, key, value)
+    position.epoch, position.batches = state.position.epoch, state.position.batches
+    set_rng_state(state.rng)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators: torch (CPU and CUDA), Python's and NumPy's."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
 
 
 def make_accelerator(spec: TrainSpec) -> Accelerator:
@@ -165,17 +360,30 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, total_s
     return get_scheduler(name, optimizer, num_warmup_steps=min(warmup, total_steps), num_training_steps=total_steps)
 
 
-def step_windows(loader: DataLoader, sampler: Any, grad_accum: int, total_steps: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """The accumulation window of each optimizer step, epoch after epoch, until total_steps."""
-    steps = 0
-    for epoch in count():
+def step_windows(
+    loader: DataLoader, sampler: Any, grad_accum: int, steps: int, position: Position
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The accumulation windows of the next `steps` optimizer steps, epoch after epoch, from `position`
+    (which they keep up to date: a resumed run skips the micro-batches it already took)."""
+    taken = 0
+    while taken < steps:
+        # accelerate's loader counts its passes and sets the sampler's epoch from that count when a
+        # pass starts: a resumed run sets the count as well, or it would replay epoch 0's order.
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(position.epoch)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for window in windows(iter(loader), grad_accum):
+            sampler.set_epoch(position.epoch)
+        if len(loader) == 0:
+            raise PeftcliError(
+                "data: the training split gives no batch on this process; it needs at least one example per process."
+            )
+        for window in windows(islice(iter(loader), position.batches, None), grad_accum):
+            position.batches += len(window)
             yield window
-            steps += 1
-            if steps >= total_steps:
+            taken += 1
+            if taken >= steps:
                 return
+        position.epoch, position.batches = position.epoch + 1, 0
 
 
 def windows(batches: Iterator[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -207,7 +415,8 @@ def train_step(
 ) -> tuple[float, int, int]:
     """One optimizer step over an accumulation window. Each micro-batch's summed loss is divided by
     the loss terms of the whole window on all processes, so the gradient equals the large batch's.
-    A method's regularizer joins the last micro-batch's loss: once per step, inside the gradient sync."""
+    A method's regularizer joins the last micro-batch's loss: once per step, inside the gradient sync.
+    Returns the window's mean loss; when it (or the gradient norm) is not finite, nothing was updated."""
     units = torch.tensor(float(sum(task.units(b) for b in window)), device=accelerator.device)
     global_units = accelerator.reduce(units, reduction="sum").clamp(min=1.0)
     # DDP averages gradients over processes, hence the factor num_processes.
@@ -226,15 +435,20 @@ def train_step(
         loss_total += loss_sum.detach()
         tokens += int(batch["attention_mask"].sum())
         examples += batch["input_ids"].shape[0]
-    if spec.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    method_hooks.after_optimizer_step(step)
-    optimizer.zero_grad(set_to_none=True)
     loss = (accelerator.reduce(loss_total, reduction="sum") / global_units).item()
-    if not math.isfinite(loss):
-        raise PeftcliError(f"train: the loss became {loss} at step {scheduler.last_epoch}. Lower optimizer.lr or set train.max_grad_norm.")
+    norm = (
+        accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm) if spec.max_grad_norm is not None else None
+    )
+    # With fp16 the grad scaler handles overflowing gradients itself (it skips and lowers the scale).
+    if norm is not None and accelerator.scaler is None and math.isfinite(loss) and not math.isfinite(float(norm)):
+        loss = float(norm)  # a finite loss with non-finite gradients: the step is as bad
+    if math.isfinite(loss):
+        optimizer.step()
+        method_hooks.after_optimizer_step(step)
+    # A skipped step (non-finite loss) leaves the weights and the optimizer untouched; the schedule
+    # still advances, so the learning rate stays tied to the step number.
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return loss, tokens, examples
 
 
@@ -318,7 +532,7 @@ def peak_memory_mb(accelerator: Accelerator) -> float:
 
 
 @contextmanager
-def progress_bar(accelerator: Accelerator, total: int) -> Iterator[tuple[Progress, Any]]:
+def progress_bar(accelerator: Accelerator, total: int, done: int = 0) -> Iterator[tuple[Progress, Any]]:
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -329,4 +543,4 @@ def progress_bar(accelerator: Accelerator, total: int) -> Iterator[tuple[Progres
         disable=not accelerator.is_main_process,
     )
     with progress:
-        yield progress, progress.add_task("train", total=total, status="")
+        yield progress, progress.add_task("train", total=total, completed=done, status="")

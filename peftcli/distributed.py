@@ -1,0 +1,59 @@
+"""What changes when accelerate shards the model (FSDP, DeepSpeed ZeRO-3): reading whole parameters.
+
+Under those engines a process holds a slice of each parameter between steps, and a parameter read then
+is empty or flat: saving it writes an empty adapter (a known failure of hand-written scripts). Inside
+`full_parameters`, every process sees every parameter whole; the training loop calls the code that
+saves adapters there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+
+def sharded(accelerator: Accelerator) -> bool:
+    """True when parameters (and the optimizer) are split across processes."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3  # type: ignore[union-attr]
+    return False
+
+
+def partitioned_optimizer(accelerator: Accelerator) -> bool:
+    """True when each process holds only its part of the optimizer state (FSDP, any ZeRO stage)."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+@contextmanager
+def full_parameters(accelerator: Accelerator, prepared: nn.Module) -> Iterator[None]:
+    """Every parameter whole on every process for the duration; nothing written back."""
+    if not sharded(accelerator):
+        yield
+        return
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed  # only present where a DeepSpeed config is used
+
+        trainable = [p for p in prepared.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            yield
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(prepared, FullyShardedDataParallel):  # FSDP1
+        with FullyShardedDataParallel.summon_full_params(prepared, writeback=False, recurse=True):
+            yield
+        return
+    fsdp2 = [m for m in prepared.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp2:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in fsdp2:
+            module.reshard()

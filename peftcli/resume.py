@@ -1,0 +1,208 @@
+"""Step checkpoints that a run resumes from, bit for bit: the loop state in safetensors and JSON.
+
+A checkpoint folder `checkpoints/step-N/` holds:
+
+    adapter_config.json, adapter_model.safetensors   the adapter at step N (`peft eval` loads it)
+    best/                                            the best eval's adapter so far, when there was an eval
+    training_state.safetensors                       trainable parameters, optimizer tensors, method tensors
+    training_state.json                              step, data position, optimizer groups, schedule, scaler,
+                                                     counters and log so far, the number of processes
+    rng-<rank>.safetensors, rng-<rank>.json          each process's random number generators
+
+Every process writes its own rng files into one temporary folder, which the main process renames
+into place once all are written: a `step-N` folder is complete or absent, whenever the run dies.
+Nothing is unpickled on the way back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from peftcli.checkpoint import atomic_rename_dir, read_state
+from peftcli.errors import CheckpointError
+from peftcli.trainer import LoopState, Position
+
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+BEST = "best"
+FORMAT = 1
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[Path]:
+    """The complete step checkpoints of a run, oldest first (temporary folders start with a dot)."""
+    folders = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def save_checkpoint(
+    folder: Path,
+    state: LoopState | None,
+    accelerator: Accelerator,
+    write_main: Callable[[Path], None],
+    keep: int,
+) -> None:
+    """Writes `folder` from all processes at once: the main process what `write_main` writes (the
+    adapters and the loop state), each process its generators. Then keeps the last `keep` checkpoints."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if state is not None:
+        write_rng(tmp, state.rng, accelerator.process_index)
+    if accelerator.is_main_process:
+        write_main(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_rename_dir(tmp, folder)
+        for old in checkpoint_steps(folder.parent.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# -- write -------------------------------------------------------------------------------------
+
+
+def write_loop_state(folder: Path, state: LoopState, num_processes: int) -> None:
+    tensors = {f"param.{name}": t for name, t in state.params.items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in state.optimizer["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    method_tensors, method_extras = state.method or ({}, None)
+    tensors |= {f"method.{key}": t for key, t in method_tensors.items()}
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(folder / STATE_TENSORS),
+        metadata={"format": "pt"},
+    )
+    meta = {
+        "format": FORMAT,
+        "step": state.step,
+        "num_processes": num_processes,
+        "position": {"epoch": state.position.epoch, "batches": state.position.batches},
+        "optimizer": {"param_groups": state.optimizer["param_groups"], "scalars": scalars},
+        "scheduler": state.scheduler,
+        "scaler": state.scaler,
+        "method": method_extras,
+        "has_method_state": state.method is not None,
+        "result": state.result,
+    }
+    (folder / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+
+def write_rng(folder: Path, rng: dict[str, Any], rank: int) -> None:
+    tensors = {"torch": rng["torch"]} | {f"cuda.{i}": s for i, s in enumerate(rng["cuda"])}
+    save_file(tensors, str(folder / f"rng-{rank}.safetensors"))
+    version, internal, gauss = rng["python"]
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    python = {"version": version, "state": list(internal), "gauss": gauss}
+    numpy = {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached}
+    (folder / f"rng-{rank}.json").write_text(json.dumps({"python": python, "numpy": numpy}) + "\n", encoding="utf-8")
+
+
+# -- read --------------------------------------------------------------------------------------
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """`latest` (the newest complete step checkpoint of the run) or a checkpoint folder."""
+    if resume != "latest":
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"--resume {resume}: no such checkpoint folder. Give a run's checkpoints/step-N folder, or --resume alone for the latest."
+            )
+        return folder
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise CheckpointError(
+            f"--resume: {run_dir} has no step checkpoint to resume from (none in {run_dir / 'checkpoints'}). "
+            "Set train.save_every, or stop a run with Ctrl-C: it saves one on the way out."
+        )
+    return steps[-1]
+
+
+def read_loop_state(folder: Path, rank: int, num_processes: int) -> LoopState:
+    path = folder / STATE_JSON
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder}: no {STATE_JSON}; this checkpoint holds an adapter but not the training state, so the run cannot resume from it."
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not valid JSON ({exc}). The checkpoint is corrupt; resume from an earlier one."
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a peftcli training state of format {FORMAT}; resume from a checkpoint this version wrote."
+        )
+    if meta["num_processes"] != num_processes:
+        raise CheckpointError(
+            f"{folder}: written by {meta['num_processes']} processes, resumed with {num_processes}. "
+            f"Resume with {meta['num_processes']} processes (the data order and generators are per process)."
+        )
+    tensors = read_state(folder / STATE_TENSORS)
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    for index, slots in meta["optimizer"]["scalars"].items():
+        optimizer_state.setdefault(int(index), {}).update(slots)
+    params, method = {}, {}
+    for key, t in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind == "param":
+            params[rest] = t
+        elif kind == "optimizer":
+            index, _, slot = rest.partition(".")
+            optimizer_state.setdefault(int(index), {})[slot] = t
+        elif kind == "method":
+            method[rest] = t
+    return LoopState(
+        step=meta["step"],
+        position=Position(**meta["position"]),
+        params=params,
+        optimizer={"state": optimizer_state, "param_groups": meta["optimizer"]["param_groups"]},
+        scheduler=meta["scheduler"],
+        scaler=meta["scaler"],
+        method=(method, meta["method"]) if meta["has_method_state"] else None,
+        result=meta["result"],
+        rng=read_rng(folder, rank),
+    )
+
+
+def read_rng(folder: Path, rank: int) -> dict[str, Any]:
+    path = folder / f"rng-{rank}.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {path.name}; the checkpoint is incomplete. Resume from an earlier one.")
+    tensors = read_state(folder / f"rng-{rank}.safetensors")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    python, numpy = saved["python"], saved["numpy"]
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    return {
+        "torch": tensors["torch"],
+        "cuda": cuda,
+        "python": (python["version"], tuple(python["state"]), python["gauss"]),
+        "numpy": (
+            numpy["kind"],
+            np.array(numpy["keys"], dtype=np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        ),
+    }
