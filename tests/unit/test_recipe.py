@@ -135,7 +135,16 @@ def test_invalid_yaml_names_the_line(recipe_dir: Path) -> None:
 
 def test_recipe_must_be_a_mapping(recipe_dir: Path) -> None:
     path = write(recipe_dir, "- a\n- b\n")
-    assert errors(path) == [f"{path}: a recipe is a YAML mapping of keys (got list)."]
+    assert errors(path) == [f"{path}: a recipe is a YAML mapping of keys (got list). Write `key: value` lines: task, model, method, data, ..."]
+
+
+def test_anchors_aliases_and_merge_keys_within_limits_load(recipe_dir: Path) -> None:
+    # The YAML-bomb guard counts alias expansions; ordinary reuse stays well under its limit.
+    text = BASE.replace("{train: data/train.jsonl, validation: data/validation.jsonl}", "{train: &f data/train.jsonl, validation: *f}")
+    text = text.replace("columns: {text: text, label: label}", "columns: {<<: {text: text, label: y}, label: label}")
+    r = load_recipe(write(recipe_dir, text))
+    assert r.data.files["validation"] == r.data.files["train"]
+    assert (r.data.columns.text, r.data.columns.label) == ("text", "label")
 
 
 def test_bad_override_syntax(recipe_dir: Path) -> None:
