@@ -128,11 +128,11 @@ class TrainSpec(Strict):
 
 
 class Recipe(Strict):
-    name: str | None = Field(None, description="run name; default: the recipe file's name")
+    name: str | None = Field(None, description="run name, the folder under runs/; default: the recipe file's name")
     task: Literal["sequence_classification", "causal_lm"] = Field(description="sequence_classification or causal_lm")
-    model: ModelSpec
+    model: ModelSpec = Field(description="the base model, e.g. `model: {name: <hub id, local folder or package:<pkg>/<folder>>}`")
     method: Any = Field(description="`name:` of a registered method plus that method's own keys")
-    data: DataSpec
+    data: DataSpec = Field(description="`files:` (split -> local files) or `dataset:` (a hub id), and `columns:`")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -309,7 +309,8 @@ def validate_recipe(
     # Cross-field and file checks run on every section that is valid on its own, so a typo in one
     # section does not hide a missing file in another.
     root = base_dir or Path.cwd()
-    task = raw.get("task") if raw.get("task") in TASKS else None
+    task = raw.get("task") if isinstance(raw.get("task"), str) and raw.get("task") in TASKS else None
+    problems += _name_problems(raw.get("name"))
     model, data, schedule = (_valid(schema, raw.get(key)) for key, schema in (("model", ModelSpec), ("data", DataSpec), ("schedule", ScheduleSpec)))
     if model is not None:
         model = resolve_model_path(model, root, override_keys)
@@ -336,10 +337,20 @@ def validate_recipe(
 
 
 def _valid(schema: type[BaseModel], raw: Any) -> Any:
+    """The section if it is given and valid on its own, else None (its problems are reported already)."""
+    if raw is None:
+        return None
     try:
-        return schema.model_validate(raw if raw is not None else {})
+        return schema.model_validate(raw)
     except ValidationError:
         return None
+
+
+def _name_problems(name: Any) -> list[tuple[tuple[str, ...], str]]:
+    # The run directory is runs/<name>: a name with a separator or `..` would put it elsewhere.
+    if isinstance(name, str) and (name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0")):
+        return [(("name",), f"a run name is one folder name under runs/ (got {name!r}). Use letters, digits, - and _; to write the run elsewhere, set output_dir.")]
+    return []
 
 
 def _override_origin(loc: tuple[str, ...], override_keys: dict[tuple[str, ...], str]) -> str | None:
@@ -357,7 +368,7 @@ def _method_train_problems(method: Any, train: TrainSpec) -> list[tuple[tuple[st
 
 def validate_method(raw: dict[str, Any]) -> tuple[Any, list[tuple[tuple[str, ...], str]]]:
     name = raw.get("name")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         choices = sorted(METHODS)
         hint = _did_you_mean(str(name), choices)
         return None, [(("method", "name"), f"unknown method (got {name!r}).{hint} Available: {', '.join(choices)}.")]
@@ -380,12 +391,18 @@ def describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
         desc = _description(schema, loc)
         return "required key is missing." + (f" Set it: {desc}." if desc else "")
     message = error["msg"][0].lower() + error["msg"][1:]
-    got = f" (got {error.get('input')!r})"
+    got = f" (got {_shown(error.get('input'))})"
     hint = ""
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
         hint = _did_you_mean(str(error.get("input")), choices) or ""
     return f"{message}{got}.{hint}"
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """repr of a user's value, cut short: a wrong value may be a megabyte list."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -493,6 +510,23 @@ def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
     return []
 
 
+def _no_examples(path: Path) -> str | None:
+    """Why a csv/tsv/json/jsonl file holds no examples, from its first lines only (loading an empty
+    file fails deep inside `datasets` with a message that does not say so)."""
+    if path.suffix.lower() not in (".csv", ".tsv", ".json", ".jsonl"):
+        return None
+    try:
+        with path.open("rb") as f:
+            lines = (line for line in f if line.strip())
+            if next(lines, None) is None:
+                return "the file is empty"
+            if path.suffix.lower() in (".csv", ".tsv") and next(lines, None) is None:
+                return "the file holds only a header row"
+    except OSError:
+        return None  # unreadable: loading it names the cause
+    return None
+
+
 def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...], str]]:
     problems: list[tuple[tuple[str, ...], str]] = []
     if (data.dataset is None) == (data.files is None):
@@ -501,8 +535,12 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
         problems.append((("data", "dataset"), f"local dataset folder not found (got {data.dataset!r}). Give a hub id or an existing folder."))
     for split, files in (data.files or {}).items():
         for f in files:
-            if not Path(f).is_file():
+            if Path(f).is_dir():
+                problems.append((("data", "files", split), f"a folder, not a file (got {f!r}). Name its files, or give the folder as data.dataset."))
+            elif not Path(f).is_file():
                 problems.append((("data", "files", split), f"file not found (got {f!r}). Relative paths in a recipe are relative to its folder."))
+            elif no_rows := _no_examples(Path(f)):
+                problems.append((("data", "files", split), f"{no_rows} (got {f!r}). Give a file with examples."))
     if data.files is not None:
         for key, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
             if split is not None and split not in data.files:
