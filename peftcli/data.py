@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,33 +53,54 @@ def load_trimmed(spec: DataSpec, split: str, limit: int | None) -> datasets.Data
 
 
 def _load_split(spec: DataSpec, split: str) -> datasets.Dataset:
+    if spec.files is not None:
+        return _load_files(spec.files[split], split)
     try:
-        if spec.files is not None:
-            files = spec.files[split]
-            suffixes = {Path(f).suffix.lower() for f in files}
-            unknown = suffixes - set(BUILDERS)
-            if unknown or len({BUILDERS[s] for s in suffixes}) != 1 or suffixes == {".csv", ".tsv"}:
-                raise DataError(
-                    f"data.files.{split}: cannot tell the format of {files} (use one of "
-                    f"{', '.join(BUILDERS)} for all files of a split)."
-                )
-            suffix = suffixes.pop()
-            kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
-            return datasets.load_dataset(BUILDERS[suffix], data_files=files, split="train", **kwargs)
-        return datasets.load_dataset(spec.dataset, spec.subset, split=split)
-    except DataError:
-        raise
+        with _quiet_datasets():
+            return datasets.load_dataset(spec.dataset, spec.subset, split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        source = spec.files[split] if spec.files else spec.dataset
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"data: cannot load split {split!r} from {source}: {first}. Check the dataset id, split and files.") from None
-    except Exception as exc:  # pyarrow/csv parse errors have many types; name the file and the cause
-        source = spec.files[split] if spec.files else spec.dataset
+        raise DataError(f"data: cannot load split {split!r} from {spec.dataset}: {first}. Check the dataset id, split and files.") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow/csv parse errors have many types; name the file and the cause
         detail = str(exc).strip().splitlines()[0][:300].rstrip(".") if str(exc).strip() else ""
         raise DataError(
-            f"data: cannot read split {split!r} from {source}: {type(exc).__name__}: {detail}. "
+            f"data: cannot read split {split!r} from {spec.dataset}: {type(exc).__name__}: {detail}. "
             "Check the dataset id and your connection, or point data.dataset / data.files at local files."
         ) from None
+
+
+def _load_files(files: list[str], split: str) -> datasets.Dataset:
+    suffixes = {Path(f).suffix.lower() for f in files}
+    unknown = suffixes - set(BUILDERS)
+    if unknown or len({BUILDERS[s] for s in suffixes}) != 1 or suffixes == {".csv", ".tsv"}:
+        raise DataError(
+            f"data.files.{split}: cannot tell the format of {files} (use one of "
+            f"{', '.join(BUILDERS)} for all files of a split)."
+        )
+    suffix = suffixes.pop()
+    kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(BUILDERS[suffix], data_files=files, split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - pyarrow/csv parse errors have many types; name the file and the cause
+        # datasets wraps a parse error in a DatasetGenerationError whose own message says nothing.
+        cause = exc.__cause__ if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__ else exc
+        detail = str(cause).strip().splitlines()[0][:300].rstrip(".") if str(cause).strip() else ""
+        raise DataError(
+            f"data.files.{split}: cannot read {files} as {suffix.lstrip('.')} ({type(cause).__name__}: {detail}). "
+            f"Check that it is valid {suffix.lstrip('.')}."
+        ) from None
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs a load failure at error level before raising it; the DataError reports it once."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def _require_columns(ds: datasets.Dataset, split: str, wanted: dict[str, str | None]) -> None:
