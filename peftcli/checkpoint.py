@@ -17,18 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftcli.errors import CheckpointError
+from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods import BY_PEFT_TYPE, Method, context_for
 from peftcli.methods.base import Adapted, assign_tensors, trainable_parameters
+from peftcli.recipe import describe
 from peftcli.tasks import Task
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 LABELS_NAME = "labels.json"
 
 
@@ -168,20 +171,60 @@ def method_for(config: dict[str, Any], where: Path) -> Method:
     return BY_PEFT_TYPE[peft_type]
 
 
+def method_params(method: Method, config: dict[str, Any], where: Path) -> Any:
+    """The method's settings from an adapter_config.json, which may be damaged or hand-edited."""
+    path = where / CONFIG_NAME
+    try:
+        return method.from_peft_config(config)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid {method.name} setting {'.'.join(map(str, e['loc']))}: {describe(e, method.params)} Re-save the adapter." for e in exc.errors()]
+        raise CheckpointError(*lines) from None
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: no {exc.args[0]!r} key, which a {config['peft_type']} adapter config needs. Re-save the adapter.") from None
+
+
 def load_adapter(folder: Path, model: nn.Module, task: Task) -> tuple[Method, Any, Adapted]:
     """Applies the adapter described in `folder` to `model` (in place) and loads its weights."""
     folder = Path(folder)
     config = read_adapter_config(folder)
     method = method_for(config, folder)
-    params = method.from_peft_config(config)
-    adapted = method.apply(model, params, context_for(model, task.head_modules, strict=False))
-    path = folder / WEIGHTS_NAME
+    params = method_params(method, config, folder)
+    path = weights_file(folder)
+    try:
+        adapted = method.apply(model, params, context_for(model, task.head_modules, strict=False))
+    except MethodError as exc:
+        raise CheckpointError(*(f"{folder / CONFIG_NAME}: {line}" for line in exc.lines)) from None
     state = read_state(path)
     if method.load_state is not None:
         method.load_state(model, adapted, state, str(path))
     else:
         assign_state(model, state, str(path))
     return method, params, adapted
+
+
+def weights_file(folder: Path) -> Path:
+    """The adapter's safetensors file, checked before any model loads: its header reads and covers
+    the whole file (so a truncated file fails here). A pickle (`.bin`) is refused unread: unpickling
+    runs code."""
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt"):
+                return path
+        except (SafetensorError, OSError) as exc:
+            raise unreadable(path, exc) from None
+    pickles = [folder / name for name in PICKLE_NAMES if (folder / name).is_file()]
+    if pickles:
+        raise CheckpointError(
+            f"{pickles[0]}: a pickle file, which peftcli never loads (unpickling can run any code). "
+            f"If you trust it, convert it to {WEIGHTS_NAME} with HF peft's save_pretrained."
+        )
+    raise CheckpointError(f"{path}: adapter weights not found; the adapter folder is incomplete. Re-save the adapter.")
+
+
+def unreadable(path: Path, exc: Exception) -> CheckpointError:
+    """read_state's message, for a file whose header is read without loading it."""
+    return CheckpointError(f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter.")
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,15 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.checkpoint import CONFIG_NAME, LABELS_NAME, PREFIX, WEIGHTS_NAME, load_adapter, read_adapter_config
+from peftcli.checkpoint import (
+    CONFIG_NAME,
+    LABELS_NAME,
+    PREFIX,
+    load_adapter,
+    read_adapter_config,
+    unreadable,
+    weights_file,
+)
 from peftcli.data import label_names_for, load_trimmed
 from peftcli.errors import CheckpointError, DataError, PeftcliError, RecipeError
 from peftcli.methods import Method, context_for, get_method
@@ -58,6 +66,7 @@ def resolve_target(path: Path, overrides: list[str]) -> Target:
             f"{path}: not a run directory (no adapter/{CONFIG_NAME}), an adapter folder (no {CONFIG_NAME}) or a recipe."
         )
     config = read_adapter_config(adapter_dir)
+    weights_file(adapter_dir)  # missing, pickled or truncated weights fail here, before a model loads
     run_recipe = adapter_dir.parent / RUN_RECIPE
     if run_recipe.is_file():
         recipe = load_recipe(run_recipe, overrides)
@@ -106,14 +115,15 @@ def read_labels(adapter_dir: Path, task: Task) -> list[str] | None:
             return [str(x) for x in json.loads(labels.read_text(encoding="utf-8"))["labels"]]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise CheckpointError(f"{labels}: expected {{\"labels\": [...]}}; the file is corrupt.") from None
+    weights = weights_file(adapter_dir)
     try:
-        with safe_open(str(adapter_dir / WEIGHTS_NAME), "pt") as f:
+        with safe_open(str(weights), "pt") as f:
             for key in f.keys():
                 name = key.removeprefix(PREFIX)
                 if any(name == f"{h}.weight" or name.endswith(f".{h}.weight") or name == f"{h}.out_proj.weight" for h in task.head_modules):
                     return [str(i) for i in range(f.get_slice(key).get_shape()[0])]
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{adapter_dir / WEIGHTS_NAME}: cannot read the safetensors file ({exc}). It is corrupt or truncated.") from None
+        raise unreadable(weights, exc) from None
     raise CheckpointError(f"{adapter_dir}: no labels.json and no trained classification head; cannot tell the number of labels.")
 
 

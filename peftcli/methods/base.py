@@ -185,10 +185,11 @@ def find_targets(model: nn.Module, targets: list[str] | str, ctx: ApplyContext, 
     ]
     if not names:
         available = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
+        # Not strict: the targets come from a saved adapter's config, not from the user's recipe.
+        hint = "`peft inspect --modules RECIPE` lists them with their full names." if ctx.strict else "Was the adapter trained on another base model?"
         raise MethodError(
-            f"{key} {targets!r} matched no linear layer of {type(model).__name__} "
-            f"(linear layers: {', '.join(available)}). "
-            "`peft inspect --modules RECIPE` lists them with their full names."
+            f"{key if ctx.strict else key.removeprefix('method.')} {targets!r} matched no linear layer of "
+            f"{type(model).__name__} (linear layers: {', '.join(available)}). {hint}"
         )
     return names
 
