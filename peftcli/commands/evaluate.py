@@ -42,6 +42,8 @@ def run_eval(
         target.label_names = with_label_names(target, labels)
     spec = eval_data_spec(target, overrides, split, max_examples)
     out = out or default_output(target, base)
+    if out.is_dir():
+        raise RecipeError(f"--out: a folder, not a file (got '{out}'). Give a file name, e.g. --out {out / 'eval.json'}.")
     built = build(target, with_adapter=not base)
     task = target.task
     data = prepare_eval_data(spec, task.name, built.tokenizer, target.label_names)
@@ -108,7 +110,10 @@ def eval_data_spec(target: Target, overrides: list[str], split: str | None, max_
     except ValidationError as exc:
         raise RecipeError(*(f"{origin}: data.{'.'.join(map(str, e['loc']))}: {describe(e, DataSpec)}" for e in exc.errors())) from None
     spec = resolve_data_paths(spec, Path.cwd(), {("data",): "override"})
-    problems = data_problems(spec, target.task.name)
+    # Eval reads one split, named by --split (train_split is set to it): a missing one is reported once.
+    problems = [(loc, m) for loc, m in data_problems(spec, target.task.name) if loc not in (("data", "train_split"), ("data", "eval_split"))]
+    if spec.files is not None and spec.eval_split not in spec.files:
+        problems.append((("--split",), f"no such split in data.files (got {spec.eval_split!r}; files give {', '.join(spec.files)}). Choose one of them, or add data.files.{spec.eval_split}=FILE."))
     if problems:
         raise RecipeError(*(f"{origin}: {'.'.join(loc)}: {message}" for loc, message in problems))
     return spec

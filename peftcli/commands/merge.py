@@ -33,6 +33,10 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
     target = resolve_target(target_path, overrides or [])
     if target.adapter_dir is None:
         raise PeftcliError(f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory.")
+    if target.path.resolve().is_relative_to(out.resolve()):
+        raise PeftcliError(f"{out}: holds the adapter being merged ({target_path}), which --out would replace. Choose another --out.")
+    if out.exists() and not out.is_dir():
+        raise PeftcliError(f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite).")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
     built = build(target)
