@@ -8,6 +8,7 @@ Only safetensors and JSON are read back: nothing a user supplies is unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -109,7 +110,9 @@ def method_state(method: Method, model: nn.Module, adapted: Adapted) -> dict[str
     return {k: v.detach().cpu().contiguous().clone() for k, v in method.state(model, adapted).items()}
 
 
-def adapter_config(method: Method, params: Any, adapted: Adapted, task: Task, base_model: str, revision: str | None) -> dict[str, Any]:
+def adapter_config(
+    method: Method, params: Any, adapted: Adapted, task: Task, base_model: str, revision: str | None
+) -> dict[str, Any]:
     config = method.peft_config(params, adapted)
     config.update({"task_type": task.peft_task_type, "base_model_name_or_path": base_model, "revision": revision})
     return config
@@ -136,11 +139,26 @@ def write_adapter(
     """The adapter's files, into a folder that is not yet in place (see `atomic_dir`)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    check_saved(folder / WEIGHTS_NAME, {k: tuple(v.shape) for k, v in state.items()})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if label_names is not None:
         (folder / LABELS_NAME).write_text(json.dumps({"labels": label_names}, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+
+
+def check_saved(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Re-opens a written adapter: every tensor there, with the shape meant, and none empty. A
+    parameter read while sharded (FSDP, ZeRO-3) is empty or flat; this catches it before a run ends
+    with an adapter that loads nowhere."""
+    saved = read_state(path)
+    for key, shape in shapes.items():
+        got = tuple(saved[key].shape) if key in saved else None
+        if got != shape or math.prod(shape) == 0:
+            raise CheckpointError(
+                f"adapter tensor {key} was written with shape {got}, expected {shape} and not empty, so nothing was saved. "
+                "It was read while its parameters were sharded; this is a peftcli bug, please report it with your launch config."
+            )
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -177,10 +195,15 @@ def method_params(method: Method, config: dict[str, Any], where: Path) -> Any:
     try:
         return method.from_peft_config(config)
     except ValidationError as exc:
-        lines = [f"{path}: invalid {method.name} setting {'.'.join(map(str, e['loc']))}: {describe(e, method.params)} Re-save the adapter." for e in exc.errors()]
+        lines = [
+            f"{path}: invalid {method.name} setting {'.'.join(map(str, e['loc']))}: {describe(e, method.params)} Re-save the adapter."
+            for e in exc.errors()
+        ]
         raise CheckpointError(*lines) from None
     except KeyError as exc:
-        raise CheckpointError(f"{path}: no {exc.args[0]!r} key, which a {config['peft_type']} adapter config needs. Re-save the adapter.") from None
+        raise CheckpointError(
+            f"{path}: no {exc.args[0]!r} key, which a {config['peft_type']} adapter config needs. Re-save the adapter."
+        ) from None
 
 
 def load_adapter(folder: Path, model: nn.Module, task: Task) -> tuple[Method, Any, Adapted]:
@@ -224,7 +247,9 @@ def weights_file(folder: Path) -> Path:
 
 def unreadable(path: Path, exc: Exception) -> CheckpointError:
     """read_state's message, for a file whose header is read without loading it."""
-    return CheckpointError(f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter.")
+    return CheckpointError(
+        f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter."
+    )
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -233,7 +258,9 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter.") from None
+        raise CheckpointError(
+            f"{path}: cannot read the safetensors file ({exc}). It is corrupt or truncated; re-save the adapter."
+        ) from None
 
 
 def assign_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

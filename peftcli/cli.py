@@ -46,6 +46,8 @@ def run(fn: Callable[..., T], *args: Any, debug: bool = False, **kwargs: Any) ->
     except PeftcliError as exc:
         if debug:
             raise
+        if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, one process reports
+            raise typer.Exit(exc.exit_code) from None
         for line in exc.lines:
             # The line echoes user input ([down_proj], {name: ia3}): escape it so rich prints it as is.
             err.print(f"[bold red]{exc.prefix}:[/] {escape(line)}", markup=True, highlight=False)
@@ -83,9 +85,18 @@ def train_cmd(
             help="continue the run from its latest step checkpoint, or from the checkpoint folder given",
         ),
     ] = None,
+    num_processes: Annotated[
+        int,
+        typer.Option("--num-processes", min=1, help="data-parallel processes (GPUs, or CPU processes): runs accelerate launch"),
+    ] = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Train an adapter from a recipe and write the run directory."""
+    if num_processes > 1:
+        from peftcli.commands.launch import run_launch
+
+        code = run(run_launch, recipe, overrides or [], num_processes, overwrite, resume, debug, debug=debug)
+        raise typer.Exit(code)
     from peftcli.commands.train import run_train
 
     run(run_train, recipe, overrides or [], overwrite=overwrite, resume=resume, debug=debug)

@@ -258,10 +258,13 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     MEGABATCH_STEPS = 50
 
-    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, group_by_length: bool, seed: int) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, group_by_length: bool, seed: int, num_processes: int = 1) -> None:
         self.lengths = lengths
         self.batch_size = batch_size
-        self.grad_accum = grad_accum
+        # accelerate deals micro-batches out to the processes in turn, so one optimizer step takes
+        # grad_accum x num_processes consecutive micro-batches: the step's batch is the same as one
+        # process accumulating that many.
+        self.grad_accum = grad_accum * num_processes
         self.group_by_length = group_by_length
         self.seed = seed
         self.epoch = 0
@@ -327,8 +330,11 @@ def lengths_of(ds: datasets.Dataset) -> list[int]:
     return [len(ids) for ids in ds["input_ids"]]
 
 
-def train_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int, grad_accum: int, group_by_length: bool, seed: int) -> DataLoader:
-    sampler = GroupedBatchSampler(lengths_of(ds), batch_size, grad_accum, group_by_length, seed)
+def train_loader(
+    ds: datasets.Dataset, pad_token_id: int, batch_size: int, grad_accum: int, group_by_length: bool, seed: int, num_processes: int = 1
+) -> DataLoader:
+    """All processes' micro-batches; accelerate's prepare() gives each process its own."""
+    sampler = GroupedBatchSampler(lengths_of(ds), batch_size, grad_accum, group_by_length, seed, num_processes)
     return DataLoader(ds.with_format(None), batch_sampler=sampler, collate_fn=Collator(pad_token_id), generator=own_generator(seed))
 
 
@@ -338,9 +344,10 @@ def own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def eval_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int) -> DataLoader:
-    """Longest examples first, in fixed batches: little padding, and an out-of-memory shows at once."""
+def eval_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int, process_index: int = 0, num_processes: int = 1) -> DataLoader:
+    """Longest examples first, in fixed batches: little padding, and an out-of-memory shows at once.
+    With several processes, this process's share of the batches: every example exactly once overall."""
     lengths = lengths_of(ds)
     order = sorted(range(len(ds)), key=lambda i: -lengths[i])
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)][process_index::num_processes]
     return DataLoader(ds.with_format(None), batch_sampler=batches, collate_fn=Collator(pad_token_id), generator=own_generator(0))

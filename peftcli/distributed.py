@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
@@ -57,3 +58,33 @@ def full_parameters(accelerator: Accelerator, prepared: nn.Module) -> Iterator[N
     finally:
         for module in fsdp2:
             module.reshard()
+
+
+@contextmanager
+def accumulating(accelerator: Accelerator, prepared: nn.Module, last: bool) -> Iterator[None]:
+    """One micro-batch of an accumulation window: gradients are synced across processes on the last
+    one only. DDP and FSDP skip the all-reduce under `no_sync`; DeepSpeed's engine needs to be told
+    which backward ends the window, because it steps itself there (accelerate's optimizer.step is a
+    no-op under DeepSpeed)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+        return
+    if last:
+        yield
+        return
+    with accelerator.no_sync(prepared):
+        yield
+
+
+def gather_uneven(accelerator: Accelerator, local: torch.Tensor) -> torch.Tensor:
+    """All processes' rows of `local` (dim 0), whatever each holds: no padding rows, no duplicates."""
+    if accelerator.num_processes == 1:
+        return local
+    sizes = accelerator.gather(torch.tensor([local.shape[0]], device=accelerator.device)).tolist()
+    padded = accelerator.pad_across_processes(local.to(accelerator.device), dim=0)
+    rows = accelerator.gather(padded).view(accelerator.num_processes, -1, *local.shape[1:])
+    return torch.cat([rows[i, :n] for i, n in enumerate(sizes)]).cpu()

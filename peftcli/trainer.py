@@ -10,11 +10,12 @@ Read `train` top to bottom; each step is a named helper below it.
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -28,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from peftcli.distributed import full_parameters, partitioned_optimizer
+from peftcli.distributed import accumulating, full_parameters, gather_uneven, partitioned_optimizer
 from peftcli.errors import PeftcliError
 from peftcli.methods.base import TrainingHooks
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
@@ -165,9 +166,9 @@ def train(
     set_seed(spec.seed)
     sampler = train_data.batch_sampler
     optimizer = make_optimizer(model, optim)
+    # The eval loader is not prepared: it already holds this process's share of the eval batches
+    # (data.eval_loader), and accelerate would pad the shares to equal length with repeated examples.
     model, optimizer, train_data = accelerator.prepare(model, optimizer, train_data)
-    if eval_data is not None:
-        eval_data = accelerator.prepare(eval_data)
     # The schedule is built on the prepared (per-process) loader's length and stepped once per
     # optimizer step; it is not passed to prepare(), which would step it once per process.
     steps_per_epoch = math.ceil(len(train_data) / spec.grad_accum)
@@ -246,7 +247,7 @@ def stop_requested(stop: Stop, accelerator: Accelerator) -> int | None:
     """The signal that asked to stop, on any process: all processes stop at the same step."""
     signal = stop.signal or 0
     if accelerator.num_processes > 1:
-        signal = int(accelerator.reduce(torch.tensor(signal, device=accelerator.device), reduction="max").item())  # type: ignore[union-attr]
+        signal = int(accelerator.gather(torch.tensor([signal], device=accelerator.device)).max().item())
     return signal or None
 
 
@@ -336,7 +337,9 @@ def make_accelerator(spec: TrainSpec) -> Accelerator:
             "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
             "Use bf16 (CPUs with bf16 support) or no."
         )
-    return Accelerator(mixed_precision=spec.mixed_precision)
+    # Several processes and no GPU: DDP on the CPUs over gloo (accelerate picks that only when told cpu=True).
+    on_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=spec.mixed_precision, cpu=on_cpus)
 
 
 def make_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
@@ -416,16 +419,17 @@ def train_step(
     """One optimizer step over an accumulation window. Each micro-batch's summed loss is divided by
     the loss terms of the whole window on all processes, so the gradient equals the large batch's.
     A method's regularizer joins the last micro-batch's loss: once per step, inside the gradient sync.
-    Returns the window's mean loss; when it (or the gradient norm) is not finite, nothing was updated."""
-    units = torch.tensor(float(sum(task.units(b) for b in window)), device=accelerator.device)
-    global_units = accelerator.reduce(units, reduction="sum").clamp(min=1.0)
+    Returns the window's mean loss, and the tokens and examples of all processes; when the loss (or
+    the gradient norm) is not finite, nothing was updated."""
+    local = [sum(task.units(b) for b in window), sum(int(b["attention_mask"].sum()) for b in window), sum(b["input_ids"].shape[0] for b in window)]
+    counts = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), reduction="sum")
+    global_units = counts[0].float().clamp(min=1.0)
+    tokens, examples = int(counts[1]), int(counts[2])
     # DDP averages gradients over processes, hence the factor num_processes.
     scale = accelerator.num_processes / global_units
     loss_total = torch.zeros((), device=accelerator.device)
-    tokens = examples = 0
     for i, batch in enumerate(window):
-        sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
-        with sync:
+        with accumulating(accelerator, model, last=i == len(window) - 1):
             logits = model(**model_inputs(batch)).logits
             loss_sum, _ = task.loss_sum(logits, batch)
             objective = loss_sum * scale
@@ -433,8 +437,6 @@ def train_step(
                 objective = objective + method_hooks.regularizer()
             accelerator.backward(objective)
         loss_total += loss_sum.detach()
-        tokens += int(batch["attention_mask"].sum())
-        examples += batch["input_ids"].shape[0]
     loss = (accelerator.reduce(loss_total, reduction="sum") / global_units).item()
     norm = (
         accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm) if spec.max_grad_norm is not None else None
@@ -474,20 +476,23 @@ def evaluate(
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         logits = model(**model_inputs(batch)).logits
         batch_loss, batch_units = task.loss_sum(logits, batch)
         loss_sum += batch_loss.double()
         units += batch_units
         predicted = task.predictions(logits, batch)
         if predicted is not None:
-            p, y = accelerator.gather_for_metrics(predicted)
-            preds.append(p.cpu())
-            labels.append(y.cpu())
+            preds.append(predicted[0].cpu())
+            labels.append(predicted[1].cpu())
         on_batch()
+    # Each process evaluated its own share of the examples (data.eval_loader): sums and rows are
+    # joined once at the end, so no example counts twice and uneven shares are fine.
     total_loss = accelerator.reduce(loss_sum, reduction="sum").item()
     total_units = accelerator.reduce(units, reduction="sum").item()
-    all_preds = torch.cat(preds) if preds else None
-    all_labels = torch.cat(labels) if labels else None
+    has_preds = int(accelerator.reduce(torch.tensor(len(preds), device=accelerator.device), reduction="sum").item()) > 0
+    all_preds = gather_uneven(accelerator, torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)) if has_preds else None
+    all_labels = gather_uneven(accelerator, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)) if has_preds else None
     return EvalOutput(task.metrics(total_loss, total_units, all_preds, all_labels, num_labels), all_preds, all_labels)
 
 

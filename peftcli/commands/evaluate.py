@@ -49,7 +49,7 @@ def run_eval(
     data = prepare_eval_data(spec, task.name, built.tokenizer, target.label_names)
 
     accelerator = Accelerator()
-    loader = accelerator.prepare(eval_loader(data, built.tokenizer.pad_token_id, batch_size))
+    loader = eval_loader(data, built.tokenizer.pad_token_id, batch_size, accelerator.process_index, accelerator.num_processes)
     model = accelerator.prepare(built.model)
     with Progress(console=console, transient=True, disable=not accelerator.is_main_process) as progress:
         bar = progress.add_task("eval", total=len(loader))

@@ -22,6 +22,7 @@ from rich.console import Console
 
 import peftcli
 from peftcli.checkpoint import (
+    PREFIX,
     WEIGHTS_NAME,
     adapter_config,
     atomic_write_text,
@@ -32,9 +33,10 @@ from peftcli.checkpoint import (
     write_adapter,
 )
 from peftcli.data import eval_loader, prepare_data, train_loader
+from peftcli.distributed import partitioned_optimizer
 from peftcli.errors import CheckpointError, PeftcliError, RunInterrupted, TrainingDiverged
 from peftcli.methods import context_for, get_method
-from peftcli.methods.base import Calibration, count_parameters
+from peftcli.methods.base import Calibration, count_parameters, trainable_parameters
 from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, write_report
@@ -54,20 +56,31 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         check_run_dir(run_dir, overwrite)
         loop, resumed_from = None, None
     else:
+        if partitioned_optimizer(accelerator):
+            raise CheckpointError(
+                "--resume: runs under FSDP or DeepSpeed cannot resume yet (their optimizer state is partitioned "
+                "across processes and peftcli saves the adapter only). Start a new run, or resume under DDP."
+            )
         check_same_recipe(run_dir, recipe)
         resumed_from = find_checkpoint(run_dir, resume)
         loop = read_loop_state(resumed_from, accelerator.process_index, accelerator.num_processes)
     task, method = TASKS[recipe.task], get_method(recipe.method.name)
+    console.quiet = not accelerator.is_main_process
 
     console.print(f"[bold]{recipe.name}[/]: {method.name} on {recipe.model.name} ({recipe.task})")
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
     model = load_base_model(recipe.model, task, **head_kwargs(task, data.label_names, tokenizer))
     t = recipe.train
+    n, rank = accelerator.num_processes, accelerator.process_index
     loader = train_loader(
-        data.train, tokenizer.pad_token_id, t.batch_size, t.grad_accum, recipe.data.group_by_length, t.seed
+        data.train, tokenizer.pad_token_id, t.batch_size, t.grad_accum, recipe.data.group_by_length, t.seed, n
     )
-    evals = eval_loader(data.eval, tokenizer.pad_token_id, t.eval_batch_size or 2 * t.batch_size) if data.eval else None
+    evals = (
+        eval_loader(data.eval, tokenizer.pad_token_id, t.eval_batch_size or 2 * t.batch_size, rank, n)
+        if data.eval
+        else None
+    )
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(recipe.train.seed)  # the adapter's random initialization is part of the recipe
@@ -95,12 +108,21 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
                 read_adapter_config(resumed_from / BEST),
             )
 
+    whole = {PREFIX + n: tuple(p.shape) for n, p in trainable_parameters(model).items()}  # before any sharding
+
     def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         # The config is taken with the weights: training may change it (AdaLoRA's rank pattern).
         config = adapter_config(
             method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision
         )
-        return method_state(method, model, adapted), config
+        state = method_state(method, model, adapted)
+        for key, t in state.items():
+            if key in whole and tuple(t.shape) != whole[key]:
+                raise CheckpointError(
+                    f"{key}: read with shape {tuple(t.shape)} instead of {whole[key]}; the parameter was still "
+                    "sharded. This is a peftcli bug, please report it with your launch config."
+                )
+        return state, config
 
     def on_eval(step: int, metrics: dict[str, float], improved: bool) -> None:
         if improved:
