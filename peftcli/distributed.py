@@ -44,6 +44,13 @@ def full_parameters(accelerator: Accelerator, prepared: nn.Module) -> Iterator[N
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
             yield
         return
+    with fsdp_full_parameters(prepared):
+        yield
+
+
+@contextmanager
+def fsdp_full_parameters(prepared: nn.Module) -> Iterator[None]:
+    """FSDP1 (a FullyShardedDataParallel root) or FSDP2 (fully_shard modules): every parameter whole."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if isinstance(prepared, FullyShardedDataParallel):  # FSDP1

@@ -228,7 +228,10 @@ def train(
                 )
                 with full_parameters(accelerator, model):
                     hooks.on_eval(step, metrics, improved)
-                progress.console.print(f"step {step}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+                if accelerator.is_main_process:
+                    progress.console.print(
+                        f"step {step}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items())
+                    )
                 model.train()
 
             stopping = stop_requested(stop, accelerator) if step != total_steps else None
@@ -337,6 +340,20 @@ def make_accelerator(spec: TrainSpec) -> Accelerator:
             "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
             "Use bf16 (CPUs with bf16 support) or no."
         )
+    if (
+        spec.mixed_precision == "bf16"
+        and not torch.cuda.is_available()
+        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        raise PeftcliError(
+            "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use no."
+        )
+    for engine, config in (("FSDP", "configs/fsdp.yaml"), ("DEEPSPEED", "configs/deepspeed-zero*.yaml")):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and not torch.cuda.is_available():
+            raise PeftcliError(
+                f"accelerate launch: {config} shards the model across GPUs and none is visible (got ACCELERATE_USE_{engine}=true). "
+                "On CPUs use configs/cpu-ddp.yaml or --num-processes N."
+            )
     # Several processes and no GPU: DDP on the CPUs over gloo (accelerate picks that only when told cpu=True).
     on_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision=spec.mixed_precision, cpu=on_cpus)
@@ -421,7 +438,11 @@ def train_step(
     A method's regularizer joins the last micro-batch's loss: once per step, inside the gradient sync.
     Returns the window's mean loss, and the tokens and examples of all processes; when the loss (or
     the gradient norm) is not finite, nothing was updated."""
-    local = [sum(task.units(b) for b in window), sum(int(b["attention_mask"].sum()) for b in window), sum(b["input_ids"].shape[0] for b in window)]
+    local = [
+        sum(task.units(b) for b in window),
+        sum(int(b["attention_mask"].sum()) for b in window),
+        sum(b["input_ids"].shape[0] for b in window),
+    ]
     counts = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), reduction="sum")
     global_units = counts[0].float().clamp(min=1.0)
     tokens, examples = int(counts[1]), int(counts[2])
@@ -491,8 +512,16 @@ def evaluate(
     total_loss = accelerator.reduce(loss_sum, reduction="sum").item()
     total_units = accelerator.reduce(units, reduction="sum").item()
     has_preds = int(accelerator.reduce(torch.tensor(len(preds), device=accelerator.device), reduction="sum").item()) > 0
-    all_preds = gather_uneven(accelerator, torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)) if has_preds else None
-    all_labels = gather_uneven(accelerator, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)) if has_preds else None
+    all_preds = (
+        gather_uneven(accelerator, torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long))
+        if has_preds
+        else None
+    )
+    all_labels = (
+        gather_uneven(accelerator, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+        if has_preds
+        else None
+    )
     return EvalOutput(task.metrics(total_loss, total_units, all_preds, all_labels, num_labels), all_preds, all_labels)
 
 

@@ -35,7 +35,7 @@ def run_launch(
         )
     recipe = load_recipe(recipe_path, overrides)
     if resume is None:
-        check_run_dir(recipe.run_dir(), overwrite)
+        check_run_dir(recipe.run_dir(), overwrite, recipe_path)
     flags = ["--overwrite"] * overwrite + (["--resume", resume] if resume else []) + ["--debug"] * debug
     process = subprocess.Popen(launch_command(recipe_path, overrides, num_processes, flags))
     while True:

@@ -53,7 +53,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     run_dir = recipe.run_dir()
     accelerator = make_accelerator(recipe.train)
     if resume is None:
-        check_run_dir(run_dir, overwrite)
+        check_run_dir(run_dir, overwrite, recipe_path)
         loop, resumed_from = None, None
     else:
         if partitioned_optimizer(accelerator):
@@ -249,12 +249,19 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, overwrite: bool, recipe_path: Path | None = None) -> None:
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise PeftcliError(
             f"{run_dir}: run directory already exists. Pass --overwrite to replace it, "
             "or give the run another name (name=NEW or output_dir=DIR)."
         )
+    if overwrite and run_dir.exists():
+        replaced = run_dir.resolve()
+        for kept, what in ((Path.cwd(), "the folder you run from"), (recipe_path, "the recipe")):
+            if kept is not None and (kept.resolve() == replaced or replaced in kept.resolve().parents):
+                raise PeftcliError(
+                    f"{run_dir}: --overwrite would delete {what} ({kept}), which is inside it. Choose another output_dir."
+                )
 
 
 def resolved_recipe_text(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> str:

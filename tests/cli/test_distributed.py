@@ -4,6 +4,7 @@ one process accumulating the same global batch; only the main process writes; re
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,60 @@ def test_an_adapter_read_while_sharded_is_refused_not_written(tmp_path: Path) ->
         )
     ]
     assert not (tmp_path / "adapter").exists()
+
+
+def test_fsdp2_sharded_adapter_is_saved_whole_inside_full_parameters(tmp_path: Path) -> None:
+    """accelerate runs FSDP on GPUs only; torch's FSDP2 shards on CPUs too, so the gather that
+    peftcli saves under is checked here with 2 real processes."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "cli" / "fsdp2_worker.py"),
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = load_file(tmp_path / "inside" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "reference.safetensors")
+    assert saved.keys() == reference.keys() and len(saved) > 0
+    for key in reference:
+        assert saved[key].shape == reference[key].shape and saved[key].numel() > 0
+        torch.testing.assert_close(saved[key], reference[key], rtol=1e-5, atol=1e-6)
+    # Read while sharded, the same tensors are slices: saving them is refused, nothing written.
+    assert (tmp_path / "outside.txt").read_text() != "saved"
+    assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monkeypatch) -> None:
+    from peftcli.errors import PeftcliError
+    from peftcli.recipe import TrainSpec
+    from peftcli.trainer import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(PeftcliError) as exc:
+        make_accelerator(TrainSpec())
+    assert exc.value.lines == [
+        (
+            "accelerate launch: configs/fsdp.yaml shards the model across GPUs and none is visible (got ACCELERATE_USE_FSDP=true). "
+            "On CPUs use configs/cpu-ddp.yaml or --num-processes N."
+        )
+    ]
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(PeftcliError) as exc:
+        make_accelerator(TrainSpec(mixed_precision="bf16"))
+    assert exc.value.lines == [
+        "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use no."
+    ]

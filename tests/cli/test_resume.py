@@ -298,3 +298,16 @@ def test_kill_9_at_random_moments_never_breaks_a_checkpoint(tmp_path, tiny_dirs,
     finish = resume(recipe)
     assert finish.returncode == 0, finish.stderr
     assert outcome(run_dir) == uninterrupted
+
+
+def test_overwrite_never_deletes_the_recipe_or_the_working_folder(tmp_path, tiny_dirs, tiny_data) -> None:
+    from peftcli.errors import PeftcliError
+
+    recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(PeftcliError) as exc:
+        run_train(recipe, [f"output_dir={tmp_path}"], overwrite=True)
+    assert exc.value.lines == [
+        f"{tmp_path}: --overwrite would delete the recipe ({recipe}), which is inside it. Choose another output_dir."
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
