@@ -8,7 +8,6 @@ Only safetensors and JSON are read back: nothing a user supplies is unpickled.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -148,16 +147,25 @@ def write_adapter(
 
 
 def check_saved(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Re-opens a written adapter: every tensor there, with the shape meant, and none empty. A
-    parameter read while sharded (FSDP, ZeRO-3) is empty or flat; this catches it before a run ends
-    with an adapter that loads nowhere."""
+    """Re-opens a written adapter: every tensor is there, with the shape meant."""
     saved = read_state(path)
     for key, shape in shapes.items():
         got = tuple(saved[key].shape) if key in saved else None
-        if got != shape or math.prod(shape) == 0:
+        if got != shape:
             raise CheckpointError(
-                f"adapter tensor {key} was written with shape {got}, expected {shape} and not empty, so nothing was saved. "
-                "It was read while its parameters were sharded; this is a peftcli bug, please report it with your launch config."
+                f"{path}: {key} reads back with shape {got} instead of {shape}; the disk may be full or failing."
+            )
+
+
+def check_whole(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    """`state` holds the trainable tensors with the shapes they had before training (`shapes`). A
+    parameter read while FSDP or ZeRO-3 shards it is empty or a flat slice: an adapter saved from it
+    would load nowhere, a known failure of hand-written scripts."""
+    for key, t in state.items():
+        if key in shapes and tuple(t.shape) != shapes[key]:
+            raise CheckpointError(
+                f"adapter tensor {key} has shape {tuple(t.shape)} instead of {shapes[key]}, so nothing was saved. It was read "
+                "while its parameter was sharded; this is a peftcli bug, please report it with your launch config."
             )
 
 

@@ -139,24 +139,22 @@ def test_eval_shares_hold_every_example_once(tokenizer) -> None:
     assert sorted(seen) == list(range(33))
 
 
-def test_an_adapter_read_while_sharded_is_refused_not_written(tmp_path: Path) -> None:
-    """What ZeRO-3 or FSDP hands out for a parameter outside a gather: an empty tensor."""
-    from peftcli.checkpoint import save_adapter
+def test_an_adapter_read_while_sharded_is_refused(tmp_path: Path) -> None:
+    """What ZeRO-3 or FSDP hands out for a parameter outside a gather: an empty or flat tensor."""
+    from peftcli.checkpoint import check_whole
 
-    state = {
-        "base_model.model.layer.lora_A.weight": torch.zeros(0),
-        "base_model.model.layer.lora_B.weight": torch.ones(4, 2),
-    }
-    with pytest.raises(CheckpointError) as exc:
-        save_adapter(tmp_path / "adapter", state, {"peft_type": "LORA"})
-    assert exc.value.lines == [
-        (
-            "adapter tensor base_model.model.layer.lora_A.weight was written with shape (0,), expected (0,) and not "
-            "empty, so nothing was saved. It was read while its parameters were sharded; this is a peftcli bug, "
-            "please report it with your launch config."
-        )
-    ]
-    assert not (tmp_path / "adapter").exists()
+    shapes = {"base_model.model.layer.lora_A.weight": (4, 8), "base_model.model.layer.lora_B.weight": (8, 4)}
+    check_whole({"base_model.model.layer.lora_A.weight": torch.ones(4, 8)}, shapes)
+    for sharded in (torch.zeros(0), torch.ones(16)):
+        with pytest.raises(CheckpointError) as exc:
+            check_whole({"base_model.model.layer.lora_A.weight": sharded}, shapes)
+        assert exc.value.lines == [
+            (
+                f"adapter tensor base_model.model.layer.lora_A.weight has shape {tuple(sharded.shape)} instead of (4, 8), so "
+                "nothing was saved. It was read while its parameter was sharded; this is a peftcli bug, please report it "
+                "with your launch config."
+            )
+        ]
 
 
 def test_fsdp2_sharded_adapter_is_saved_whole_inside_full_parameters(tmp_path: Path) -> None:
