@@ -58,7 +58,8 @@ def save_checkpoint(
     adapters and the loop state), each process its generators. Then keeps the last `keep` checkpoints."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if state is not None:

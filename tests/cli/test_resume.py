@@ -331,3 +331,41 @@ def test_every_method_resumes_to_the_same_bytes(method: str, tmp_path, tiny_dirs
     finished = outcome(tmp_path / "run")
     run_train(path, [], resume=str(tmp_path / "run" / "checkpoints" / "step-5"))
     assert outcome(tmp_path / "run") == finished
+
+
+def test_broken_checkpoints_are_refused_with_one_line(tmp_path, tiny_dirs, tiny_data) -> None:
+    recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=6, eval_every=None, save_every=3)
+    run_train(recipe, [])
+    step = tmp_path / "run" / "checkpoints" / "step-3"
+
+    def refused(resume: str) -> list[str]:
+        with pytest.raises(CheckpointError) as exc:
+            run_train(recipe, [], resume=resume)
+        return exc.value.lines
+
+    assert refused(str(tmp_path / "nope")) == [
+        f"--resume {tmp_path / 'nope'}: no such checkpoint folder. Give a run's checkpoints/step-N folder, or --resume alone for the latest."
+    ]
+    (step / "rng-0.json").unlink()
+    assert refused(str(step)) == [f"{step}: no rng-0.json; the checkpoint is incomplete. Resume from an earlier one."]
+    (step / "training_state.json").write_text("{not json")
+    assert refused(str(step)) == [
+        (
+            f"{step / 'training_state.json'}: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+            "(char 1)). The checkpoint is corrupt; resume from an earlier one."
+        )
+    ]
+    (step / "training_state.json").write_text('{"format": 99}')
+    assert refused(str(step)) == [
+        f"{step / 'training_state.json'}: not a peftcli training state of format 1; resume from a checkpoint this version wrote."
+    ]
+    (step / "training_state.json").unlink()
+    assert refused(str(step)) == [
+        f"{step}: no training_state.json; this checkpoint holds an adapter but not the training state, so the run cannot resume from it."
+    ]
+    tensors = tmp_path / "run" / "checkpoints" / "step-6"
+    assert not tensors.exists()  # the final step is the adapter, not a checkpoint
+    (tmp_path / "run" / "recipe.yaml").unlink()
+    assert refused("latest") == [
+        f"--resume: {tmp_path / 'run' / 'recipe.yaml'} not found; {tmp_path / 'run'} is not a run directory to resume. Check name= or output_dir=."
+    ]
