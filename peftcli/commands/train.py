@@ -71,6 +71,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     console.print(f"[bold]{recipe.name}[/]: {method.name} on {recipe.model.name} ({recipe.task})")
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
+    set_seed(recipe.train.seed)  # a new classification head is initialized randomly as the model loads
     model = load_base_model(recipe.model, task, **head_kwargs(task, data.label_names, tokenizer))
     t = recipe.train
     n, rank = accelerator.num_processes, accelerator.process_index

@@ -369,3 +369,33 @@ def test_broken_checkpoints_are_refused_with_one_line(tmp_path, tiny_dirs, tiny_
     assert refused("latest") == [
         f"--resume: {tmp_path / 'run' / 'recipe.yaml'} not found; {tmp_path / 'run'} is not a run directory to resume. Check name= or output_dir=."
     ]
+
+
+def test_a_new_classification_head_is_seeded_so_a_run_repeats(tmp_path, tiny_data) -> None:
+    """A base model without a classification head (all-MiniLM-L6-v2 is one) gets a new random head as
+    it loads; the recipe's seed must fix it, or no two runs (and no resumed run) agree."""
+    from transformers import BertConfig, BertModel
+
+    from tests.conftest import VOCAB, make_tokenizer
+
+    base = tmp_path / "encoder"
+    BertModel(
+        BertConfig(
+            vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+    ).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    outcomes = []
+    for name in ("a", "b"):
+        recipe = tiny_recipe(
+            base,
+            tiny_data,
+            "sequence_classification",
+            output_dir=str(tmp_path / name),
+            train={"max_steps": 2, "eval_every": None},
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        run_train(path, [])
+        outcomes.append((tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert outcomes[0] == outcomes[1]
