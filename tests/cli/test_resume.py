@@ -239,17 +239,17 @@ def resume(recipe: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> None:
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> bool:
+    """True once the run has logged `step`; False if it ended first."""
     log = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        complete = log.read_text().split("\n")[:-1] if log.is_file() else []  # a line being written has no newline yet
+        if any(json.loads(line)["step"] >= step for line in complete if line.strip()):
+            return True
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended early: {proc.stderr.read() if proc.stderr else ''}")
-        if log.is_file() and any(
-            json.loads(line)["step"] >= step for line in log.read_text().splitlines() if line.strip()
-        ):
-            return
-        time.sleep(0.05)
+            return False
+        time.sleep(0.02)
     raise AssertionError(f"step {step} not reached")
 
 
@@ -259,7 +259,7 @@ def test_signal_saves_a_checkpoint_and_resume_finishes_identically(
 ) -> None:
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run")
     proc = start(recipe)
-    wait_for_step(tmp_path / "run", 7, proc)
+    assert wait_for_step(tmp_path / "run", 7, proc), proc.communicate()[1]
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
@@ -276,26 +276,35 @@ def test_signal_saves_a_checkpoint_and_resume_finishes_identically(
 
 
 def test_kill_9_at_random_moments_never_breaks_a_checkpoint(tmp_path, tiny_dirs, tiny_data, uninterrupted) -> None:
-    """Saving every step, so that kills often land inside a save. After each kill every step-N
-    folder is complete and loadable, and the run finally resumes to the uninterrupted bytes."""
+    """Saving every step; every other kill lands the moment a checkpoint's temporary folder appears
+    (inside a save), the others at random moments. After each kill every step-N folder is complete
+    and loadable, and the run finally resumes to the uninterrupted bytes."""
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", save_every=1, save_total_limit=2)
     rng = random.Random(0)
     run_dir = tmp_path / "run"
-    kills = 0
+    kills = mid_save = 0
     for attempt in range(4):
+        latest = max((int(p.name.split("-")[1]) for p in checkpoint_steps(run_dir)), default=0)
         proc = start(recipe, *(["--resume"] if attempt else []))
-        wait_for_step(run_dir, 1 if not attempt else 0, proc)
-        time.sleep(rng.uniform(0.0, 1.5))
+        if not wait_for_step(run_dir, latest + 1, proc):
+            break  # it finished first
+        if attempt % 2:  # at a random moment
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # the moment a checkpoint's temporary folder appears: inside a save
+            while proc.poll() is None and not any((run_dir / "checkpoints").glob(".step-*.tmp")):
+                pass
         if proc.poll() is not None:
             break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
+        mid_save += any((run_dir / "checkpoints").glob(".step-*.tmp"))  # killed while writing one
         for folder in checkpoint_steps(run_dir):
             state = read_loop_state(folder, 0, 1)
             assert f"step-{state.step}" == folder.name
             assert read_state(folder / "adapter_model.safetensors")
     assert kills >= 2
+    print(f"{kills} kills, {mid_save} of them while a checkpoint was being written")
     finish = resume(recipe)
     assert finish.returncode == 0, finish.stderr
     assert outcome(run_dir) == uninterrupted
