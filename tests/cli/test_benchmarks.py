@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text(
-        "# Benchmarks\n\nprose before\n\n<!-- bench: start -->\nold table\n<!-- bench: end -->\n\nprose after\n"
+        "# Benchmarks\n\nprose before\n\n<!-- bench: tiny start -->\nold table\n<!-- bench: tiny end -->\n\nprose after\n"
     )
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "train_vs_hf.py"), "--workload", "tiny", "--steps", "6", "--warmup", "2",
@@ -36,7 +36,7 @@ def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
         assert r["trainable_parameters"] == rows[0]["trainable_parameters"]  # the same LoRA in both tools
         assert 0 <= r["eval"]["accuracy"] <= 1
     text = doc.read_text()
-    assert text.startswith("# Benchmarks\n\nprose before\n\n<!-- bench: start -->\n") and text.endswith(
-        "<!-- bench: end -->\n\nprose after\n"
+    assert text.startswith("# Benchmarks\n\nprose before\n\n<!-- bench: tiny start -->\n") and text.endswith(
+        "<!-- bench: tiny end -->\n\nprose after\n"
     )
     assert "old table" not in text and "| peftcli bf16 |" in text
