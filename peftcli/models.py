@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftcli.errors import ModelError
@@ -64,7 +65,21 @@ def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrain
         as_plain_float_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    if spec.dropout is not None:
+        set_dropout(model, spec.dropout)
     return model
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of the model: nn.Dropout modules, and the probabilities attention layers keep as
+    plain floats for their fused kernels (BERT's dropout_prob, Llama's attention_dropout). The config
+    is left alone, so a merged model keeps the original values."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, p)
 
 
 def as_plain_float_model(model: PreTrainedModel) -> None:

@@ -44,6 +44,13 @@ class ModelSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the frozen base weights are loaded in"
     )
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="every dropout probability of the base model (hidden, attention, head); 0 turns them off: "
+        "faster, less regularization. Default: the model's own",
+    )
 
 
 class Columns(Strict):
