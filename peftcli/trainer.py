@@ -31,7 +31,7 @@ from transformers import get_scheduler
 
 from peftcli.distributed import accumulating, full_parameters, gather_uneven, partitioned_optimizer
 from peftcli.errors import PeftcliError
-from peftcli.methods.base import TrainingHooks
+from peftcli.methods.base import TrainingHooks, trainable_parameters
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.tasks import Task, higher_is_better
 
@@ -268,7 +268,7 @@ def capture(
     return LoopState(
         step=step,
         position=Position(position.epoch, position.batches),
-        params={n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad},
+        params={n: p.detach().cpu().clone() for n, p in trainable_parameters(unwrapped).items()},
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -289,7 +289,7 @@ def restore(
     position: Position,
 ) -> None:
     unwrapped = accelerator.unwrap_model(model)
-    params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    params = trainable_parameters(unwrapped)
     if set(params) != set(state.params):
         missing, extra = sorted(set(params) - set(state.params)), sorted(set(state.params) - set(params))
         raise PeftcliError(

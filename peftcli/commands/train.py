@@ -222,12 +222,12 @@ def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
         raise CheckpointError(
             f"--resume: {saved_path} not found; {run_dir} is not a run directory to resume. Check name= or output_dir=."
         )
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    now = recipe.model_dump(mode="json")
+    saved = flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")))
+    now = flatten(recipe.model_dump(mode="json"))
     changed = [
         key
-        for key in sorted(set(flatten(saved)) | set(flatten(now)))
-        if key not in RESUME_MAY_CHANGE and flatten(saved).get(key) != flatten(now).get(key)
+        for key in sorted(saved.keys() | now.keys())
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key)
     ]
     if changed:
         raise CheckpointError(

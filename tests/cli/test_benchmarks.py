@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cli.test_cli import ROOT
 
 
 def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:

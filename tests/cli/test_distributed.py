@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from peftcli.commands.train import run_train
 from peftcli.data import eval_loader
 from peftcli.errors import CheckpointError
+from tests.cli.test_cli import ROOT, peft
 from tests.conftest import tiny_recipe, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
 # 33 eval examples in batches of 8: the two processes get 3 and 2 batches (17 and 16 examples), so
 # a gather that padded the shorter share with repeated examples would count some twice.
 TRAIN = {
@@ -62,12 +62,6 @@ def launch(*args: str) -> subprocess.CompletedProcess[str]:
         *args,
     ]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-
-def peft(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "peftcli", *args], check=False, capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
 
 
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(recipe: Path, tmp_path: Path) -> None:

@@ -27,10 +27,10 @@ from peftcli.checkpoint import read_state
 from peftcli.commands.train import run_train
 from peftcli.errors import CheckpointError, TrainingDiverged
 from peftcli.methods import METHODS
+from peftcli.methods.base import TrainingHooks
 from peftcli.resume import checkpoint_steps, read_loop_state
+from tests.cli.test_cli import ROOT, peft
 from tests.conftest import tiny_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # 96 training rows, 4 x 2 per step: 12 steps an epoch; 30 steps run through two and a half epochs.
 # LoRA dropout makes every step draw random numbers, so a resume that restored the generators wrongly
@@ -150,11 +150,11 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run")
     real = peftcli.trainer.train_step
 
-    def nan_at_step_12(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step):
+    def nan_at_steps_7_and_12(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step):
         loss, tokens, examples = real(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step)
         return (float("nan") if step in (7, 12) else loss), tokens, examples
 
-    monkeypatch.setattr(peftcli.trainer, "train_step", nan_at_step_12)
+    monkeypatch.setattr(peftcli.trainer, "train_step", nan_at_steps_7_and_12)
     with pytest.raises(TrainingDiverged) as exc:
         run_train(recipe, [])
     assert exc.value.exit_code == 1
@@ -175,7 +175,6 @@ def test_nonfinite_gradient_step_changes_nothing(tmp_path, tiny_dirs, tiny_data)
     """A skipped step leaves the weights and the optimizer as they were."""
     import torch
 
-    from peftcli.methods import METHODS
     from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
     from peftcli.tasks import TASKS
     from peftcli.trainer import make_accelerator, make_optimizer, make_scheduler, train_step
@@ -201,18 +200,12 @@ def test_nonfinite_gradient_step_changes_nothing(tmp_path, tiny_dirs, tiny_data)
         TASKS["sequence_classification"],
         accelerator,
         spec,
-        METHODS["lora"].training_hooks or _hooks(),
+        TrainingHooks(),
         1,
     )
     assert not math.isfinite(loss)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     assert optimizer.state_dict()["state"] == {}
-
-
-def _hooks():
-    from peftcli.methods.base import TrainingHooks
-
-    return TrainingHooks()
 
 
 # -- real signals, in a subprocess ---------------------------------------------------------------
@@ -229,14 +222,7 @@ def start(recipe: Path, *args: str) -> subprocess.Popen[str]:
 
 
 def resume(recipe: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "peftcli", "train", str(recipe), "--resume"],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    return peft("train", str(recipe), "--resume")
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[str]) -> bool:
