@@ -207,6 +207,17 @@ def default_modules_to_save(requested: list[str] | None, ctx: ApplyContext, mode
     return [n for n in names if n not in missing]
 
 
+def train_in_place(model: nn.Module, names: set[str], to_save: list[str]) -> list[str]:
+    """Trains exactly the parameters `names` and the modules `to_save`, in place, with no adapter
+    layer (BitFit, full fine-tuning). Returns the modules owning those parameters, outside `to_save`
+    (listed apart as modules_to_save), in the model's order."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    unfreeze_modules(model, to_save)
+    owners = dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters() if n in names)
+    return [m for m in owners if not is_excluded(m, tuple(to_save))]
+
+
 def unfreeze_modules(model: nn.Module, names: list[str]) -> None:
     for module_name, module in model.named_modules():
         if name_matches(module_name, names):

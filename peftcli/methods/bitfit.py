@@ -23,10 +23,8 @@ from peftcli.methods.base import (
     Kind,
     Method,
     default_modules_to_save,
-    freeze,
-    is_excluded,
     top_parameter_names,
-    unfreeze_modules,
+    train_in_place,
 )
 
 
@@ -50,21 +48,13 @@ def bias_names(model: nn.Module) -> list[str]:
 
 
 def apply(model: nn.Module, params: BitfitParams, ctx: ApplyContext) -> Adapted:
-    freeze(model)
-    names = bias_names(model)
+    names = set(bias_names(model))
     if not names:
         raise MethodError(f"method bitfit: {type(model).__name__} has no bias parameters to train. Use lora or ia3.")
     if params.train_last_layers is not None:
-        top = top_parameter_names(model, params.train_last_layers, "method.train_last_layers")
-        names = [n for n in names if n in top]
-    found = dict(model.named_parameters())
-    for name in names:
-        found[name].requires_grad_(True)
+        names &= top_parameter_names(model, params.train_last_layers, "method.train_last_layers")
     to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
-    owners = [n.rpartition(".")[0] for n in names]
-    # The head is listed apart, as modules_to_save.
-    return Adapted(adapted_modules=[m for m in owners if not is_excluded(m, tuple(to_save))], modules_to_save=to_save)
+    return Adapted(adapted_modules=train_in_place(model, names, to_save), modules_to_save=to_save)
 
 
 def merge(model: nn.Module) -> None:

@@ -23,10 +23,8 @@ from peftcli.methods.base import (
     Kind,
     Method,
     default_modules_to_save,
-    freeze,
-    is_excluded,
     top_parameter_names,
-    unfreeze_modules,
+    train_in_place,
 )
 
 
@@ -43,18 +41,13 @@ class FullParams(BaseModel):
 
 
 def apply(model: nn.Module, params: FullParams, ctx: ApplyContext) -> Adapted:
-    freeze(model)
     if params.train_last_layers is None:
         selected = {n for n, _ in model.named_parameters()}
     else:
         selected = top_parameter_names(model, params.train_last_layers, "method.train_last_layers")
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in selected)
     heads = default_modules_to_save(None, ctx, model)
-    unfreeze_modules(model, heads)
-    # The modules holding trained weights, for `peft inspect` (the head is listed apart).
-    owners = sorted({n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad})
-    return Adapted(adapted_modules=[m for m in owners if not is_excluded(m, tuple(heads))], modules_to_save=heads)
+    # The modules holding trained weights, for `peft inspect`, sorted by name.
+    return Adapted(adapted_modules=sorted(train_in_place(model, selected, heads)), modules_to_save=heads)
 
 
 def merge(model: nn.Module) -> None:
