@@ -15,7 +15,7 @@ import random
 import resource
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -175,6 +176,7 @@ def train(
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
     scheduler = make_scheduler(optimizer, schedule, total_steps)
     method_hooks.start(total_steps)
+    attention = training_attention(accelerator, model)
 
     result = TrainResult(steps=0, train_seconds=0.0, tokens=0, examples=0)
     position = Position()
@@ -197,7 +199,7 @@ def train(
         ):
             started = time.perf_counter()
             loss, tokens, examples = train_step(
-                model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step
+                model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, attention
             )
             seconds = time.perf_counter() - started
             result.add_step(tokens, examples, seconds)
@@ -418,6 +420,20 @@ def windows(batches: Iterator[dict[str, torch.Tensor]], size: int) -> Iterator[l
         yield window
 
 
+# torch's CPU flash-attention kernel has a slow bf16 backward for short sequences: 5.5x the math
+# kernel's time at 24 tokens, 1.4x at 128, faster only from about 192 on (benchmarks/attention_kernels.py).
+# Its forward alone is faster at every length, so evals keep it; fp32 keeps it too (it wins there).
+MATH_ATTENTION_BELOW = 192
+
+
+def training_attention(accelerator: Accelerator, model: nn.Module) -> Callable[[int], AbstractContextManager[Any]]:
+    """For a training forward of a batch this long: which scaled-dot-product attention kernels may run."""
+    bf16 = accelerator.mixed_precision == "bf16" or any(p.dtype == torch.bfloat16 for p in model.parameters())
+    if accelerator.device.type != "cpu" or not bf16:
+        return lambda length: nullcontext()
+    return lambda length: sdpa_kernel(SDPBackend.MATH) if length < MATH_ATTENTION_BELOW else nullcontext()
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -432,6 +448,7 @@ def train_step(
     spec: TrainSpec,
     method_hooks: TrainingHooks,
     step: int,
+    attention: Callable[[int], AbstractContextManager[Any]] = lambda length: nullcontext(),
 ) -> tuple[float, int, int]:
     """One optimizer step over an accumulation window. Each micro-batch's summed loss is divided by
     the loss terms of the whole window on all processes, so the gradient equals the large batch's.
@@ -451,7 +468,8 @@ def train_step(
     loss_total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         with accumulating(accelerator, model, last=i == len(window) - 1):
-            logits = model(**model_inputs(batch)).logits
+            with attention(batch["input_ids"].shape[1]):
+                logits = model(**model_inputs(batch)).logits
             loss_sum, _ = task.loss_sum(logits, batch)
             objective = loss_sum * scale
             if method_hooks.regularizer is not None and i == len(window) - 1:

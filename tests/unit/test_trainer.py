@@ -68,3 +68,30 @@ def test_best_metric_picks_the_best_eval(tokenizer, tiny_data) -> None:
     best = max(evals, key=lambda r: r["eval_accuracy"])  # first of the best wins
     assert result.best_step == best["step"]
     assert result.best_metrics["accuracy"] == best["eval_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("mixed_precision", "dtype", "length", "flash"),
+    [
+        ("no", torch.float32, 24, True),  # fp32: flash wins at every length
+        ("bf16", torch.float32, 24, False),  # bf16 autocast, short: the math kernel
+        ("no", torch.bfloat16, 24, False),  # bf16 weights, short: the math kernel
+        ("bf16", torch.float32, 191, False),
+        ("bf16", torch.float32, 192, True),  # long enough for flash's bf16 backward to win
+    ],
+)
+def test_bf16_training_on_cpu_uses_the_math_attention_kernel_below_192_tokens(
+    mixed_precision: str, dtype: torch.dtype, length: int, flash: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from peftcli.trainer import training_attention
+
+    model = torch.nn.Linear(4, 4).to(dtype)
+    # accelerate's state is a process-wide singleton: a stand-in with the two attributes read.
+    accelerator = SimpleNamespace(mixed_precision=mixed_precision, device=torch.device("cpu"))
+    attention = training_attention(accelerator, model)  # type: ignore[arg-type]
+    with attention(length):
+        assert torch.backends.cuda.flash_sdp_enabled() is flash
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the forward
