@@ -7,12 +7,14 @@ gradient of 4 micro-batches of 8 then equals that of one batch of 32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 IGNORE_INDEX = -100
@@ -31,6 +33,8 @@ class Task:
     units: Callable[[dict[str, torch.Tensor]], int]
     predictions: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]
     metrics: Callable[[float, float, torch.Tensor | None, torch.Tensor | None, int], dict[str, float]]
+    # The model's output head may run at the positions that have a target only (`head_at_targets`).
+    head_at_targets_only: bool = False
 
 
 def higher_is_better(metric: str) -> bool:
@@ -93,12 +97,42 @@ def classification_details(preds: torch.Tensor, labels: torch.Tensor, label_name
 # -- causal language modelling -----------------------------------------------------------------
 
 
+def next_token_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Position t predicts token t+1; the last position, and masked labels (prompt, padding), have
+    no target (IGNORE_INDEX)."""
+    return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def causal_lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    # Position t predicts token t+1; masked labels (prompt, padding) are IGNORE_INDEX.
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
+    targets = next_token_targets(batch)
+    if logits.dim() == 2:  # one row per target: the head ran at those positions only (head_at_targets)
+        targets = targets[targets != IGNORE_INDEX]
+    # The targets are shifted, not the logits: slicing the logits would copy the B x L x vocab tensor.
+    logits = logits.reshape(-1, logits.size(-1))
+    loss = F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+@contextmanager
+def head_at_targets(head: nn.Module | None, batch: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The language-model head runs only at positions whose next token is trained, and returns one
+    row of logits per target: prompt and padding positions skip a vocabulary-sized matrix product
+    (a fifth of SmolLM2-135M's) and the B x L x vocab logits. The loss is the same sum. When the
+    hidden states do not line up with the labels (virtual tokens prepended), the head runs everywhere."""
+    if head is None:
+        yield
+        return
+    keep = next_token_targets(batch) != IGNORE_INDEX
+
+    def at_targets(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0]
+        return (hidden[keep], *args[1:]) if hidden.shape[:2] == keep.shape else None
+
+    handle = head.register_forward_pre_hook(at_targets)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def causal_lm_metrics(
@@ -132,6 +166,7 @@ TASKS: dict[str, Task] = {
         units=lambda batch: int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
         predictions=lambda logits, batch: None,
         metrics=causal_lm_metrics,
+        head_at_targets_only=True,
     ),
 }
 

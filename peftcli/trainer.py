@@ -34,7 +34,7 @@ from peftcli.distributed import accumulating, full_parameters, gather_uneven, pa
 from peftcli.errors import PeftcliError
 from peftcli.methods.base import TrainingHooks, trainable_parameters
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import Task, higher_is_better
+from peftcli.tasks import Task, head_at_targets, higher_is_better
 
 
 @dataclass
@@ -177,6 +177,7 @@ def train(
     scheduler = make_scheduler(optimizer, schedule, total_steps)
     method_hooks.start(total_steps)
     attention = training_attention(accelerator, model)
+    head = output_head(accelerator, model, task)
 
     result = TrainResult(steps=0, train_seconds=0.0, tokens=0, examples=0)
     position = Position()
@@ -199,7 +200,7 @@ def train(
         ):
             started = time.perf_counter()
             loss, tokens, examples = train_step(
-                model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, attention
+                model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, attention, head
             )
             seconds = time.perf_counter() - started
             result.add_step(tokens, examples, seconds)
@@ -434,6 +435,14 @@ def training_attention(accelerator: Accelerator, model: nn.Module) -> Callable[[
     return lambda length: sdpa_kernel(SDPBackend.MATH) if length < MATH_ATTENTION_BELOW else nullcontext()
 
 
+def output_head(accelerator: Accelerator, model: nn.Module, task: Task) -> nn.Module | None:
+    """The output head, when the task lets it run at the target positions only (tasks.head_at_targets)."""
+    if not task.head_at_targets_only:
+        return None
+    get = getattr(accelerator.unwrap_model(model), "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -449,6 +458,7 @@ def train_step(
     method_hooks: TrainingHooks,
     step: int,
     attention: Callable[[int], AbstractContextManager[Any]] = lambda length: nullcontext(),
+    head: nn.Module | None = None,
 ) -> tuple[float, int, int]:
     """One optimizer step over an accumulation window. Each micro-batch's summed loss is divided by
     the loss terms of the whole window on all processes, so the gradient equals the large batch's.
@@ -468,7 +478,7 @@ def train_step(
     loss_total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         with accumulating(accelerator, model, last=i == len(window) - 1):
-            with attention(batch["input_ids"].shape[1]):
+            with attention(batch["input_ids"].shape[1]), head_at_targets(head, batch):
                 logits = model(**model_inputs(batch)).logits
             loss_sum, _ = task.loss_sum(logits, batch)
             objective = loss_sum * scale
@@ -510,13 +520,15 @@ def evaluate(
     on_batch: Callable[[], None] = lambda: None,
 ) -> EvalOutput:
     model.eval()
+    head = output_head(accelerator, model, task)
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     units = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(**model_inputs(batch)).logits
+        with head_at_targets(head, batch):
+            logits = model(**model_inputs(batch)).logits
         batch_loss, batch_units = task.loss_sum(logits, batch)
         loss_sum += batch_loss.double()
         units += batch_units

@@ -1,0 +1,49 @@
+"""The causal-LM head at the target positions only: the same loss and gradients as the full head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftcli.tasks import IGNORE_INDEX, TASKS, head_at_targets
+from tests.conftest import tiny_model
+
+
+def batch_with_prompts_and_padding(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab, (3, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # right padding
+    attention_mask[2, 5:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[0, :4] = IGNORE_INDEX  # a masked prompt
+    labels[1, :7] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX  # a row with nothing to learn
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", ["gpt2-lm", "llama-lm"])
+def test_head_at_targets_gives_the_full_heads_loss_and_gradients(arch: str) -> None:
+    task = TASKS["causal_lm"]
+    model = tiny_model(arch)
+    batch = batch_with_prompts_and_padding(model.config.vocab_size)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def loss_and_grads(head: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with head_at_targets(head, batch):
+            logits = model(**inputs).logits
+        loss, count = task.loss_sum(logits, batch)
+        loss.backward()
+        return logits, loss.detach(), count, [p.grad.clone() for p in model.parameters()]
+
+    full_logits, full_loss, full_count, full_grads = loss_and_grads(None)
+    logits, loss, count, grads = loss_and_grads(model.get_output_embeddings())
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert full_logits.shape[:2] == (3, 12) and logits.shape == (targets, model.config.vocab_size)
+    assert int(count) == int(full_count) == task.units(batch) == targets
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    for g, full in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(g, full, rtol=1e-5, atol=1e-7)
+    # The hook is gone afterwards: the next forward returns every position's logits again.
+    assert model(**inputs).logits.shape[:2] == (3, 12)
