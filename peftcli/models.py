@@ -89,6 +89,7 @@ def as_plain_float_model(model: PreTrainedModel) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and all(p.is_floating_point() for p in model.parameters()):
         model.hf_quantizer = None
+        model.is_quantized = False  # as transformers' own dequantize() leaves it
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
 

@@ -18,14 +18,14 @@ def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
     )
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "train_vs_hf.py"), "--workload", "tiny", "--steps", "6", "--warmup", "2",
-        "--tools", "peftcli,hf-grouped", "--variant", "bf16:train.mixed_precision=bf16", "--markdown", str(doc),
+        "--tools", "peftcli,hf-grouped-bf16", "--variant", "bf16:train.mixed_precision=bf16", "--markdown", str(doc),
     ]  # fmt: skip
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
     header, rows = lines[0], lines[1:]
     assert set(header) == {"machine", "matmul_gflops", "flops_per_token"} and header["matmul_gflops"]["fp32"] > 0
-    assert [r["tool"] for r in rows] == ["peftcli", "hf-grouped", "peftcli bf16"]
+    assert [r["tool"] for r in rows] == ["peftcli", "hf-grouped-bf16", "peftcli bf16"]
     for r in rows:
         assert (
             r["steps_timed"] == 4
@@ -39,4 +39,4 @@ def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks\n\nprose before\n\n<!-- bench: tiny start -->\n") and text.endswith(
         "<!-- bench: tiny end -->\n\nprose after\n"
     )
-    assert "old table" not in text and "| peftcli bf16 |" in text
+    assert "old table" not in text and "| peftcli bf16 |" in text and "| vs hf-grouped-bf16 |" in text
