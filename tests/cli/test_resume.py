@@ -150,8 +150,8 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run")
     real = peftcli.trainer.train_step
 
-    def nan_at_steps_7_and_12(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step):
-        loss, tokens, examples = real(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step)
+    def nan_at_steps_7_and_12(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest):
+        loss, tokens, examples = real(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest)
         return (float("nan") if step in (7, 12) else loss), tokens, examples
 
     monkeypatch.setattr(peftcli.trainer, "train_step", nan_at_steps_7_and_12)
