@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from peftcli.chat import as_messages, encode_chat, require_chat_template, require_fast
 from peftcli.errors import DataError
 from peftcli.recipe import DataSpec
 from peftcli.tasks import IGNORE_INDEX
@@ -171,6 +172,33 @@ def _template_fields(template: str) -> list[str]:
 
 
 def tokenize_causal_lm(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
+    encoded = tokenize_chat(ds, spec, tokenizer, split) if spec.columns.messages else tokenize_columns(ds, spec, tokenizer, split)
+    # A prompt that fills max_length (or a conversation without an assistant turn) leaves nothing to
+    # learn from; drop such rows (counted in the report).
+    return encoded.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]), desc="dropping rows with no target")
+
+
+def tokenize_chat(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
+    key = "data.columns.messages"
+    fix = "Use a chat (instruct) model, save a chat template beside its tokenizer (chat_template.jinja), or train on prompt/response columns."
+    require_chat_template(tokenizer, key, fix)
+    require_fast(tokenizer, key)
+    column = str(spec.columns.messages)
+
+    def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
+        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        for value, index in zip(rows[column], indices):
+            where = f"{key}: row {index} of split {split!r}"
+            ids, labels = encode_chat(tokenizer, as_messages(value, where), where)
+            out["input_ids"].append(ids[: spec.max_length])
+            out["labels"].append(labels[: spec.max_length])
+        return out
+
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+
+
+def tokenize_columns(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
+    """Plain text (every token trained), or a prompt (masked) and a response (trained, EOS appended)."""
     c = spec.columns
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -197,9 +225,7 @@ def tokenize_causal_lm(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrain
             out["labels"].append(labels[: spec.max_length])
         return out
 
-    encoded = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
-    # A prompt that fills max_length leaves nothing to learn from; drop such rows (counted in the report).
-    return encoded.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]), desc="dropping rows with no target")
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -208,7 +234,7 @@ def tokenize_causal_lm(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrain
 def check_columns(ds: datasets.Dataset, split: str, spec: DataSpec, task: str) -> None:
     c = spec.columns
     template_cols = _template_fields(c.prompt_template) if c.prompt_template else []
-    wanted = {"text": c.text, "text_pair": c.text_pair, "prompt": c.prompt, "response": c.response}
+    wanted = {"text": c.text, "text_pair": c.text_pair, "prompt": c.prompt, "response": c.response, "messages": c.messages}
     wanted |= {"label": c.label} if task == "sequence_classification" else {}
     wanted |= {f"prompt_template ({{{f}}})": f for f in template_cols}
     _require_columns(ds, split, wanted)
@@ -231,6 +257,8 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
     train = tokenize_causal_lm(train_raw, spec, tokenizer, spec.train_split)
     ev = tokenize_causal_lm(eval_raw, spec, tokenizer, str(spec.eval_split)) if eval_raw is not None else None
     dropped = {spec.train_split: len(train_raw) - len(train)}
+    if len(train) == 0 and spec.columns.messages:
+        raise DataError(f"data.columns.messages: no conversation has an assistant turn within its first {spec.max_length} tokens. Check the roles (only assistant turns are trained) or raise data.max_length.")
     if len(train) == 0:
         raise DataError(f"data.max_length: every training example's prompt fills all {spec.max_length} tokens; raise max_length.")
     return PreparedData(train, ev, None, dropped)

@@ -62,6 +62,11 @@ class Columns(Strict):
     prompt_template: str | None = Field(
         None, description="prompt built from columns, e.g. 'Question: {question}\\nAnswer: '"
     )
+    messages: str | None = Field(
+        None,
+        description="chat column (causal LM): a list of {role, content} messages, or ShareGPT's {from, value}; "
+        "rendered with the tokenizer's chat template, only the assistant's turns are trained",
+    )
 
 
 class DataSpec(Strict):
@@ -558,12 +563,17 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
             problems.append((("data", "columns", "text"), "sequence_classification needs the text column's name (e.g. text: sentence)."))
         if not c.label:
             problems.append((("data", "columns", "label"), "sequence_classification needs the label column's name (e.g. label: label)."))
+        if c.messages:
+            problems.append((("data", "columns", "messages"), f"chat data trains causal_lm only (got {c.messages!r} with task sequence_classification). Remove it, or set task: causal_lm."))
+    elif task == "causal_lm" and c.messages:
+        if c.text or c.prompt or c.prompt_template or c.response:
+            problems.append((("data", "columns", "messages"), "a conversation is the whole example: give `messages` alone, without text, prompt, prompt_template or response."))
     elif task == "causal_lm":
         has_prompt = bool(c.prompt or c.prompt_template)
         if c.text and (has_prompt or c.response):
             problems.append((("data", "columns"), "causal_lm takes either `text`, or `prompt`/`prompt_template` with `response`, not both."))
         elif not c.text and not (has_prompt and c.response):
-            problems.append((("data", "columns"), "causal_lm needs `text`, or `response` with `prompt` or `prompt_template`."))
+            problems.append((("data", "columns"), "causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`."))
         if c.prompt and c.prompt_template:
             problems.append((("data", "columns", "prompt_template"), "give `prompt` or `prompt_template`, not both."))
     return problems

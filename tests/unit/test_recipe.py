@@ -120,7 +120,7 @@ def test_missing_required_keys(recipe_dir: Path) -> None:
 
 def test_causal_lm_columns_are_checked(recipe_dir: Path) -> None:
     path = write(recipe_dir, BASE.replace("sequence_classification", "causal_lm").replace("{text: text, label: label}", "{prompt: q}"))
-    assert errors(path) == [f"{path}: data.columns: causal_lm needs `text`, or `response` with `prompt` or `prompt_template`."]
+    assert errors(path) == [f"{path}: data.columns: causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`."]
 
 
 def test_warmup_steps_and_ratio_conflict(recipe_dir: Path) -> None:
