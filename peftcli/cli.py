@@ -89,9 +89,18 @@ def train_cmd(
         int,
         typer.Option("--num-processes", min=1, help="data-parallel processes (GPUs, or CPU processes): runs accelerate launch"),
     ] = 1,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="load the tokenizer and data only: print one example with its trained tokens marked, and the counts; write nothing"),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train an adapter from a recipe and write the run directory."""
+    if dry_run:
+        from peftcli.commands.dry_run import run_dry_run
+
+        run(run_dry_run, recipe, overrides or [], debug=debug)
+        return
     if num_processes > 1:
         from peftcli.commands.launch import run_launch
 
