@@ -161,6 +161,34 @@ def eval_cmd(
     )
 
 
+@app.command("generate")
+def generate_cmd(
+    target: Annotated[Path, typer.Argument(help="a run directory or an adapter folder (causal LM)", show_default=False)],
+    prompt: Annotated[str | None, typer.Argument(help="the text to complete (or --file)", show_default=False)] = None,
+    overrides: OverridesArg = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="prompts: a text file, one a line, or JSONL of {\"messages\": [...]} or {\"prompt\": ...}")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")] = 128,
+    temperature: Annotated[float, typer.Option(help="sampling temperature; 0 is greedy")] = 0.0,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="sample from the smallest set of tokens with this much probability")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="sample from the k likeliest tokens")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="the likeliest token every step (the default, unless --temperature is above 0)")] = False,
+    seed: Annotated[int, typer.Option(help="seed for sampling: the same seed gives the same sample")] = 0,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="wrap the prompt as a user message in the chat template (default: on for a run trained on messages)", show_default=False),
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Complete a prompt (or every prompt of --file) with a trained adapter; prints only the new text."""
+    from peftcli.commands.generate import run_generate
+    from peftcli.generation import Decoding
+
+    decoding = Decoding(max_new_tokens, temperature, top_p, top_k, seed)
+    run(run_generate, target, prompt, file, decoding, chat, overrides or [], greedy, debug=debug)
+
+
 @app.command("merge")
 def merge_cmd(
     target: TargetArg,

@@ -17,6 +17,7 @@ from rich.table import Table
 from peftcli.checkpoint import atomic_write_text, write_json
 from peftcli.data import eval_loader, prepare_eval_data
 from peftcli.errors import RecipeError
+from peftcli.generation import Decoding, complete
 from peftcli.recipe import DataSpec, data_problems, describe, parse_override, resolve_data_paths, set_path
 from peftcli.target import Target, build, resolve_target
 from peftcli.tasks import IGNORE_INDEX, classification_details
@@ -128,20 +129,14 @@ def default_output(target: Target, base: bool) -> Path:
 def generate_samples(model: torch.nn.Module, tokenizer: Any, data: Any, n: int, max_new_tokens: int) -> list[dict[str, str]]:
     """Greedy answers to the first n eval prompts, beside the reference answers."""
     model.eval()
-    device = next(model.parameters()).device
     samples = []
     for row in data.select(range(min(n, len(data)))):
         ids, labels = row["input_ids"], row["labels"]
         start = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids))
-        prompt = torch.tensor([ids[:start]], device=device)
-        output = model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        )
         samples.append({
             "prompt": tokenizer.decode(ids[:start], skip_special_tokens=True),
             "reference": tokenizer.decode([t for t in labels[start:] if t != IGNORE_INDEX], skip_special_tokens=True),
-            "generated": tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True),
+            "generated": complete(model, tokenizer, ids[:start], Decoding(max_new_tokens=max_new_tokens)),
         })
     return samples
 
