@@ -4,9 +4,10 @@
         --markdown docs/benchmarks.md
 
 Each tool trains in its own subprocess (so peak memory is its own), one after another, with the same
-model, data, max length, batch size, optimizer (AdamW, weight decay), linear schedule with warm-up,
-precision, LoRA settings, seed and number of steps. HF runs twice: Trainer defaults (random batches,
-dynamic padding) and `group_by_length=True`. Each run prints one JSON line:
+model, max length, batch size, optimizer (AdamW, weight decay), linear schedule with warm-up,
+precision, LoRA settings, seed and number of steps, on the same examples: the first steps x batch of
+the training file, tokenized by the same code, one epoch. HF runs twice: Trainer defaults (random
+batches, dynamic padding) and `group_by_length=True`. Each run prints one JSON line:
 
     tool, real (non-pad) tokens/s, samples/s, median seconds per step after warm-up, peak RSS,
     the final eval metric, model FLOPs utilization against this machine's measured matmul peak
@@ -62,7 +63,9 @@ class Workload:
         """The peftcli recipe; HF Trainer gets the same numbers, and the same tokens (`hf_datasets`)."""
         method: dict[str, Any] = {"name": self.method}  # (IA)^3: `auto` targets, HF peft's defaults
         if self.method == "lora":
-            targets = self.target_modules[0] if tuple(self.target_modules) == ("all-linear",) else list(self.target_modules)
+            targets = (
+                self.target_modules[0] if tuple(self.target_modules) == ("all-linear",) else list(self.target_modules)
+            )
             method |= {"rank": self.rank, "alpha": self.alpha, "dropout": 0.0, "target_modules": targets}
         model: dict[str, Any] = {"name": self.model} | ({"gguf_file": self.gguf_file} if self.gguf_file else {})
         return {
@@ -75,6 +78,9 @@ class Workload:
                 "columns": self.columns,
                 "max_length": self.max_length,
             }
+            # Both tools train on the same first steps x batch examples, one epoch: the same work,
+            # each batching it its own way (length grouping is part of what is measured).
+            | {"max_train_examples": steps * self.batch_size}
             | ({"max_eval_examples": self.max_eval_examples} if self.max_eval_examples else {}),
             "optimizer": {"name": "adamw", "lr": self.lr, "weight_decay": self.weight_decay},
             "schedule": {"name": "linear", "warmup_ratio": self.warmup_ratio},
@@ -203,13 +209,13 @@ def timed_peft_eval(run_dir: Path) -> float:
     return loops[0]
 
 
-def hf_datasets(w: Workload, tokenizer: Any) -> tuple[Any, Any]:
+def hf_datasets(w: Workload, steps: int, tokenizer: Any) -> tuple[Any, Any]:
     """Train and eval splits for Trainer, tokenized exactly as `peft train` tokenizes them (the same
     tokens on both sides; for causal LM the prompt's labels are -100, as HF users mask them)."""
     from peftcli.data import prepare_data
     from peftcli.recipe import Recipe
 
-    spec = Recipe.model_validate(w.recipe(1, Path("unused"))).data
+    spec = Recipe.model_validate(w.recipe(steps, Path("unused"))).data
     data = prepare_data(spec, w.task, tokenizer)
 
     def with_mask(ds: Any) -> Any:
@@ -236,7 +242,7 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=w.gguf_file)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_set, eval_set = hf_datasets(w, tokenizer)
+    train_set, eval_set = hf_datasets(w, steps, tokenizer)
     causal = w.task == "causal_lm"
     if causal:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=w.gguf_file, dtype="float32")
@@ -404,6 +410,12 @@ def main() -> None:
         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
         help="an extra peftcli row with recipe overrides, e.g. bf16:train.mixed_precision=bf16 (a lever to measure)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every row this many times, in turn, and report medians (runs are noisy)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--overrides-json", help=argparse.SUPPRESS)
     parser.add_argument("--workload-json", help=argparse.SUPPRESS)
@@ -435,30 +447,58 @@ def main() -> None:
             ),
             flush=True,
         )
-        rows = []
         runs = [(tool, []) for tool in args.tools.split(",")]
         runs += [(f"peftcli {v.split(':', 1)[0]}", v.split(":", 1)[1].split(",")) for v in args.variant]
-        for tool, overrides in runs:
-            load = os.getloadavg()[0]
-            cmd = [
-                sys.executable, __file__, "--child", tool, "--workload-json", json.dumps(w.__dict__), "--steps", str(args.steps),
-                "--warmup", str(args.warmup), "--peaks-json", json.dumps(peaks), "--flops-per-token", str(flops_per_token),
-                "--overrides-json", json.dumps(overrides),
-            ]  # fmt: skip
-            started = time.perf_counter()
-            done = subprocess.run(
-                cmd, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}
-            )
-            if done.returncode != 0:
-                sys.exit(f"{tool} failed:\n{done.stderr[-4000:]}")
-            row = json.loads(done.stdout.strip().splitlines()[-1]) | {
-                "wall_s": round(time.perf_counter() - started, 1),
-                "load_before": round(load, 2),
-            }
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        samples: dict[str, list[dict[str, Any]]] = {tool: [] for tool, _ in runs}
+        for round_ in range(1, args.repeat + 1):  # in turn, so a slow spell of the machine hits every tool
+            for tool, overrides in runs:
+                row = run_child(tool, overrides, w, args, peaks, flops_per_token) | {"round": round_}
+                print(json.dumps(row), flush=True)
+                samples[tool].append(row)
+        rows = [median_row(tool_rows) for tool_rows in samples.values()]
+        if args.repeat > 1:
+            for row in rows:
+                print(json.dumps(row), flush=True)
     if args.markdown:
         write_between_markers(args.markdown, w.name, markdown(rows, w, args, peaks, flops_per_token))
+
+
+def run_child(
+    tool: str,
+    overrides: list[str],
+    w: Workload,
+    args: argparse.Namespace,
+    peaks: dict[str, float],
+    flops_per_token: float,
+) -> dict[str, Any]:
+    """One tool's run in its own process (its own peak memory), on a machine as quiet as we found it."""
+    load = os.getloadavg()[0]
+    cmd = [
+        sys.executable, __file__, "--child", tool, "--workload-json", json.dumps(w.__dict__), "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--peaks-json", json.dumps(peaks), "--flops-per-token", str(flops_per_token),
+        "--overrides-json", json.dumps(overrides),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        sys.exit(f"{tool} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "load_before": round(load, 2),
+    }
+
+
+MEDIAN_KEYS = ("real_tokens_per_s", "samples_per_s", "median_s_per_step", "peak_rss_mb", "mfu_fp32", "mfu_bf16",
+               "eval_examples_per_s", "wall_s", "load_before")  # fmt: skip
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tool's runs as one row: the median of each measurement, and every run's tokens/s beside it.
+    The eval metric is the first run's (the runs are seeded alike)."""
+    if len(rows) == 1:
+        return rows[0]
+    medians = {k: round(statistics.median(r[k] for r in rows), 4) for k in MEDIAN_KEYS}
+    return rows[0] | medians | {"runs": len(rows), "real_tokens_per_s_each": [r["real_tokens_per_s"] for r in rows]}
 
 
 def write_between_markers(path: Path, workload: str, table: str) -> None:
@@ -491,18 +531,23 @@ def markdown(
         (
             f"Workload `{w.name}`: {describe(w)} on {', '.join(w.target_modules)} of `{w.model}`, batch {w.batch_size}, "
             f"max length {w.max_length}, AdamW lr {w.lr} weight decay {w.weight_decay}, linear schedule with {w.warmup_ratio:.0%} warm-up, "
-            f"fp32 unless the row says bf16, {args.steps} steps (the first {args.warmup} left out of the timings), eval on `{Path(w.eval_file).name}`."
+            f"fp32 unless the row says bf16, {args.steps} steps (the first {args.warmup} left out of the timings), eval on `{Path(w.eval_file).name}`"
+            + (
+                f"{f' (first {w.max_eval_examples})' if w.max_eval_examples else ''}."
+                + (f" Every row ran {args.repeat} times, in turn; the table shows medians." if args.repeat > 1 else "")
+            )
         ),
         "",
         "```",
         f"python benchmarks/train_vs_hf.py --workload {w.name} --steps {args.steps} --warmup {args.warmup} "
         + (f"--tools {args.tools} " if args.tools != ",".join(TOOLS) else "")
+        + (f"--repeat {args.repeat} " if args.repeat > 1 else "")
         + "".join(f"--variant '{v}' " for v in args.variant)
         + "--markdown docs/benchmarks.md",
         "```",
         "",
-        f"| tool | real tok/s | samples/s | median s/step | peak RSS MB | eval | MFU of fp32 / bf16 peak | {' | '.join(f'vs {t}' for t in baselines)} | eval examples/s | load before |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(baselines) + "---|---|",
+        f"| tool | real tok/s | samples/s | median s/step | peak RSS MB | eval | MFU of fp32 / bf16 peak | {' | '.join(f'vs {t}' for t in baselines)} | eval examples/s | load before |{' tok/s of each run |' if args.repeat > 1 else ''}",
+        "|---|---|---|---|---|---|---|" + "---|" * len(baselines) + "---|---|" + ("---|" if args.repeat > 1 else ""),
     ]
     for r in rows:
         vs = [f"{r['real_tokens_per_s'] / by_tool[t]['real_tokens_per_s']:.2f}x" for t in baselines]
@@ -510,6 +555,7 @@ def markdown(
         lines.append(
             f"| {r['tool']} | {r['real_tokens_per_s']:,.0f} | {r['samples_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
             f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | {r['eval_examples_per_s']:,.0f} | {r['load_before']} |"
+            + (f" {', '.join(f'{x:,.0f}' for x in r['real_tokens_per_s_each'])} |" if args.repeat > 1 else "")
         )
     return "\n".join(lines) + "\n"
 
