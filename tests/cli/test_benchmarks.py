@@ -40,3 +40,21 @@ def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
         "<!-- bench: tiny end -->\n\nprose after\n"
     )
     assert "old table" not in text and "| peftcli bf16 |" in text and "| vs hf-grouped-bf16 |" in text
+
+
+def test_repeated_rows_are_reported_as_medians_with_every_runs_tokens_per_s() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_vs_hf", ROOT / "benchmarks" / "train_vs_hf.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    runs = [
+        {key: float(value) for key in bench.MEDIAN_KEYS} | {"tool": "peftcli", "eval": {"accuracy": 0.5}, "round": i}
+        for i, value in ((1, 300), (2, 100), (3, 200))
+    ]
+    row = bench.median_row(runs)
+    assert row["real_tokens_per_s"] == 200 and row["peak_rss_mb"] == 200 and row["runs"] == 3
+    assert row["real_tokens_per_s_each"] == [300, 100, 200]
+    assert bench.median_row(runs[:1]) == runs[0]  # one run: the row as it was
