@@ -554,7 +554,7 @@ def markdown(
         metric = ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
         lines.append(
             f"| {r['tool']} | {r['real_tokens_per_s']:,.0f} | {r['samples_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
-            f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | {r['eval_examples_per_s']:,.0f} | {r['load_before']} |"
+            f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | {r['eval_examples_per_s']:,.{0 if r['eval_examples_per_s'] >= 100 else 1}f} | {r['load_before']} |"
             + (f" {', '.join(f'{x:,.0f}' for x in r['real_tokens_per_s_each'])} |" if args.repeat > 1 else "")
         )
     return "\n".join(lines) + "\n"
