@@ -189,40 +189,34 @@ def test_bad_sampling_options(chat_run: Path, work: Path, args: list[str], lines
     refused(work, "generate", str(chat_run), "hello", *args, lines=lines)
 
 
-def test_bad_prompt_files(chat_run: Path, work: Path) -> None:
-    refused(
-        work,
-        "generate",
-        str(chat_run),
-        "--file",
-        "nope.txt",
-        lines=["--file: file not found (got 'nope.txt'). Give a text file (one prompt a line) or a JSONL file."],
-    )
-    refused(
-        work,
-        "generate",
-        str(chat_run),
-        lines=['PROMPT: nothing to complete. Give a prompt (peft generate RUN "text") or --file prompts.txt.'],
-    )
-    (work / "bad.jsonl").write_text('{"prompt": "one"}\n{"prompt": \n')
-    refused(
-        work,
-        "generate",
-        str(chat_run),
-        "--file",
-        "bad.jsonl",
-        lines=["--file: bad.jsonl line 2: not valid JSON (Expecting value). Write one JSON object a line."],
-    )
-    (work / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "one"}]}\n')
-    refused(
-        work,
-        "generate",
-        str(chat_run),
-        "--file",
-        "chat.jsonl",
-        "--no-chat",
-        lines=["--no-chat: chat.jsonl holds conversations, which only the chat template can render. Drop --no-chat."],
-    )
+PROMPT_FILES = {
+    "bad.jsonl": '{"prompt": "one"}\n{"prompt": \n',
+    "chat.jsonl": '{"messages": [{"role": "user", "content": "one"}]}\n',
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--file", "nope.txt"],
+            "--file: file not found (got 'nope.txt'). Give a text file (one prompt a line) or a JSONL file.",
+        ),
+        ([], 'PROMPT: nothing to complete. Give a prompt (peft generate RUN "text") or --file prompts.txt.'),
+        (
+            ["--file", "bad.jsonl"],
+            "--file: bad.jsonl line 2: not valid JSON (Expecting value). Write one JSON object a line.",
+        ),
+        (
+            ["--file", "chat.jsonl", "--no-chat"],
+            "--no-chat: chat.jsonl holds conversations, which only the chat template can render. Drop --no-chat.",
+        ),
+    ],
+)
+def test_bad_prompts(chat_run: Path, work: Path, args: list[str], line: str) -> None:
+    for name, text in PROMPT_FILES.items():
+        (work / name).write_text(text)
+    refused(work, "generate", str(chat_run), *args, lines=[line])
 
 
 def test_chat_needs_a_chat_template(chat_run: Path, work: Path, tiny_dirs) -> None:
