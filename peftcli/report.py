@@ -35,12 +35,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"{report['method']} on `{report['model']}`, task {report['task']}.", ""]
     lines += ["| | |", "|---|---|"]
     for key, value in report["summary"].items():
-        lines.append(f"| {key} | {_fmt(value)} |")
+        lines.append(f"| {key} | {fmt_value(value)} |")
     if report.get("final_metrics"):
         lines += ["", "## Eval", "", "| metric | final | best |", "|---|---|---|"]
         best = report.get("best_metrics") or {}
         for key, value in report["final_metrics"].items():
-            lines.append(f"| {key} | {_fmt(value)} | {_fmt(best.get(key, ''))} |")
+            lines.append(f"| {key} | {fmt_value(value)} | {fmt_value(best.get(key, ''))} |")
         if report.get("best_step") is not None:
             lines += ["", f"The saved adapter is from step {report['best_step']} (best {report['best_metric']})."]
     lines += ["", "## Versions", ""] + [f"- {k} {v}" for k, v in report["versions"].items()]
@@ -48,7 +48,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):

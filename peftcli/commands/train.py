@@ -36,6 +36,7 @@ from peftcli.checkpoint import (
 from peftcli.data import eval_loader, prepare_data, train_loader
 from peftcli.distributed import partitioned_optimizer
 from peftcli.errors import CheckpointError, PeftcliError, RunInterrupted, TrainingDiverged
+from peftcli.html_report import write_run_html
 from peftcli.methods import context_for, get_method
 from peftcli.methods.base import Calibration, count_parameters, trainable_parameters
 from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
@@ -187,6 +188,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
             recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator
         )
         write_report(run_dir, report, result.history, t.best_metric or task.best_metric)
+        write_run_html(run_dir, report, result.history)
         print_summary(report, run_dir)
     return run_dir
 

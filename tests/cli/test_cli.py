@@ -41,6 +41,7 @@ CLASSIFICATION_RUN_FILES = {
     "metrics.jsonl",
     "report.json",
     "report.md",
+    "report.html",
     "curves.svg",
     "adapter/adapter_config.json",
     "adapter/adapter_model.safetensors",

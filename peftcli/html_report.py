@@ -1,0 +1,285 @@
+"""report.html for a run and for a comparison: one self-contained page each, its plots drawn here as
+inline SVG (no plotting or JavaScript library, no network, no external font or stylesheet), so the
+file opens anywhere, offline, years later. Every string a user chose (run and model names, the
+recipe's text, error messages) is escaped."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from peftcli.checkpoint import atomic_write_text
+from peftcli.comparison import NUMERIC_COLUMNS, cells, headers, plot_points
+from peftcli.report import fmt_value
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+CSS = """
+body { font-family: sans-serif; color: #222; max-width: 1100px; margin: 2rem auto; padding: 0 1rem; }
+table { border-collapse: collapse; margin: 1rem 0; }
+th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.failed td { color: #a00; }
+pre { background: #f7f7f7; padding: 1rem; overflow: auto; }
+svg { display: block; margin: 1rem 0; max-width: 100%; height: auto; }
+"""
+
+
+# -- axes and charts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A linear or log10 axis: its title, its range and its ticks as (value, label)."""
+
+    title: str
+    lo: float
+    hi: float
+    ticks: tuple[tuple[float, str], ...]
+    log: bool = False
+
+    def fraction(self, value: float) -> float:
+        """Where `value` lies between lo (0) and hi (1)."""
+        if self.log:
+            return (math.log10(value) - math.log10(self.lo)) / (math.log10(self.hi) - math.log10(self.lo))
+        return (value - self.lo) / (self.hi - self.lo)
+
+
+def linear_axis(title: str, values: list[float]) -> Axis:
+    """Ticks at round steps (1, 2 or 5 x 10^k), the range widened to whole steps."""
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if hi - lo <= 1e-9 * max(1.0, abs(hi)):  # one value, or all equal: a range around it
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    step = nice_step((hi - lo) / 5)
+    lo, hi = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
+    decimals = max(0, -math.floor(math.log10(step)))
+    ticks = tuple((lo + i * step, f"{lo + i * step:.{decimals}f}") for i in range(round((hi - lo) / step) + 1))
+    return Axis(title, lo, hi, ticks)
+
+
+def nice_step(raw: float) -> float:
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+
+
+def log_axis(title: str, values: list[float]) -> Axis:
+    """Whole decades around the values, a tick at each power of ten. Parameter counts of methods
+    span four or more orders of magnitude (BitFit's thousands to full fine-tuning's millions)."""
+    positive = [v for v in values if v > 0] or [1.0, 10.0]
+    lo = math.floor(math.log10(min(positive)))
+    hi = max(math.ceil(math.log10(max(positive))), lo + 1)
+    ticks = tuple((10.0**e, power_label(e)) for e in range(lo, hi + 1))
+    return Axis(f"{title} (log scale)", 10.0**lo, 10.0**hi, ticks, log=True)
+
+
+def power_label(exponent: int) -> str:
+    """10^exponent as parameter counts are written: 1, 10, 100, 1k, 10k, 100k, 1M, ..., 1B."""
+    for e, suffix in ((9, "B"), (6, "M"), (3, "k")):
+        if exponent >= e:
+            return f"{10 ** (exponent - e)}{suffix}"
+    return str(10**exponent) if exponent >= 0 else f"1e{exponent}"
+
+
+@dataclass(frozen=True)
+class Series:
+    """Points of one colour: joined by a line, or (`labelled`) single points with their name beside."""
+
+    name: str
+    points: list[tuple[float, float]]
+    color: str
+    labelled: bool = False
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The plot area inside the SVG and the mapping from data to pixels."""
+
+    x: Axis
+    y: Axis
+    left: float = 72
+    top: float = 40
+    width: float = 540
+    height: float = 250
+
+    def px(self, v: float) -> float:
+        return self.left + self.x.fraction(v) * self.width
+
+    def py(self, v: float) -> float:
+        return self.top + self.height - self.y.fraction(v) * self.height
+
+
+def svg_chart(title: str, x: Axis, y: Axis, series: list[Series], width: int = 640, height: int = 340) -> str:
+    frame = Frame(x, y, width=width - 72 - 28, height=height - 40 - 50)
+    parts = [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'font-family="sans-serif" font-size="12" role="img" aria-label="{escape(title)}">'
+        ),
+        f"<title>{escape(title)}</title>",
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{frame.left}" y="20" font-size="14" font-weight="bold">{escape(title)}</text>',
+        *grid(frame),
+        *[svg_series(s, frame) for s in series],
+        *legend([s for s in series if not s.labelled], width),
+        "</svg>",
+    ]
+    return "\n".join(parts)
+
+
+def grid(f: Frame) -> list[str]:
+    """Grid lines and tick labels for both axes, the frame, and the axis titles."""
+    bottom, right = f.top + f.height, f.left + f.width
+    parts = []
+    for v, label in f.x.ticks:
+        parts.append(f'<line x1="{f.px(v):.1f}" y1="{f.top}" x2="{f.px(v):.1f}" y2="{bottom}" stroke="#e5e5e5"/>')
+        parts.append(f'<text x="{f.px(v):.1f}" y="{bottom + 16}" text-anchor="middle">{escape(label)}</text>')
+    for v, label in f.y.ticks:
+        parts.append(f'<line x1="{f.left}" y1="{f.py(v):.1f}" x2="{right}" y2="{f.py(v):.1f}" stroke="#e5e5e5"/>')
+        parts.append(f'<text x="{f.left - 6}" y="{f.py(v) + 4:.1f}" text-anchor="end">{escape(label)}</text>')
+    parts.append(f'<rect x="{f.left}" y="{f.top}" width="{f.width}" height="{f.height}" fill="none" stroke="#999"/>')
+    parts.append(
+        f'<text x="{f.left + f.width / 2:.1f}" y="{bottom + 38}" text-anchor="middle">{escape(f.x.title)}</text>'
+    )
+    middle = f.top + f.height / 2
+    parts.append(
+        f'<text x="16" y="{middle:.1f}" text-anchor="middle" transform="rotate(-90 16 {middle:.1f})">{escape(f.y.title)}</text>'
+    )
+    return parts
+
+
+def svg_series(s: Series, f: Frame) -> str:
+    xy = [(f.px(x), f.py(y)) for x, y in s.points]
+    parts = []
+    if not s.labelled and len(xy) > 1:
+        d = "M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+        parts.append(f'<path d="{d}" fill="none" stroke="{s.color}" stroke-width="2"/>')
+    if s.labelled or len(xy) <= 60:  # dots on a long curve are noise
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4 if s.labelled else 3}" fill="{s.color}"/>' for x, y in xy]
+    if s.labelled:
+        parts += [f'<text x="{x + 7:.1f}" y="{y - 6:.1f}" fill="{s.color}">{escape(s.name)}</text>' for x, y in xy]
+    return "".join(parts)
+
+
+def legend(series: list[Series], width: int) -> list[str]:
+    parts, x = [], width - 28
+    for s in reversed(series):  # right-aligned: laid out from the right edge
+        x -= 7 * len(s.name) + 24
+        parts.append(f'<rect x="{x:.0f}" y="11" width="10" height="10" fill="{s.color}"/>')
+        parts.append(f'<text x="{x + 14:.0f}" y="20">{escape(s.name)}</text>')
+    return parts
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- pages -------------------------------------------------------------------------------------
+
+
+def page(title: str, body: list[str]) -> str:
+    head = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">']
+    head += [f"<title>{escape(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>"]
+    return "\n".join([*head, *body, "</body>", "</html>", ""])
+
+
+def html_table(
+    header: list[str],
+    rows: list[list[str]],
+    numeric: frozenset[int] = frozenset(),
+    links: list[str | None] | None = None,
+    row_classes: list[str] | None = None,
+) -> str:
+    """Plain text cells, escaped here; `links` makes the first cell of a row a link."""
+    out = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    for i, row in enumerate(rows):
+        tds = []
+        for j, cell in enumerate(row):
+            text = escape(cell)
+            if j == 0 and links and links[i]:
+                text = f'<a href="{escape(links[i] or "")}">{text}</a>'
+            tds.append(f'<td class="num">{text}</td>' if j in numeric else f"<td>{text}</td>")
+        css = f' class="{escape(row_classes[i])}"' if row_classes and row_classes[i] else ""
+        out.append(f"<tr{css}>" + "".join(tds) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def run_plots(history: list[dict[str, Any]]) -> list[str]:
+    """The loss (training, and eval where there is one) and the other eval metrics, against the step."""
+
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in history if finite(r.get(key)) and finite(r.get("step"))]
+
+    losses = [Series("train loss", points("loss"), COLORS[0]), Series("eval loss", points("eval_loss"), COLORS[1])]
+    metrics = dict.fromkeys(
+        k for r in history for k, v in r.items() if k.startswith("eval_") and k != "eval_loss" and finite(v)
+    )
+    others = [Series(k.removeprefix("eval_"), points(k), COLORS[2 + i % 6]) for i, k in enumerate(metrics)]
+    charts = []
+    for title, y_title, group in (("Loss", "loss", losses), ("Eval metrics", "metric", others)):
+        group = [s for s in group if s.points]
+        if group:
+            x = linear_axis("step", [p[0] for s in group for p in s.points])
+            y = linear_axis(y_title, [p[1] for s in group for p in s.points])
+            charts.append(svg_chart(title, x, y, group))
+    return charts or ["<p>Nothing was logged: the run was shorter than train.log_every and had no eval.</p>"]
+
+
+def run_html(report: dict[str, Any], history: list[dict[str, Any]], recipe_text: str) -> str:
+    e = escape
+    body = [f"<h1>Run {e(str(report['name']))}</h1>"]
+    body.append(
+        f"<p>{e(str(report['method']))} on <code>{e(str(report['model']))}</code>, task {e(str(report['task']))}.</p>"
+    )
+    body += ["<h2>Curves</h2>", *run_plots(history)]
+    body += ["<h2>Summary</h2>", html_table(["", "value"], [[k, fmt_value(v)] for k, v in report["summary"].items()])]
+    if report.get("final_metrics"):
+        best = report.get("best_metrics") or {}
+        rows = [[k, fmt_value(v), fmt_value(best.get(k, ""))] for k, v in report["final_metrics"].items()]
+        body += ["<h2>Eval</h2>", html_table(["metric", "final", "best"], rows, frozenset({1, 2}))]
+        if report.get("best_step") is not None:
+            body.append(
+                f"<p>The saved adapter is from step {e(str(report['best_step']))} (best {e(str(report['best_metric']))}).</p>"
+            )
+    body += ["<h2>Recipe</h2>", f"<pre>{e(recipe_text)}</pre>"]
+    body += [
+        "<h2>Versions</h2>",
+        "<ul>",
+        *[f"<li>{e(str(k))} {e(str(v))}</li>" for k, v in report["versions"].items()],
+        "</ul>",
+    ]
+    return page(f"Run {report['name']}", body)
+
+
+def write_run_html(run_dir: Path, report: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    recipe = run_dir / "recipe.yaml"
+    text = recipe.read_text(encoding="utf-8") if recipe.is_file() else ""
+    atomic_write_text(run_dir / "report.html", run_html(report, history, text))
+
+
+def comparison_html(title: str, metric: str, higher_is_better: bool, rows: list[dict[str, Any]], out: Path) -> str:
+    """The comparison table (each run linked to its own report.html) and the metric against the
+    trainable parameters, one labelled point per finished run."""
+    links = [link_from(out, r["run_dir"]) for r in rows]
+    row_classes = ["failed" if r["status"] == "failed" else "" for r in rows]
+    table = html_table(headers(metric), [cells(r) for r in rows], NUMERIC_COLUMNS, links, row_classes)
+    points = plot_points(rows)
+    series = [Series(label, [(x, y)], COLORS[i % len(COLORS)], labelled=True) for i, (label, x, y) in enumerate(points)]
+    x = log_axis("trainable parameters", [p[1] for p in points])
+    y = linear_axis(f"{metric} (best)", [p[2] for p in points])
+    chart = svg_chart(f"{metric} (best) against trainable parameters", x, y, series)
+    order = "higher is better" if higher_is_better else "lower is better"
+    body = [f"<h1>{escape(title)}</h1>", f"<p>Sorted by the best eval {escape(metric)} ({order}).</p>", table, chart]
+    return page(title, body)
+
+
+def link_from(out: Path, run_dir: str | None) -> str | None:
+    if run_dir is None or not (Path(run_dir) / "report.html").is_file():
+        return None
+    return Path(os.path.relpath(Path(run_dir) / "report.html", out)).as_posix()
