@@ -228,6 +228,40 @@ def inspect_cmd(
     run(run_inspect, target, overrides or [], modules, debug=debug)
 
 
+@app.command("compare")
+def compare_cmd(
+    entries: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="RECIPE... [key.path=value ...]",
+            help="recipes to train, finished run directories to read (no training), and overrides for every recipe",
+            show_default=False,
+        ),
+    ],
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            metavar="M1,M2,...",
+            help="train the one RECIPE once per method, each with that method's defaults: the recipe's method: "
+            "block is replaced by {name: M}, its method-specific keys (rank, target_modules, ...) are not carried over",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder for the runs and the comparison (default: compare/<recipe name>)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace run directories and a comparison in --out")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train several recipes, or one recipe with several methods, and compare them: a table sorted by
+    the task's metric and a plot of it against trainable parameters (comparison.md, comparison.json,
+    report.html). A failed run is a row of the table; the exit code is then 1."""
+    from peftcli.commands.compare import run_compare
+
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
+    raise typer.Exit(run(run_compare, entries, names, out, overwrite, debug, quiet_libraries, debug=debug))
+
+
 def version_callback(value: bool) -> None:
     if value:
         print(f"peftcli {__version__}")
