@@ -126,6 +126,7 @@ def svg_chart(title: str, x: Axis, y: Axis, series: list[Series], width: int = 6
         f'<text x="{frame.left}" y="20" font-size="14" font-weight="bold">{escape(title)}</text>',
         *grid(frame),
         *[svg_series(s, frame) for s in series],
+        *point_labels([s for s in series if s.labelled], frame),
         *legend([s for s in series if not s.labelled], width),
         "</svg>",
     ]
@@ -161,9 +162,29 @@ def svg_series(s: Series, f: Frame) -> str:
         parts.append(f'<path d="{d}" fill="none" stroke="{s.color}" stroke-width="2"/>')
     if s.labelled or len(xy) <= 60:  # dots on a long curve are noise
         parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4 if s.labelled else 3}" fill="{s.color}"/>' for x, y in xy]
-    if s.labelled:
-        parts += [f'<text x="{x + 7:.1f}" y="{y - 6:.1f}" fill="{s.color}">{escape(s.name)}</text>' for x, y in xy]
     return "".join(parts)
+
+
+LABEL_OFFSETS = ((7, -6), (7, 14), (7, -20), (7, 28), (7, -34), (7, 42))
+
+
+def point_labels(series: list[Series], f: Frame) -> list[str]:
+    """Each labelled point's name beside it: above right, or the first place further up or down
+    where it overlaps no name placed before (runs of similar size and score sit close together)."""
+    placed: list[tuple[float, float, float, float]] = []
+
+    def free(box: tuple[float, float, float, float]) -> bool:
+        return all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed)
+
+    parts = []
+    for s in series:
+        width = 7 * len(s.name)  # about 7 px a character at font size 12
+        for x, y in ((f.px(a), f.py(b)) for a, b in s.points):
+            boxes = [(x + dx, y + dy - 11, x + dx + width, y + dy + 2) for dx, dy in LABEL_OFFSETS]
+            box = next((b for b in boxes if free(b)), boxes[0])
+            placed.append(box)
+            parts.append(f'<text x="{box[0]:.1f}" y="{box[3] - 2:.1f}" fill="{s.color}">{escape(s.name)}</text>')
+    return parts
 
 
 def legend(series: list[Series], width: int) -> list[str]:
@@ -272,7 +293,9 @@ def comparison_html(title: str, metric: str, higher_is_better: bool, rows: list[
     points = plot_points(rows)
     series = [Series(label, [(x, y)], COLORS[i % len(COLORS)], labelled=True) for i, (label, x, y) in enumerate(points)]
     x = log_axis("trainable parameters", [p[1] for p in points])
-    y = linear_axis(f"{metric} (best)", [p[2] for p in points])
+    scores = [p[2] for p in points]
+    margin = 0.05 * (max(scores) - min(scores)) if scores else 0.0  # no point on the frame's edge
+    y = linear_axis(f"{metric} (best)", [*scores, *([min(scores) - margin, max(scores) + margin] if scores else [])])
     chart = svg_chart(f"{metric} (best) against trainable parameters", x, y, series)
     order = "higher is better" if higher_is_better else "lower is better"
     body = [f"<h1>{escape(title)}</h1>", f"<p>Sorted by the best eval {escape(metric)} ({order}).</p>", table, chart]

@@ -118,3 +118,17 @@ def test_run_page_has_the_curves_the_summary_and_the_recipe() -> None:
     assert {"train loss", "eval loss"} <= set(parsed.svg_texts[0]) and {"accuracy", "f1"} <= set(parsed.svg_texts[1])
     assert "name: run <&>\nmethod: {name: lora}\n" in parsed.texts and "run <&>" not in text
     assert "1,234" in parsed.texts
+
+
+def test_names_of_points_close_together_do_not_overlap() -> None:
+    x, y = log_axis("params", [8_450, 16_898]), linear_axis("accuracy", [0.5, 0.8])
+    series = [Series(n, [(p, 0.5092)], "#000", labelled=True) for n, p in (("prompt_tuning", 8_450), ("ia3", 16_898))]
+    svg = svg_chart("t", x, y, series)
+    texts = parse_html(svg).svg_texts[0]
+    ys = [
+        float(line.split('y="')[1].split('"')[0])
+        for line in svg.splitlines()
+        for n in ("prompt_tuning", "ia3")
+        if line.endswith(f">{n}</text>")
+    ]
+    assert {"prompt_tuning", "ia3"} <= set(texts) and len(ys) == 2 and abs(ys[0] - ys[1]) >= 13
