@@ -163,7 +163,7 @@ TASKS: dict[str, Task] = {
         best_metric="loss",
         metric_names=("loss", "perplexity"),
         loss_sum=causal_lm_loss,
-        units=lambda batch: int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        units=lambda batch: int((next_token_targets(batch) != IGNORE_INDEX).sum()),
         predictions=lambda logits, batch: None,
         metrics=causal_lm_metrics,
         head_at_targets_only=True,
