@@ -12,6 +12,12 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 from peftcli import __version__
 from peftcli.errors import PeftcliError
@@ -21,7 +27,48 @@ from peftcli.errors import PeftcliError
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+class OneLineUsageErrors(TyperGroup):
+    """A usage error (an unknown option, a missing argument, a value of the wrong type) is one
+    `error:` line and exit code 2, like every other refusal, instead of click's usage box."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            exc.show()  # bare `peft` or `peft COMMAND`-with-nothing prints the help
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            err.print(f"[bold red]error:[/] {escape(usage_error_line(exc, argv))}", markup=True, highlight=False)
+            sys.exit(exc.exit_code)
+        except click_errors.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_errors.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_error_line(exc: click_errors.UsageError, argv: list[str]) -> str:
+    """`peft generate: --temperature 'abc': Input should be a valid number... Run `peft generate --help`."""
+    command = exc.ctx.command_path if exc.ctx is not None else "peft"
+    message = exc.format_message()
+    param = getattr(exc, "param", None)
+    if isinstance(exc, click_errors.BadParameter) and param is not None and param.opts:
+        given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in param.opts]
+        given += [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in param.opts and "=" in a]
+        if given:
+            message = f"{message} (got {given[-1]!r})"
+    message = message[0].lower() + message[1:] if message else message
+    return f"{command}: {message.rstrip('.')}. Run `{command} --help` for the options."
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     name="peft",
     help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.",
     no_args_is_help=True,

@@ -448,6 +448,22 @@ def test_recipe_file_not_found(work: Path) -> None:
     )
 
 
+USAGE = [
+    (("generate", "runs/x", "hi", "--temperature", "abc"), "peft generate: invalid value for '--temperature': Input should be a valid number, unable to parse string as a number (got 'abc')"),
+    (("generate", "runs/x", "hi", "--top-k=1.5"), "peft generate: invalid value for '--top-k': Input should be a valid integer, unable to parse string as an integer (got '1.5')"),
+    (("train",), "peft train: missing argument 'recipe'"),
+    (("train", "r.yaml", "--bogus"), "peft train: no such option: --bogus"),
+    (("merge", "runs/x"), "peft merge: missing option '--out'"),
+    (("bogus",), "peft: no such command 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(("args", "line"), USAGE, ids=[" ".join(a) for a, _ in USAGE])
+def test_usage_errors_are_one_line(args: tuple[str, ...], line: str, work: Path) -> None:
+    command = line.split(":")[0]
+    refused(work, *args, lines=[f"{line}. Run `{command} --help` for the options."])
+
+
 def test_validate_reports_like_train(work: Path, tiny_dirs, tiny_data) -> None:
     recipe = tiny_recipe(tiny_dirs["bert-cls"], tiny_data, CLS, name="../up")
     recipe["optimizer"]["lr"] = 0
