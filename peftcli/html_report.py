@@ -1,4 +1,4 @@
-"""report.html for a run and for a comparison: one self-contained page each, its plots drawn here as
+"""report.html for a run and for a comparison, and a run's curves.svg: one self-contained page each, its plots drawn here as
 inline SVG (no plotting or JavaScript library, no network, no external font or stylesheet), so the
 file opens anywhere, offline, years later. Every string a user chose (run and model names, the
 recipe's text, error messages) is escaped."""
@@ -16,6 +16,7 @@ from peftcli.checkpoint import atomic_write_text
 from peftcli.comparison import NUMERIC_COLUMNS, cells, headers, plot_points
 from peftcli.report import fmt_value
 
+CHART_WIDTH, CHART_HEIGHT = 640, 340
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 CSS = """
@@ -231,8 +232,9 @@ def html_table(
     return "\n".join(out)
 
 
-def run_plots(history: list[dict[str, Any]]) -> list[str]:
-    """The loss (training, and eval where there is one) and the other eval metrics, against the step."""
+def run_charts(history: list[dict[str, Any]]) -> list[str]:
+    """The loss (training, and eval where there is one) and the other eval metrics, against the step:
+    one SVG chart each, none when nothing was logged."""
 
     def points(key: str) -> list[tuple[float, float]]:
         return [(r["step"], r[key]) for r in history if finite(r.get(key)) and finite(r.get("step"))]
@@ -248,8 +250,23 @@ def run_plots(history: list[dict[str, Any]]) -> list[str]:
         if group:
             x = linear_axis("step", [p[0] for s in group for p in s.points])
             y = linear_axis(y_title, [p[1] for s in group for p in s.points])
-            charts.append(svg_chart(title, x, y, group))
-    return charts or ["<p>Nothing was logged: the run was shorter than train.log_every and had no eval.</p>"]
+            charts.append(svg_chart(title, x, y, group, width=CHART_WIDTH, height=CHART_HEIGHT))
+    return charts
+
+
+NOTHING_LOGGED = "Nothing was logged: the run was shorter than train.log_every and had no eval."
+
+
+def curves_svg(history: list[dict[str, Any]]) -> str:
+    """curves.svg: the run page's charts stacked in one standalone SVG file."""
+    charts = run_charts(history)
+    height = CHART_HEIGHT * len(charts) or 40
+    size = f'width="{CHART_WIDTH}" height="{height}" viewBox="0 0 {CHART_WIDTH} {height}"'
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" {size} font-family="sans-serif" font-size="12">']
+    parts += [f'<g transform="translate(0,{i * CHART_HEIGHT})">\n{chart}\n</g>' for i, chart in enumerate(charts)]
+    if not charts:
+        parts.append(f'<text x="10" y="24">{escape(NOTHING_LOGGED)}</text>')
+    return "\n".join([*parts, "</svg>", ""])
 
 
 def run_html(report: dict[str, Any], history: list[dict[str, Any]], recipe_text: str) -> str:
@@ -258,7 +275,7 @@ def run_html(report: dict[str, Any], history: list[dict[str, Any]], recipe_text:
     body.append(
         f"<p>{e(str(report['method']))} on <code>{e(str(report['model']))}</code>, task {e(str(report['task']))}.</p>"
     )
-    body += ["<h2>Curves</h2>", *run_plots(history)]
+    body += ["<h2>Curves</h2>", *(run_charts(history) or [f"<p>{e(NOTHING_LOGGED)}</p>"])]
     body += ["<h2>Summary</h2>", html_table(["", "value"], [[k, fmt_value(v)] for k, v in report["summary"].items()])]
     if report.get("final_metrics"):
         best = report.get("best_metrics") or {}
@@ -279,8 +296,10 @@ def run_html(report: dict[str, Any], history: list[dict[str, Any]], recipe_text:
 
 
 def write_run_html(run_dir: Path, report: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """report.html, and its charts alone as curves.svg (which report.md shows)."""
     recipe = run_dir / "recipe.yaml"
     text = recipe.read_text(encoding="utf-8") if recipe.is_file() else ""
+    atomic_write_text(run_dir / "curves.svg", curves_svg(history))
     atomic_write_text(run_dir / "report.html", run_html(report, history, text))
 
 

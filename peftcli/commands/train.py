@@ -187,7 +187,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         report = build_report(
             recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator
         )
-        write_report(run_dir, report, result.history, t.best_metric or task.best_metric)
+        write_report(run_dir, report)
         write_run_html(run_dir, report, result.history)
         print_summary(report, run_dir)
     return run_dir

@@ -4,12 +4,13 @@ closed."""
 from __future__ import annotations
 
 import math
+import xml.etree.ElementTree as ET
 from collections import Counter
 from html.parser import HTMLParser
 
 import pytest
 
-from peftcli.html_report import Series, linear_axis, log_axis, page, run_html, svg_chart
+from peftcli.html_report import NOTHING_LOGGED, Series, curves_svg, linear_axis, log_axis, page, run_html, svg_chart
 
 VOID = {"meta", "br", "hr", "img", "input", "link"}
 
@@ -118,6 +119,12 @@ def test_run_page_has_the_curves_the_summary_and_the_recipe() -> None:
     assert {"train loss", "eval loss"} <= set(parsed.svg_texts[0]) and {"accuracy", "f1"} <= set(parsed.svg_texts[1])
     assert "name: run <&>\nmethod: {name: lora}\n" in parsed.texts and "run <&>" not in text
     assert "1,234" in parsed.texts
+    # curves.svg is the same charts in one standalone SVG file, valid XML for any image viewer.
+    svg = ET.fromstring(curves_svg(history))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert svg.tag == f"{ns}svg" and svg.get("height") == str(2 * int(svg.get("width")) * 340 // 640)
+    assert [t.text for t in svg.iter(f"{ns}title")] == ["Loss", "Eval metrics"]
+    assert [t.text for t in ET.fromstring(curves_svg([])).iter(f"{ns}text")] == [NOTHING_LOGGED]
 
 
 def test_names_of_points_close_together_do_not_overlap() -> None:
