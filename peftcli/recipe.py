@@ -88,7 +88,9 @@ class DataSpec(Strict):
     train_split: str = "train"
     eval_split: str | None = Field("validation", description="split evaluated during training; null for none")
     columns: Columns = Field(default_factory=Columns)
-    max_length: int = Field(128, gt=0, description="longer examples are truncated")
+    max_length: int = Field(
+        128, gt=0, description="longer examples are truncated (token classification: words past it are not trained or scored)"
+    )
     max_train_examples: int | None = Field(None, gt=0, description="use only the first N training examples")
     max_eval_examples: int | None = Field(None, gt=0, description="use only the first N eval examples")
     group_by_length: bool = Field(

@@ -40,7 +40,7 @@ from tests.helpers import randomize_trainable
 
 CLS = "sequence_classification"
 # `peft train` names the run before it loads data; everything else it prints on a refusal is an error.
-TRAIN_BANNER = re.compile(r"\S+: \S+ on .+ \((sequence_classification|causal_lm)\)")
+TRAIN_BANNER = re.compile(r"\S+: \S+ on .+ \((sequence_classification|causal_lm|token_classification)\)")
 REGISTRY = ", ".join(sorted(METHODS))
 
 
@@ -86,7 +86,7 @@ NAME_HINT = "Use letters, digits, - and _; to write the run elsewhere, set outpu
 NOT_FOUND_HINT = "Relative paths in a recipe are relative to its folder."
 MODEL_MISSING = f"{RECIPE}: model: required key is missing. Set it: the base model, e.g. `model: {{name: <hub id, local folder or package:<pkg>/<folder>>}}`."
 DATA_MISSING = f"{RECIPE}: data: required key is missing. Set it: `files:` (split -> local files) or `dataset:` (a hub id), and `columns:`."
-TASK_MISSING = f"{RECIPE}: task: required key is missing. Set it: sequence_classification or causal_lm."
+TASK_MISSING = f"{RECIPE}: task: required key is missing. Set it: sequence_classification, causal_lm or token_classification."
 NOT_A_MAPPING = (
     f"{RECIPE}: a recipe is a YAML mapping of keys (got {{}}). Write `key: value` lines: task, model, method, data, ..."
 )
