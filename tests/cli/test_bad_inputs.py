@@ -159,7 +159,7 @@ RECIPES = [
     Case(
         "task-a-list",
         sets(task=[1]),
-        [f"{RECIPE}: task: input should be 'sequence_classification' or 'causal_lm' (got [1])."],
+        [f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm' or 'token_classification' (got [1])."],
     ),
     Case(
         "method-name-a-list",
