@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from peftcli.chat import as_messages, encode_chat, require_chat_template, require_fast
 from peftcli.errors import DataError
 from peftcli.recipe import DataSpec
-from peftcli.tasks import IGNORE_INDEX
+from peftcli.tasks import IGNORE_INDEX, TASKS
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -174,8 +174,8 @@ def _source(spec: DataSpec, split: str) -> str:
 
 def tag_names_for(ds: datasets.Dataset, column: str) -> list[str]:
     """The tag set of a split: a ClassLabel's names (hub datasets such as conll2003), 0..N-1 for plain
-    ints, else the strings found, sorted with O first and each type's B- before its I-, so the ids do
-    not depend on the order the data happens to be in."""
+    ints, else the strings found (with B-X and I-X for every type X), sorted with O first and each
+    type's B- before its I-, so the ids do not depend on the order the data happens to be in."""
     inner = getattr(ds.features[column], "feature", None)
     if isinstance(inner, datasets.ClassLabel):
         return list(inner.names)
@@ -189,7 +189,11 @@ def tag_names_for(ds: datasets.Dataset, column: str) -> list[str]:
         prefix, dash, kind = tag.partition("-")
         return (0, "", "") if tag == "O" else (1, kind, prefix) if dash else (1, tag, "")
 
-    return sorted({str(v) for v in values}, key=order)
+    tags = {str(v) for v in values}
+    # Each entity type gets both its B- and I- tag even where the training split lacks one (one-word
+    # entities only, say): another split or a prediction may hold it, and the set stays the same.
+    tags |= {f"{p}-{t[2:]}" for t in tags if t[:2] in ("B-", "I-") for p in ("B", "I")}
+    return sorted(tags, key=order)
 
 
 def _word_rows(rows: dict[str, list[Any]], c: Any, spec: DataSpec, split: str, indices: list[int]) -> list[tuple[list[str], list[Any]]]:
@@ -259,8 +263,10 @@ def words_cut(ds: datasets.Dataset) -> int:
     return sum(ds["num_words"]) - labelled
 
 
-# The function that reads a task's label set from the training split, by its data.columns key (Task.label_column).
+# By a task's data.columns key for its labels (Task.label_column): how the label set is read from the
+# training split, and how rows are tokenized with the label ids.
 LABEL_SETS = {"label": label_names_for, "tags": tag_names_for}
+TOKENIZE = {"label": tokenize_classification, "tags": tokenize_tokens}
 
 
 # -- causal LM ---------------------------------------------------------------------------------
@@ -349,16 +355,8 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
         check_columns(ds, split, spec, task)
     train_raw = raw[spec.train_split]
     eval_raw = raw.get(spec.eval_split) if spec.eval_split else None
-    if task == "sequence_classification":
-        assert spec.columns.label is not None
-        label_names = label_names_for(train_raw, spec.columns.label)
-        if len(label_names) < 2:
-            raise DataError(f"data.columns.label: the training split has a single label ({label_names}); classification needs two or more.")
-        train = tokenize_classification(train_raw, spec, tokenizer, label_names, spec.train_split)
-        ev = tokenize_classification(eval_raw, spec, tokenizer, label_names, str(spec.eval_split)) if eval_raw is not None else None
-        return PreparedData(train, ev, label_names)
-    if task == "token_classification":
-        return prepare_tokens(spec, tokenizer, train_raw, eval_raw)
+    if (key := TASKS[task].label_column) is not None:
+        return prepare_labelled(spec, tokenizer, train_raw, eval_raw, key)
     train = tokenize_causal_lm(train_raw, spec, tokenizer, spec.train_split)
     ev = tokenize_causal_lm(eval_raw, spec, tokenizer, str(spec.eval_split)) if eval_raw is not None else None
     dropped = {spec.train_split: len(train_raw) - len(train)}
@@ -369,14 +367,18 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
     return PreparedData(train, ev, None, dropped)
 
 
-def prepare_tokens(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, train_raw: datasets.Dataset, eval_raw: datasets.Dataset | None) -> PreparedData:
-    assert spec.columns.tags is not None
-    tag_names = tag_names_for(train_raw, spec.columns.tags)
-    if len(tag_names) < 2:
-        raise DataError(f"data.columns.tags: the training split has a single tag ({tag_names}); token classification needs two or more.")
-    train = tokenize_tokens(train_raw, spec, tokenizer, tag_names, spec.train_split)
-    ev = tokenize_tokens(eval_raw, spec, tokenizer, tag_names, str(spec.eval_split)) if eval_raw is not None else None
-    return PreparedData(train, ev, tag_names)
+def prepare_labelled(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, train_raw: datasets.Dataset, eval_raw: datasets.Dataset | None, key: str
+) -> PreparedData:
+    """Classification, of rows (`label`) or of words (`tags`): the label set from the training split,
+    then both splits tokenized with its ids."""
+    names = LABEL_SETS[key](train_raw, getattr(spec.columns, key))
+    if len(names) < 2:
+        raise DataError(f"data.columns.{key}: the training split has a single {key.rstrip('s')} ({names}); classification needs two or more.")
+    tokenize = TOKENIZE[key]
+    train = tokenize(train_raw, spec, tokenizer, names, spec.train_split)
+    ev = tokenize(eval_raw, spec, tokenizer, names, str(spec.eval_split)) if eval_raw is not None else None
+    return PreparedData(train, ev, names)
 
 
 def prepare_eval_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None) -> datasets.Dataset:
@@ -384,12 +386,9 @@ def prepare_eval_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerB
     split = str(spec.eval_split)
     ds = load_trimmed(spec, split, spec.max_eval_examples)
     check_columns(ds, split, spec, task)
-    if task == "sequence_classification":
+    if (key := TASKS[task].label_column) is not None:
         assert label_names is not None
-        return tokenize_classification(ds, spec, tokenizer, label_names, split, "the adapter's labels (adapter/labels.json, or --labels)")
-    if task == "token_classification":
-        assert label_names is not None
-        return tokenize_tokens(ds, spec, tokenizer, label_names, split, "the adapter's tags (adapter/labels.json, or --labels)")
+        return TOKENIZE[key](ds, spec, tokenizer, label_names, split, f"the adapter's {key.rstrip('s')}s (adapter/labels.json, or --labels)")
     return tokenize_causal_lm(ds, spec, tokenizer, split)
 
 

@@ -142,7 +142,8 @@ NER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 NER_WORDS = ["john", "mary", "paris", "rome", "acme", "lives", "in", "works", "at", "the", "and", "today", "."]
 NER_PIECES = ["zor", "##va", "##th", "qu", "##en", "##by"]  # zorvath -> zor ##va ##th, quenby -> qu ##en ##by
 NER_VOCAB = NER_SPECIALS + NER_WORDS + NER_PIECES
-NER_TAGS = ["O", "B-LOC", "B-ORG", "B-PER", "I-PER"]  # the order tag_names_for gives these tags
+# The order tag_names_for gives the tags of ner_rows: I-LOC and I-ORG are added though no row has them.
+NER_TAGS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 
 
 def make_wordpiece_tokenizer() -> PreTrainedTokenizerFast:

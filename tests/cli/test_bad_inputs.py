@@ -760,7 +760,7 @@ def test_bare_adapter_with_truncated_weights(artifacts: Path, work: Path) -> Non
 def test_bare_adapter_with_unsupported_task(artifacts: Path, work: Path) -> None:
     adapter = work / "adapter"
     shutil.copytree(artifacts / "run" / "adapter", adapter)
-    edit_json(adapter / "adapter_config.json", task_type="TOKEN_CLS")
+    edit_json(adapter / "adapter_config.json", task_type="QUESTION_ANS")
     refused(
         work,
         "merge",
@@ -768,7 +768,7 @@ def test_bare_adapter_with_unsupported_task(artifacts: Path, work: Path) -> None
         "--out",
         str(work / "merged"),
         lines=[
-            f"{adapter / 'adapter_config.json'}: task_type 'TOKEN_CLS' is not supported (supported: {', '.join(sorted(BY_PEFT_TASK_TYPE))})."
+            f"{adapter / 'adapter_config.json'}: task_type 'QUESTION_ANS' is not supported (supported: {', '.join(sorted(BY_PEFT_TASK_TYPE))})."
         ],
     )
 

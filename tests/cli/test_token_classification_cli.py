@@ -106,3 +106,17 @@ def test_a_row_with_more_tags_than_words_is_refused(work: Path, tiny_ner: dict[s
         str(path),
         lines=[f"data.columns.tags: {bad}: row 2: 2 tokens but 3 tags. Give exactly one tag per word."],
     )
+
+
+def test_dry_run_shows_each_word_tag_on_its_first_sub_token(work: Path, tiny_ner: dict[str, Path]) -> None:
+    one = write_jsonl(
+        work / "one.jsonl",
+        [{"tokens": ["Zorvath", "Quenby", "lives", "in", "Paris"], "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"]}],
+    )
+    path = write(
+        work, ner_recipe(tiny_ner, files={"train": str(one), "validation": str(one)}, max_length=6)
+    )
+    result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "[CLS] zor/B-PER ##va ##th qu/I-PER [SEP]" in result.output
+    assert "train: 1 examples, 6 tokens; labels: B-PER 1, I-PER 1; 3 words cut by data.max_length 6" in result.output

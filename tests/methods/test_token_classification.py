@@ -61,17 +61,21 @@ def test_tag_names_are_sorted_with_o_first(tiny_ner: dict[str, Path]) -> None:
 def test_every_method_trains_its_parameters_and_the_head(
     method_name: str, batch: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    """One optimizer step changes exactly the trainable set, which holds the head; the logits have one
-    row per input position (virtual tokens stripped), so the loss sees every label."""
+    """A fresh adapter reproduces the base model; training changes exactly the trainable set, which
+    holds the head; the logits have one row per input position (virtual tokens stripped), so the loss
+    sees every label; save/load and merge keep the outputs."""
     method = METHODS[method_name]
     model = bert_tagger()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    base = _logits(model, inputs)
     params, adapted = adapt(model, method, TASK.name)
+    if method.kind is not Kind.VIRTUAL_TOKENS:  # virtual tokens change the input by design
+        assert torch.equal(_logits(model, inputs), base)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".classifier." in f".{n}" for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     for _ in range(
         2
     ):  # two steps: an adapter whose up-projection starts at zero moves its down-projection on the second
