@@ -10,13 +10,15 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from accelerate import Accelerator
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
 from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
-from peftcli.data import Collator, prepare_data, tokenize_tokens
+from peftcli.data import Collator, eval_loader, prepare_data, tokenize_tokens, train_loader
 from peftcli.methods import METHODS, Kind
-from peftcli.recipe import DataSpec, TrainSpec
+from peftcli.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.tasks import IGNORE_INDEX, TASKS
+from peftcli.trainer import evaluate, train
 from tests.conftest import NER_TAGS, bert_tagger, make_wordpiece_tokenizer
 from tests.helpers import adapt, randomize_trainable
 
@@ -105,12 +107,6 @@ def test_every_method_trains_its_parameters_and_the_head(
 
 
 def test_lora_training_lowers_the_loss_and_raises_entity_f1(tiny_ner: dict[str, Path]) -> None:
-    from accelerate import Accelerator
-
-    from peftcli.data import eval_loader, train_loader
-    from peftcli.recipe import OptimizerSpec, ScheduleSpec
-    from peftcli.trainer import evaluate, train
-
     tokenizer = make_wordpiece_tokenizer()
     data = prepare_data(spec(tiny_ner), TASK.name, tokenizer)
     model = bert_tagger()
