@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from peftcli.chat import as_messages, encode_chat, require_chat_template, require_fast
 from peftcli.errors import DataError
 from peftcli.recipe import DataSpec
-from peftcli.tasks import IGNORE_INDEX
+from peftcli.tasks import IGNORE_INDEX, TASKS
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -161,6 +161,114 @@ def tokenize_classification(
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
 
 
+# -- token classification ----------------------------------------------------------------------
+
+
+def _source(spec: DataSpec, split: str) -> str:
+    """The file(s) or dataset a split is read from, for error messages."""
+    if spec.files is not None:
+        files = spec.files.get(split, [])
+        return files[0] if len(files) == 1 else str(files)
+    return f"{spec.dataset} split {split!r}"
+
+
+def tag_names_for(ds: datasets.Dataset, column: str) -> list[str]:
+    """The tag set of a split: a ClassLabel's names (hub datasets such as conll2003), 0..N-1 for plain
+    ints, else the strings found (with B-X and I-X for every type X), sorted with O first and each
+    type's B- before its I-, so the ids do not depend on the order the data happens to be in."""
+    inner = getattr(ds.features[column], "feature", None)
+    if isinstance(inner, datasets.ClassLabel):
+        return list(inner.names)
+    values = {v for row in ds[column] if isinstance(row, list) for v in row}
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise DataError(f"data.columns.tags: integer tags must be 0..N-1 (got {min(values)}).")
+        return [str(i) for i in range(max(values) + 1)]
+
+    def order(tag: str) -> tuple[int, str, str]:
+        prefix, dash, kind = tag.partition("-")
+        return (0, "", "") if tag == "O" else (1, kind, prefix) if dash else (1, tag, "")
+
+    tags = {str(v) for v in values}
+    # Each entity type gets both its B- and I- tag even where the training split lacks one (one-word
+    # entities only, say): another split or a prediction may hold it, and the set stays the same.
+    tags |= {f"{p}-{t[2:]}" for t in tags if t[:2] in ("B-", "I-") for p in ("B", "I")}
+    return sorted(tags, key=order)
+
+
+def _word_rows(rows: dict[str, list[Any]], c: Any, spec: DataSpec, split: str, indices: list[int]) -> list[tuple[list[str], list[Any]]]:
+    """Each row's words and tags, checked: two lists of the same length."""
+    out = []
+    for words, tags, index in zip(rows[c.tokens], rows[c.tags], indices):
+        where = f"{_source(spec, split)}: row {index + 1}"
+        if not isinstance(words, list) or not isinstance(tags, list):
+            bad, value = ("tokens", words) if not isinstance(words, list) else ("tags", tags)
+            raise DataError(f"data.columns.{bad}: {where}: expected a list, one entry per word (got {str(value)[:80]!r}). Write the row as {{\"tokens\": [...], \"tags\": [...]}}.")
+        if len(words) != len(tags):
+            raise DataError(
+                f"data.columns.tags: {where}: {len(words)} tokens but {len(tags)} tags. Give exactly one tag per word."
+            )
+        out.append(([str(w) for w in words], tags))
+    return out
+
+
+def word_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:
+    """One label per sub-token: the word's tag on its first sub-token, IGNORE_INDEX on the others and on
+    special tokens (HF's convention: each word is scored once, by its first piece)."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(IGNORE_INDEX if word is None or word == previous else tag_ids[word])
+        previous = word
+    return labels
+
+
+def tokenize_tokens(
+    ds: datasets.Dataset,
+    spec: DataSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    tag_names: list[str],
+    split: str,
+    known_from: str = "the training split's tags",
+) -> datasets.Dataset:
+    """Words -> sub-tokens with is_split_into_words; words past max_length are cut (and not scored:
+    `num_words` keeps each row's word count, so the dry run and eval can say how many were)."""
+    if not tokenizer.is_fast:  # word_ids() comes from the Rust tokenizers only
+        raise DataError(f"data.columns.tokens: aligning tags to sub-tokens needs a fast tokenizer (tokenizer.json) (got {type(tokenizer).__name__}). Use the model's fast tokenizer.")
+    c = spec.columns
+    index = {name: i for i, name in enumerate(tag_names)}
+
+    def tag_id(tag: Any, where: str) -> int:
+        key = str(int(tag)) if isinstance(tag, int) and not isinstance(tag, bool) else str(tag)
+        if key not in index:
+            raise DataError(f"data.columns.tags: {where}: tag {tag!r} is not one of {known_from} ({', '.join(tag_names)}). Fix the data or the tags column.")
+        return index[key]
+
+    def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        checked = _word_rows(rows, c, spec, split, indices)
+        enc = tokenizer([w for w, _ in checked], is_split_into_words=True, truncation=True, max_length=spec.max_length)
+        labels = []
+        for i, ((_, tags), row) in enumerate(zip(checked, indices)):
+            ids = [tag_id(t, f"{_source(spec, split)}: row {row + 1}") for t in tags]
+            labels.append(word_labels(enc.word_ids(i), ids))
+        enc["labels"] = labels
+        enc["num_words"] = [len(w) for w, _ in checked]
+        return enc
+
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+
+
+def words_cut(ds: datasets.Dataset) -> int:
+    """Words that max_length cut off (no labelled sub-token left): not trained, not scored."""
+    labelled = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in ds["labels"])
+    return sum(ds["num_words"]) - labelled
+
+
+# By a task's data.columns key for its labels (Task.label_column): how the label set is read from the
+# training split, and how rows are tokenized with the label ids.
+LABEL_SETS = {"label": label_names_for, "tags": tag_names_for}
+TOKENIZE = {"label": tokenize_classification, "tags": tokenize_tokens}
+
+
 # -- causal LM ---------------------------------------------------------------------------------
 
 
@@ -236,6 +344,7 @@ def check_columns(ds: datasets.Dataset, split: str, spec: DataSpec, task: str) -
     template_cols = _template_fields(c.prompt_template) if c.prompt_template else []
     wanted = {"text": c.text, "text_pair": c.text_pair, "prompt": c.prompt, "response": c.response, "messages": c.messages}
     wanted |= {"label": c.label} if task == "sequence_classification" else {}
+    wanted |= {"tokens": c.tokens, "tags": c.tags}
     wanted |= {f"prompt_template ({{{f}}})": f for f in template_cols}
     _require_columns(ds, split, wanted)
 
@@ -246,14 +355,8 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
         check_columns(ds, split, spec, task)
     train_raw = raw[spec.train_split]
     eval_raw = raw.get(spec.eval_split) if spec.eval_split else None
-    if task == "sequence_classification":
-        assert spec.columns.label is not None
-        label_names = label_names_for(train_raw, spec.columns.label)
-        if len(label_names) < 2:
-            raise DataError(f"data.columns.label: the training split has a single label ({label_names}); classification needs two or more.")
-        train = tokenize_classification(train_raw, spec, tokenizer, label_names, spec.train_split)
-        ev = tokenize_classification(eval_raw, spec, tokenizer, label_names, str(spec.eval_split)) if eval_raw is not None else None
-        return PreparedData(train, ev, label_names)
+    if (key := TASKS[task].label_column) is not None:
+        return prepare_labelled(spec, tokenizer, train_raw, eval_raw, key)
     train = tokenize_causal_lm(train_raw, spec, tokenizer, spec.train_split)
     ev = tokenize_causal_lm(eval_raw, spec, tokenizer, str(spec.eval_split)) if eval_raw is not None else None
     dropped = {spec.train_split: len(train_raw) - len(train)}
@@ -264,14 +367,28 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
     return PreparedData(train, ev, None, dropped)
 
 
+def prepare_labelled(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, train_raw: datasets.Dataset, eval_raw: datasets.Dataset | None, key: str
+) -> PreparedData:
+    """Classification, of rows (`label`) or of words (`tags`): the label set from the training split,
+    then both splits tokenized with its ids."""
+    names = LABEL_SETS[key](train_raw, getattr(spec.columns, key))
+    if len(names) < 2:
+        raise DataError(f"data.columns.{key}: the training split has a single {key.rstrip('s')} ({names}); classification needs two or more.")
+    tokenize = TOKENIZE[key]
+    train = tokenize(train_raw, spec, tokenizer, names, spec.train_split)
+    ev = tokenize(eval_raw, spec, tokenizer, names, str(spec.eval_split)) if eval_raw is not None else None
+    return PreparedData(train, ev, names)
+
+
 def prepare_eval_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None) -> datasets.Dataset:
     """Only the eval split, with the label ids the adapter was trained with."""
     split = str(spec.eval_split)
     ds = load_trimmed(spec, split, spec.max_eval_examples)
     check_columns(ds, split, spec, task)
-    if task == "sequence_classification":
+    if (key := TASKS[task].label_column) is not None:
         assert label_names is not None
-        return tokenize_classification(ds, spec, tokenizer, label_names, split, "the adapter's labels (adapter/labels.json, or --labels)")
+        return TOKENIZE[key](ds, spec, tokenizer, label_names, split, f"the adapter's {key.rstrip('s')}s (adapter/labels.json, or --labels)")
     return tokenize_causal_lm(ds, spec, tokenizer, split)
 
 

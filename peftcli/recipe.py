@@ -67,6 +67,14 @@ class Columns(Strict):
         description="chat column (causal LM): a list of {role, content} messages, or ShareGPT's {from, value}; "
         "rendered with the tokenizer's chat template, only the assistant's turns are trained",
     )
+    tokens: str | None = Field(
+        None, description="token classification: a column of word lists, e.g. ['John', 'lives', 'in', 'Paris']"
+    )
+    tags: str | None = Field(
+        None,
+        description="token classification: a column of tag lists, one tag per word (strings in BIO form such as "
+        "B-PER, I-PER, O, or ints with a ClassLabel feature); each word's first sub-token is trained",
+    )
 
 
 class DataSpec(Strict):
@@ -80,7 +88,9 @@ class DataSpec(Strict):
     train_split: str = "train"
     eval_split: str | None = Field("validation", description="split evaluated during training; null for none")
     columns: Columns = Field(default_factory=Columns)
-    max_length: int = Field(128, gt=0, description="longer examples are truncated")
+    max_length: int = Field(
+        128, gt=0, description="longer examples are truncated (token classification: words past it are not trained or scored)"
+    )
     max_train_examples: int | None = Field(None, gt=0, description="use only the first N training examples")
     max_eval_examples: int | None = Field(None, gt=0, description="use only the first N eval examples")
     group_by_length: bool = Field(
@@ -141,7 +151,9 @@ class TrainSpec(Strict):
 
 class Recipe(Strict):
     name: str | None = Field(None, description="run name, the folder under runs/; default: the recipe file's name")
-    task: Literal["sequence_classification", "causal_lm"] = Field(description="sequence_classification or causal_lm")
+    task: Literal["sequence_classification", "causal_lm", "token_classification"] = Field(
+        description="sequence_classification, causal_lm or token_classification"
+    )
     model: ModelSpec = Field(description="the base model, e.g. `model: {name: <hub id, local folder or package:<pkg>/<folder>>}`")
     method: Any = Field(description="`name:` of a registered method plus that method's own keys")
     data: DataSpec = Field(description="`files:` (split -> local files) or `dataset:` (a hub id), and `columns:`")
@@ -558,6 +570,7 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
             if split is not None and split not in data.files:
                 problems.append((("data", key), f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). Add data.files.{split}" + (" or set data.eval_split: null." if key == "eval_split" else ".")))
     c = data.columns
+    problems += _token_column_problems(c, task)
     if task == "sequence_classification":
         if not c.text:
             problems.append((("data", "columns", "text"), "sequence_classification needs the text column's name (e.g. text: sentence)."))
@@ -576,4 +589,31 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
             problems.append((("data", "columns"), "causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`."))
         if c.prompt and c.prompt_template:
             problems.append((("data", "columns", "prompt_template"), "give `prompt` or `prompt_template`, not both."))
+    return problems
+
+
+TOKEN_COLUMNS = ("tokens", "tags")
+
+
+def _token_column_problems(c: Columns, task: str | None) -> list[tuple[tuple[str, ...], str]]:
+    """token_classification takes `tokens` and `tags` and nothing else; other tasks take neither."""
+    if task is None:
+        return []
+    given = {k: v for k, v in c.model_dump().items() if v is not None}
+    if task != "token_classification":
+        return [
+            (("data", "columns", k), f"word-level columns train token_classification only (got {given[k]!r} with task {task}). Remove it, or set task: token_classification.")
+            for k in TOKEN_COLUMNS
+            if k in given
+        ]
+    problems = [
+        (("data", "columns", k), f"token_classification needs the {k} column's name (e.g. {k}: {k}): {what}.")
+        for k, what in (("tokens", "a list of words per row"), ("tags", "a list of tags per row, one per word"))
+        if k not in given
+    ]
+    problems += [
+        (("data", "columns", k), f"token_classification reads `tokens` and `tags` only (got {k}: {given[k]!r}). Remove it.")
+        for k in given
+        if k not in TOKEN_COLUMNS
+    ]
     return problems

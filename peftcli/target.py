@@ -22,7 +22,7 @@ from peftcli.checkpoint import (
     unreadable,
     weights_file,
 )
-from peftcli.data import label_names_for, load_trimmed
+from peftcli.data import LABEL_SETS, load_trimmed
 from peftcli.errors import CheckpointError, DataError, PeftcliError, RecipeError
 from peftcli.methods import Method, context_for, get_method
 from peftcli.methods.base import Adapted
@@ -107,7 +107,7 @@ def model_of(config: dict[str, Any], adapter_dir: Path, overrides: list[str]) ->
 
 def read_labels(adapter_dir: Path, task: Task) -> list[str] | None:
     """Classification labels: labels.json (ours), else the trained head's size (HF peft's adapters)."""
-    if task.name != "sequence_classification":
+    if task.label_column is None:
         return None
     labels = adapter_dir / LABELS_NAME
     if labels.is_file():
@@ -140,8 +140,8 @@ def build(target: Target, with_adapter: bool = True) -> Built:
     """The target's base model with its adapter loaded (or, for a recipe, freshly applied)."""
     tokenizer = load_tokenizer(target.model)
     labels = target.label_names
-    if labels is None and target.recipe is not None and target.task.name == "sequence_classification":
-        labels = labels_from_recipe(target.recipe)
+    if labels is None and target.recipe is not None and target.task.label_column is not None:
+        labels = labels_from_recipe(target.recipe, target.task)
         target.label_names = labels
     model = load_base_model(target.model, target.task, **head_kwargs(target.task, labels, tokenizer))
     if not with_adapter:
@@ -155,12 +155,13 @@ def build(target: Target, with_adapter: bool = True) -> Built:
     return Built(model, tokenizer, method, target.recipe.method, adapted)
 
 
-def labels_from_recipe(recipe: Recipe) -> list[str]:
+def labels_from_recipe(recipe: Recipe, task: Task) -> list[str]:
     """The label set of the training split, as `peft train` computes it (the head's size depends on it)."""
-    column = recipe.data.columns.label
+    key = str(task.label_column)
+    column = getattr(recipe.data.columns, key)
     if column is None:
-        raise DataError("data.columns.label: sequence_classification needs the label column's name.")
+        raise DataError(f"data.columns.{key}: {task.name} needs the {key} column's name.")
     ds = load_trimmed(recipe.data, recipe.data.train_split, recipe.data.max_train_examples)
     if column not in ds.column_names:
-        raise DataError(f"data.columns.label: column {column!r} is not in split {recipe.data.train_split!r} (columns: {', '.join(ds.column_names)}).")
-    return label_names_for(ds, column)
+        raise DataError(f"data.columns.{key}: column {column!r} is not in split {recipe.data.train_split!r} (columns: {', '.join(ds.column_names)}).")
+    return LABEL_SETS[key](ds, column)

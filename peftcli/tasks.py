@@ -15,9 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+from peftcli.entities import entity_scores
 
 IGNORE_INDEX = -100
+SENTENCE_END = -1  # token classification: closes each sentence in the flat predictions (see token_predictions)
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,15 @@ class Task:
     # How many loss terms a batch holds (examples, or target tokens), known before the forward pass.
     units: Callable[[dict[str, torch.Tensor]], int]
     predictions: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor] | None]
-    metrics: Callable[[float, float, torch.Tensor | None, torch.Tensor | None, int], dict[str, float]]
+    # (loss sum, loss terms, predicted ids, true ids, label names id -> name) -> metrics
+    metrics: Callable[[float, float, torch.Tensor | None, torch.Tensor | None, list[str]], dict[str, float]]
     # The model's output head may run at the positions that have a target only (`head_at_targets`).
     head_at_targets_only: bool = False
+    # The data.columns key whose values name the classes (the head has one output per class, saved in
+    # labels.json); None for tasks without a label set.
+    label_column: str | None = None
+    # Per-class (or per-entity-type) breakdown for `peft eval`: (preds, labels, label names) -> JSON.
+    details: Callable[[torch.Tensor, torch.Tensor, list[str]], dict[str, Any]] | None = None
 
 
 def higher_is_better(metric: str) -> bool:
@@ -62,9 +71,10 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_labels: int)
 
 
 def classification_metrics(
-    loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, num_labels: int
+    loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, label_names: list[str]
 ) -> dict[str, float]:
     assert preds is not None and labels is not None
+    num_labels = len(label_names)
     confusion = confusion_matrix(preds, labels, num_labels)
     f1s = []
     for c in range(num_labels):
@@ -136,10 +146,64 @@ def head_at_targets(head: nn.Module | None, batch: dict[str, torch.Tensor]) -> I
 
 
 def causal_lm_metrics(
-    loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, num_labels: int
+    loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, label_names: list[str]
 ) -> dict[str, float]:
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# -- token classification ----------------------------------------------------------------------
+
+
+def token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at the labelled positions: each word's first sub-token (data.tokenize_tokens)."""
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+def token_predictions(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true tag ids of the labelled positions (one per word), as one flat row per batch
+    with SENTENCE_END after each sentence: rows of any length then join across batches and processes
+    like classification's, and the entity metrics still see where each sentence ends."""
+    labels = batch["labels"]
+    keep = labels != IGNORE_INDEX
+    keep_ends = torch.cat([keep, keep.new_ones((keep.shape[0], 1))], dim=1)  # an extra column per row: its SENTENCE_END
+    end_col = labels.new_full((labels.shape[0], 1), SENTENCE_END)
+    preds = torch.cat([logits.argmax(-1), end_col], dim=1)[keep_ends]
+    return preds, torch.cat([labels, end_col], dim=1)[keep_ends]
+
+
+def sentences(ids: torch.Tensor, label_names: list[str]) -> list[list[str]]:
+    """A flat row of tag ids with SENTENCE_END after each sentence -> the sentences' tag names."""
+    out: list[list[str]] = [[]]
+    for i in ids.tolist():
+        if i == SENTENCE_END:
+            out.append([])
+        else:
+            out[-1].append(label_names[i])
+    return out[:-1]
+
+
+def token_metrics(
+    loss_sum: float, count: float, preds: torch.Tensor | None, labels: torch.Tensor | None, label_names: list[str]
+) -> dict[str, float]:
+    assert preds is not None and labels is not None
+    words = labels != SENTENCE_END
+    scores = entity_scores(sentences(labels, label_names), sentences(preds, label_names))
+    return {
+        "loss": loss_sum / max(count, 1),
+        "accuracy": (preds[words] == labels[words]).float().mean().item() if words.any() else 0.0,
+        "precision": scores["precision"],
+        "recall": scores["recall"],
+        "f1": scores["f1"],
+    }
+
+
+def token_details(preds: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict[str, Any]:
+    """Per entity type precision, recall, F1 and gold support, and the number of entities."""
+    scores = entity_scores(sentences(labels, label_names), sentences(preds, label_names))
+    return {"per_class": scores["per_type"], "entities": scores["support"], "labels": label_names}
 
 
 TASKS: dict[str, Task] = {
@@ -154,6 +218,8 @@ TASKS: dict[str, Task] = {
         units=lambda batch: batch["labels"].numel(),
         predictions=classification_predictions,
         metrics=classification_metrics,
+        label_column="label",
+        details=classification_details,
     ),
     "causal_lm": Task(
         name="causal_lm",
@@ -167,6 +233,20 @@ TASKS: dict[str, Task] = {
         predictions=lambda logits, batch: None,
         metrics=causal_lm_metrics,
         head_at_targets_only=True,
+    ),
+    "token_classification": Task(
+        name="token_classification",
+        auto_model=AutoModelForTokenClassification,
+        peft_task_type="TOKEN_CLS",
+        head_modules=("classifier", "score"),
+        best_metric="f1",
+        metric_names=("loss", "accuracy", "precision", "recall", "f1"),
+        loss_sum=token_loss,
+        units=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),
+        predictions=token_predictions,
+        metrics=token_metrics,
+        label_column="tags",
+        details=token_details,
     ),
 }
 

@@ -153,7 +153,7 @@ def train(
     spec: TrainSpec,
     optim: OptimizerSpec,
     schedule: ScheduleSpec,
-    num_labels: int = 0,
+    label_names: list[str] | None = None,
     hooks: Hooks | None = None,
     accelerator: Accelerator | None = None,
     method_hooks: TrainingHooks | None = None,
@@ -223,7 +223,7 @@ def train(
             progress.update(bar, completed=step)
 
             if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
-                metrics = evaluate(model, eval_data, task, accelerator, num_labels).metrics
+                metrics = evaluate(model, eval_data, task, accelerator, label_names).metrics
                 improved = result.track_eval(step, metrics, spec.best_metric or task.best_metric)
                 log(
                     {"step": step, "epoch": round(step / steps_per_epoch, 4)}
@@ -516,7 +516,7 @@ def evaluate(
     loader: DataLoader,
     task: Task,
     accelerator: Accelerator,
-    num_labels: int,
+    label_names: list[str] | None,
     on_batch: Callable[[], None] = lambda: None,
 ) -> EvalOutput:
     model.eval()
@@ -552,7 +552,7 @@ def evaluate(
         if has_preds
         else None
     )
-    return EvalOutput(task.metrics(total_loss, total_units, all_preds, all_labels, num_labels), all_preds, all_labels)
+    return EvalOutput(task.metrics(total_loss, total_units, all_preds, all_labels, label_names or []), all_preds, all_labels)
 
 
 class StepStats:

@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertForTokenClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -133,6 +134,66 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+# -- token classification: a WordPiece tokenizer (names split into pieces), a tiny BERT tagger, NER rows
+
+NER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+NER_WORDS = ["john", "mary", "paris", "rome", "acme", "lives", "in", "works", "at", "the", "and", "today", "."]
+NER_PIECES = ["zor", "##va", "##th", "qu", "##en", "##by"]  # zorvath -> zor ##va ##th, quenby -> qu ##en ##by
+NER_VOCAB = NER_SPECIALS + NER_WORDS + NER_PIECES
+# The order tag_names_for gives the tags of ner_rows: I-LOC and I-ORG are added though no row has them.
+NER_TAGS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+
+
+def make_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(NER_VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", NER_VOCAB.index("[CLS]")), ("[SEP]", NER_VOCAB.index("[SEP]"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+
+
+def bert_tagger(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(NER_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
+        num_labels=len(NER_TAGS), id2label=dict(enumerate(NER_TAGS)), label2id={t: i for i, t in enumerate(NER_TAGS)},
+        pad_token_id=0,
+    )
+    return BertForTokenClassification(cfg).eval()
+
+
+def ner_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Sentences such as "Zorvath Quenby lives in Paris": two-word and multi-piece names, entities side by side."""
+    rng = random.Random(seed)
+    people = [["john"], ["mary"], ["zorvath"], ["john", "quenby"], ["mary", "zorvath"]]
+    rows = []
+    for _ in range(n):
+        person, place = rng.choice(people), rng.choice(["paris", "rome"])
+        tokens = [*person, rng.choice(["lives", "works"]), "in", place] + (["today"] if rng.random() < 0.5 else [])
+        tags = ["B-PER"] + ["I-PER"] * (len(person) - 1) + ["O", "O", "B-LOC"] + ["O"] * (len(tokens) - len(person) - 3)
+        if rng.random() < 0.4:
+            tokens += ["and", "acme", "."]
+            tags += ["O", "B-ORG", "O"]
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_ner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny BERT tagger saved with its WordPiece tokenizer, and NER train/validation files."""
+    root = tmp_path_factory.mktemp("ner")
+    bert_tagger().save_pretrained(root / "bert-tok")
+    make_wordpiece_tokenizer().save_pretrained(root / "bert-tok")
+    return {
+        "model": root / "bert-tok",
+        "train": write_jsonl(root / "data" / "train.jsonl", ner_rows(64, 5)),
+        "validation": write_jsonl(root / "data" / "validation.jsonl", ner_rows(16, 6)),
+    }
 
 
 @pytest.fixture(scope="session")

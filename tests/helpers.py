@@ -38,6 +38,8 @@ def random_batches(model: torch.nn.Module, task: str, n: int = 4, size: int = 4,
         ids[0, -2:] = 0
         if task == "sequence_classification":
             labels = torch.randint(0, model.config.num_labels, (size,), generator=g)
+        elif task == "token_classification":
+            labels = torch.randint(0, model.config.num_labels, (size, length), generator=g).masked_fill(mask == 0, -100)
         else:
             labels = ids.masked_fill(mask == 0, -100)
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
@@ -92,4 +94,4 @@ def run_training(
     optim = optim or OptimizerSpec(lr=1e-2)
     schedule = ScheduleSpec(name="constant", warmup_steps=0)
     model.train()
-    return train(model, TASKS[task], loader, evals, train_spec, optim, schedule, len(prepared.label_names or []), accelerator=Accelerator(cpu=True), method_hooks=method_hooks)
+    return train(model, TASKS[task], loader, evals, train_spec, optim, schedule, prepared.label_names, accelerator=Accelerator(cpu=True), method_hooks=method_hooks)

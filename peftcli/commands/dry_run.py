@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.data import PreparedData, prepare_data
+from peftcli.data import PreparedData, prepare_data, words_cut
 from peftcli.models import load_tokenizer
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.tasks import IGNORE_INDEX
@@ -43,6 +43,10 @@ def trained(labels: list[int]) -> list[bool]:
 
 def split_counts(ds: datasets.Dataset, data: PreparedData) -> dict[str, Any]:
     tokens = sum(len(ids) for ids in ds["input_ids"])
+    if "num_words" in ds.column_names:  # token classification: one tag per word
+        assert data.label_names is not None
+        per_tag = Counter(data.label_names[y] for labels in ds["labels"] for y in labels if y != IGNORE_INDEX)
+        return {"examples": len(ds), "tokens": tokens, "labels": dict(sorted(per_tag.items())), "words_cut": words_cut(ds)}
     if data.label_names is not None:  # classification: one label per example
         per_label = Counter(data.label_names[y] for y in ds["labels"])
         return {"examples": len(ds), "tokens": tokens, "labels": dict(sorted(per_label.items()))}
@@ -94,9 +98,23 @@ def styled_output() -> bool:
     return console.is_terminal and not console.no_color
 
 
+def tagged(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int], tag_names: list[str]) -> str:
+    """Sub-tokens separated by spaces, each word's first one followed by /TAG, the tag it trains."""
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return " ".join(p if y == IGNORE_INDEX else f"{p}/{tag_names[y]}" for p, y in zip(pieces, labels))
+
+
 def print_example(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
     row = data.train[0]
     ids, labels = row["input_ids"], row["labels"]
+    if data.label_names is not None and isinstance(labels, list):
+        console.print(
+            f"first training example ({len(ids)} tokens, {row['num_words']} words): each word's first sub-token "
+            "shows the tag it trains (/TAG); the other sub-tokens and special tokens are not trained:",
+            markup=False,
+        )
+        console.print(tagged(tokenizer, ids, labels, data.label_names), markup=False)
+        return
     if data.label_names is not None:
         text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         console.print(f"first training example ({len(ids)} tokens), label {data.label_names[labels]!r}:", markup=False)
@@ -119,6 +137,8 @@ def print_counts(counts: dict[str, dict[str, Any]], data: PreparedData, recipe: 
             line += f", {c['trained_tokens']:,} trained ({share:.1f}%)"
         if "labels" in c:
             line += "; labels: " + ", ".join(f"{name} {n:,}" for name, n in c["labels"].items())
+        if c.get("words_cut"):
+            line += f"; {c['words_cut']:,} words cut by data.max_length {recipe.data.max_length} (not trained or scored)"
         if data.dropped.get(split):
             line += (
                 f"; {data.dropped[split]:,} dropped (nothing to learn within data.max_length {recipe.data.max_length})"

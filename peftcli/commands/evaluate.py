@@ -15,12 +15,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.data import eval_loader, prepare_eval_data
+from peftcli.data import eval_loader, prepare_eval_data, words_cut
 from peftcli.errors import RecipeError
 from peftcli.generation import Decoding, complete
 from peftcli.recipe import DataSpec, data_problems, describe, parse_override, resolve_data_paths, set_path
 from peftcli.target import Target, build, resolve_target
-from peftcli.tasks import IGNORE_INDEX, classification_details
+from peftcli.tasks import IGNORE_INDEX
 from peftcli.trainer import evaluate
 
 console = Console(stderr=True, soft_wrap=True)
@@ -54,7 +54,7 @@ def run_eval(
     model = accelerator.prepare(built.model)
     with Progress(console=console, transient=True, disable=not accelerator.is_main_process) as progress:
         bar = progress.add_task("eval", total=len(loader))
-        result = evaluate(model, loader, task, accelerator, len(target.label_names or []), lambda: progress.advance(bar))
+        result = evaluate(model, loader, task, accelerator, target.label_names, lambda: progress.advance(bar))
 
     report: dict[str, Any] = {
         "target": str(target.path),
@@ -65,8 +65,11 @@ def run_eval(
         "examples": len(data),
         "metrics": result.metrics,
     }
-    if result.preds is not None and result.labels is not None and target.label_names:
-        report["classes"] = classification_details(result.preds, result.labels, target.label_names)
+    if result.preds is not None and result.labels is not None and target.label_names and task.details is not None:
+        report["classes"] = task.details(result.preds, result.labels, target.label_names)
+    if "num_words" in data.column_names:
+        # Words past data.max_length have no sub-token left: neither predicted nor counted as gold.
+        report["words_cut"] = words_cut(data)
     if generate:
         samples = generate_samples(built.model, built.tokenizer, data, generate, max_new_tokens)
         path = out.with_name(out.stem + "-generations.jsonl")
@@ -80,8 +83,8 @@ def run_eval(
 
 def with_label_names(target: Target, labels: list[str]) -> list[str]:
     """--labels names the classes of an adapter that has no labels.json (HF peft saves none)."""
-    if target.task.name != "sequence_classification":
-        raise RecipeError(f"--labels: only classification has labels (the task is {target.task.name}).")
+    if target.task.label_column is None:
+        raise RecipeError(f"--labels: only classification tasks have labels (the task is {target.task.name}).")
     if target.label_names is not None and len(labels) != len(target.label_names):
         raise RecipeError(f"--labels: the adapter's head has {len(target.label_names)} classes (got {len(labels)}: {', '.join(labels)}).")
     return labels
@@ -148,8 +151,13 @@ def print_report(report: dict[str, Any], out: Path) -> None:
     for key, value in report["metrics"].items():
         table.add_row(key, f"{value:.4f}")
     for name, c in report.get("classes", {}).get("per_class", {}).items():
-        table.add_row(f"{name}: precision / recall", f"{c['precision']:.4f} / {c['recall']:.4f}")
+        if "f1" in c:  # entity types
+            table.add_row(f"{name} ({c['support']}): precision / recall / f1", f"{c['precision']:.4f} / {c['recall']:.4f} / {c['f1']:.4f}")
+        else:
+            table.add_row(f"{name}: precision / recall", f"{c['precision']:.4f} / {c['recall']:.4f}")
     console.print(table)
-    if "classes" in report:
+    if report.get("words_cut"):
+        console.print(f"{report['words_cut']} words past data.max_length were cut: not predicted, and their entities not counted.")
+    if "confusion_matrix" in report.get("classes", {}):
         console.print(f"confusion matrix (rows true, columns predicted; {', '.join(report['classes']['labels'])}): {report['classes']['confusion_matrix']}")
     console.print(f"wrote {out}" + (f" and {report['generations']}" if "generations" in report else ""))

@@ -7,8 +7,9 @@ so the same model object must do what HF peft's PeftModel wrapper does around it
     output (n x d), and extends attention_mask with n ones; position_ids are dropped (the model numbers
     the longer sequence itself, as HF peft does); token_type_ids get n zeros in front for classifiers and
     are dropped for generative models, as HF peft does per task;
-  - for generative models a forward hook strips the n virtual positions from the returned logits, so
-    they line up with the labels (HF peft returns them and pads the labels with -100: the same loss);
+  - where the logits are per position (generative models, token classifiers) a forward hook strips the
+    n virtual positions from them, so they line up with the labels (HF peft returns them, and pads a
+    language model's labels with -100: the same loss; its token classifier's logits keep the n);
   - in `generate`, once the cache holds the virtual tokens, a decoding step only extends the mask.
 A classifier sees the virtual tokens too: BERT's pooler reads position 0, the first virtual token, and a
 decoder classifier given inputs_embeds pools the last position (padding included). Both as in HF peft.
@@ -121,8 +122,10 @@ class VirtualTokenHooks:
     def after(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         logits = getattr(output, "logits", None)
         full_length = kwargs["inputs_embeds"].shape[1] if self.prepended else -1
+        # Logits per position (a language model's, a token classifier's) are stripped of the virtual
+        # positions so they line up with the labels; a sequence classifier's (batch x classes) are not.
         # generate asks for the last position only (logits_to_keep=1): nothing to strip then.
-        if self.generative and logits is not None and logits.dim() == 3 and logits.shape[1] == full_length:
+        if logits is not None and logits.dim() == 3 and logits.shape[1] == full_length:
             output.logits = logits[:, self.n :]
         return output
 

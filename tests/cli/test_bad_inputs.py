@@ -40,7 +40,7 @@ from tests.helpers import randomize_trainable
 
 CLS = "sequence_classification"
 # `peft train` names the run before it loads data; everything else it prints on a refusal is an error.
-TRAIN_BANNER = re.compile(r"\S+: \S+ on .+ \((sequence_classification|causal_lm)\)")
+TRAIN_BANNER = re.compile(r"\S+: \S+ on .+ \((sequence_classification|causal_lm|token_classification)\)")
 REGISTRY = ", ".join(sorted(METHODS))
 
 
@@ -86,7 +86,7 @@ NAME_HINT = "Use letters, digits, - and _; to write the run elsewhere, set outpu
 NOT_FOUND_HINT = "Relative paths in a recipe are relative to its folder."
 MODEL_MISSING = f"{RECIPE}: model: required key is missing. Set it: the base model, e.g. `model: {{name: <hub id, local folder or package:<pkg>/<folder>>}}`."
 DATA_MISSING = f"{RECIPE}: data: required key is missing. Set it: `files:` (split -> local files) or `dataset:` (a hub id), and `columns:`."
-TASK_MISSING = f"{RECIPE}: task: required key is missing. Set it: sequence_classification or causal_lm."
+TASK_MISSING = f"{RECIPE}: task: required key is missing. Set it: sequence_classification, causal_lm or token_classification."
 NOT_A_MAPPING = (
     f"{RECIPE}: a recipe is a YAML mapping of keys (got {{}}). Write `key: value` lines: task, model, method, data, ..."
 )
@@ -159,7 +159,7 @@ RECIPES = [
     Case(
         "task-a-list",
         sets(task=[1]),
-        [f"{RECIPE}: task: input should be 'sequence_classification' or 'causal_lm' (got [1])."],
+        [f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm' or 'token_classification' (got [1])."],
     ),
     Case(
         "method-name-a-list",
@@ -776,7 +776,7 @@ def test_bare_adapter_with_truncated_weights(artifacts: Path, work: Path) -> Non
 def test_bare_adapter_with_unsupported_task(artifacts: Path, work: Path) -> None:
     adapter = work / "adapter"
     shutil.copytree(artifacts / "run" / "adapter", adapter)
-    edit_json(adapter / "adapter_config.json", task_type="TOKEN_CLS")
+    edit_json(adapter / "adapter_config.json", task_type="QUESTION_ANS")
     refused(
         work,
         "merge",
@@ -784,7 +784,7 @@ def test_bare_adapter_with_unsupported_task(artifacts: Path, work: Path) -> None
         "--out",
         str(work / "merged"),
         lines=[
-            f"{adapter / 'adapter_config.json'}: task_type 'TOKEN_CLS' is not supported (supported: {', '.join(sorted(BY_PEFT_TASK_TYPE))})."
+            f"{adapter / 'adapter_config.json'}: task_type 'QUESTION_ANS' is not supported (supported: {', '.join(sorted(BY_PEFT_TASK_TYPE))})."
         ],
     )
 
