@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 IGNORE_INDEX = -100
 
@@ -35,6 +35,13 @@ class Task:
     metrics: Callable[[float, float, torch.Tensor | None, torch.Tensor | None, int], dict[str, float]]
     # The model's output head may run at the positions that have a target only (`head_at_targets`).
     head_at_targets_only: bool = False
+    # The model writes text (`peft generate`, `peft eval --generate`).
+    generates: bool = False
+    # Encoder-decoder: the labels go into the forward pass, where the model derives the decoder's
+    # input from them (shifted right after the decoder start token), as HF Seq2SeqTrainer does.
+    encoder_decoder: bool = False
+    # Metrics of greedy generation over the eval split (peft eval), beside the loss metrics.
+    generation_metrics: tuple[str, ...] = ()
 
 
 def higher_is_better(metric: str) -> bool:
@@ -142,6 +149,17 @@ def causal_lm_metrics(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+# -- sequence-to-sequence language modelling --------------------------------------------------
+
+
+def seq2seq_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's position t reads the labels up to t-1 and predicts label t: logits and labels line
+    up without a shift. Padding (IGNORE_INDEX) has no target."""
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
 TASKS: dict[str, Task] = {
     "sequence_classification": Task(
         name="sequence_classification",
@@ -167,6 +185,25 @@ TASKS: dict[str, Task] = {
         predictions=lambda logits, batch: None,
         metrics=causal_lm_metrics,
         head_at_targets_only=True,
+        generates=True,
+    ),
+    "seq2seq_lm": Task(
+        name="seq2seq_lm",
+        auto_model=AutoModelForSeq2SeqLM,
+        peft_task_type="SEQ_2_SEQ_LM",
+        # New in an encoder-decoder built from two pretrained encoders (model.decoder): a BERT-family
+        # decoder's cross-attention and its LM head's transform, trained in full like a classifier
+        # head. T5 and BART name theirs otherwise (EncDecAttention, encoder_attn): they come pretrained.
+        head_modules=("crossattention", "cls.predictions.transform"),
+        best_metric="loss",
+        metric_names=("loss", "perplexity"),
+        loss_sum=seq2seq_loss,
+        units=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),
+        predictions=lambda logits, batch: None,
+        metrics=causal_lm_metrics,
+        generates=True,
+        encoder_decoder=True,
+        generation_metrics=("rouge_l", "exact_match"),
     ),
 }
 

@@ -113,6 +113,10 @@ class Method:
     supports_gradient_checkpointing: bool = True
     # Whether HF peft knows this peft_type (so its PeftModel.from_pretrained loads our adapters).
     in_hf_peft: bool = True
+    # Whether it applies to encoder-decoder models (task seq2seq_lm). Virtual-token methods do not: the
+    # prompt or prefix would have to reach the encoder and the decoder's cross-attention as HF peft's
+    # PeftModelForSeq2SeqLM puts it there, which peftcli's hooks do not reproduce.
+    supports_encoder_decoder: bool = True
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)

@@ -123,4 +123,5 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2104.08691",
     state=vt.state,
     load_state=vt.load_state,
+    supports_encoder_decoder=False,
 )
