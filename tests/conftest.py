@@ -113,6 +113,8 @@ TINY = {
     "t5-s2s": (_t5, "seq2seq_lm"),
     "bart-s2s": (_bart, "seq2seq_lm"),
 }
+# The archs with one stack of blocks: virtual-token methods apply to these only (not to encoder-decoders).
+SINGLE_STACK = [name for name, (_, task) in TINY.items() if task != "seq2seq_lm"]
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -127,10 +129,11 @@ def sample_batch(name: str, tokenizer: PreTrainedTokenizerFast, n: int = 4) -> d
     words = POSITIVE + NEGATIVE + FILLER
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(n)]
     batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    if TINY[name][1] == "seq2seq_lm":  # the decoder's input comes from the labels: short targets, one padded
+    if TINY[name][1] == "seq2seq_lm":
+        # The decoder reads short texts (padded at the end, which causal attention keeps from earlier
+        # positions). Given directly, not as labels: HF peft's loaded AdaLoRA fails on a forward with labels.
         targets = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(n)]
-        labels = tokenizer(targets, padding=True, return_tensors="pt")
-        batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
+        batch["decoder_input_ids"] = tokenizer(targets, padding=True, return_tensors="pt")["input_ids"]
     return batch
 
 

@@ -23,8 +23,8 @@ IA3 = METHODS["ia3"]
 SETTINGS = {
     "auto": {},
     "regex": {
-        "target_modules": r".*\.(value|v_proj|c_attn|c_fc|up_proj|intermediate\.dense)",
-        "feedforward_modules": r".*\.(c_fc|up_proj|intermediate\.dense)",
+        "target_modules": r".*\.(value|v_proj|c_attn|c_fc|up_proj|intermediate\.dense|v|wi)",
+        "feedforward_modules": r".*\.(c_fc|up_proj|intermediate\.dense|wi)",
     },
 }
 
