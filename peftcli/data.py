@@ -242,6 +242,19 @@ def target_end_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(end)
 
 
+def target_text(spec: DataSpec, value: Any, split: str) -> str:
+    """The response column's value, or with response_names the name of its integer value."""
+    names = spec.columns.response_names
+    if names is None:
+        return str(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
+        raise DataError(
+            f"data.columns.response_names: value {value!r} in split {split!r} of column {spec.columns.response!r} "
+            f"is not an integer 0..{len(names) - 1}. Name every value, or remove response_names to train on the column's text."
+        )
+    return names[value]
+
+
 def tokenize_seq2seq(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
     """The source (with the tokenizer's special tokens, cut to max_length) is the encoder's input; the
     target's tokens and the end token (cut to max_target_length) are the labels, from which the model
@@ -253,7 +266,7 @@ def tokenize_seq2seq(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
         n = len(next(iter(rows.values())))
         sources = [prompt_of(spec, rows, i) for i in range(n)]
         enc = tokenizer(sources, truncation=True, max_length=spec.max_length)
-        targets = tokenizer([str(t) for t in rows[response]], add_special_tokens=False)["input_ids"]
+        targets = tokenizer([target_text(spec, t, split) for t in rows[response]], add_special_tokens=False)["input_ids"]
         labels = [(t[: spec.max_target_length - 1] + [end]) for t in targets]
         return {"input_ids": enc["input_ids"], "labels": labels}
 

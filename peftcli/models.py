@@ -3,6 +3,7 @@ a frozen transformers model for the task, and its tokenizer."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ def build_encoder_decoder(spec: ModelSpec, location: str, kwargs: dict[str, Any]
         encoder.pooler = None  # BERT's pooler: the decoder reads the hidden states, no gradient would reach it
     decoder = AutoModelForCausalLM.from_pretrained(location_of(spec.decoder, "model.decoder"), is_decoder=True, add_cross_attention=True, **kwargs)
     model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    # It warns on every forward with labels that its loss changed in transformers 4.12; peftcli computes its own.
+    warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if start is None or tokenizer.pad_token_id is None:

@@ -65,6 +65,11 @@ class Columns(Strict):
     label: str | None = Field(None, description="label column: ints or strings (strings are mapped to ids)")
     prompt: str | None = Field(None, description="prompt column (causal LM: its tokens get no loss; seq2seq: the source)")
     response: str | None = Field(None, description="response column (causal LM, seq2seq: the target); trained, EOS appended")
+    response_names: list[str] | None = Field(
+        None,
+        description="seq2seq_lm: the target text for each integer value 0..N-1 of the response column, "
+        "e.g. [negative, positive] to train a classification set as text-to-text",
+    )
     prompt_template: str | None = Field(
         None, description="prompt built from columns, e.g. 'Question: {question}\\nAnswer: '"
     )
@@ -593,6 +598,8 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
             if split is not None and split not in data.files:
                 problems.append((("data", key), f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). Add data.files.{split}" + (" or set data.eval_split: null." if key == "eval_split" else ".")))
     c = data.columns
+    if c.response_names is not None and task in TASKS and task != "seq2seq_lm":
+        problems.append((("data", "columns", "response_names"), f"names seq2seq_lm targets (got {c.response_names!r} with task {task}). Remove it."))
     if task == "sequence_classification":
         if not c.text:
             problems.append((("data", "columns", "text"), "sequence_classification needs the text column's name (e.g. text: sentence)."))

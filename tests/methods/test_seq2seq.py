@@ -30,8 +30,12 @@ def test_labels_are_the_target_and_its_end_token_padded_with_ignore_index(tokeni
     for row, example in zip(prepared.train.select(range(5)), rows):
         source = spec.columns.prompt_template.format(**example)
         assert row["input_ids"] == tokenizer(source)["input_ids"]
-        assert row["labels"] == tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    batch = Collator(tokenizer.pad_token_id)([{"input_ids": [5, 6, 7, 8], "labels": [9, 3]}, {"input_ids": [5], "labels": [9, 10, 3]}])
+        assert row["labels"] == tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+    batch = Collator(tokenizer.pad_token_id)(
+        [{"input_ids": [5, 6, 7, 8], "labels": [9, 3]}, {"input_ids": [5], "labels": [9, 10, 3]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 0, 0, 0]]
     assert batch["labels"].tolist() == [[9, 3, IGNORE_INDEX], [9, 10, 3]]  # the targets' own width
 
@@ -55,14 +59,18 @@ def test_loss_sum_over_target_tokens_equals_the_models_own_mean_loss(arch: str, 
     torch.testing.assert_close(total / count, out.loss)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS.values() if not m.supports_encoder_decoder], ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "method", [m for m in METHODS.values() if not m.supports_encoder_decoder], ids=lambda m: m.name
+)
 def test_virtual_token_methods_are_refused_in_one_line(method, tiny_dirs, tiny_data) -> None:
     recipe = tiny_recipe(tiny_dirs["t5-s2s"], tiny_data, "seq2seq_lm")
     recipe["method"] = {"name": method.name}
     with pytest.raises(RecipeError) as exc:
         validate_recipe(recipe, source="r.yaml")
     usable = ", ".join(m.name for m in METHODS.values() if m.supports_encoder_decoder)
-    assert exc.value.lines == [f"r.yaml: method.name: {method.name} does not support encoder-decoder models (got task seq2seq_lm). Use one of: {usable}."]
+    assert exc.value.lines == [
+        f"r.yaml: method.name: {method.name} does not support encoder-decoder models (got task seq2seq_lm). Use one of: {usable}."
+    ]
 
 
 def test_seq2seq_columns_and_decoder_problems_are_reported_at_once(tiny_dirs, tiny_data) -> None:
@@ -75,10 +83,14 @@ def test_seq2seq_columns_and_decoder_problems_are_reported_at_once(tiny_dirs, ti
         "r.yaml: data.columns.prompt: seq2seq_lm needs the source column's name (e.g. prompt: article), or a prompt_template.",
         "r.yaml: data.columns.response: seq2seq_lm needs the target column's name (e.g. response: summary).",
     ]
-    recipe = tiny_recipe(tiny_dirs["llama-lm"], tiny_data, "causal_lm", model={"name": str(tiny_dirs["llama-lm"]), "decoder": "x/y"})
+    recipe = tiny_recipe(
+        tiny_dirs["llama-lm"], tiny_data, "causal_lm", model={"name": str(tiny_dirs["llama-lm"]), "decoder": "x/y"}
+    )
     with pytest.raises(RecipeError) as exc:
         validate_recipe(recipe, source="r.yaml")
-    assert exc.value.lines == ["r.yaml: model.decoder: builds an encoder-decoder, which task causal_lm does not use (got 'x/y'). Remove it, or set task: seq2seq_lm."]
+    assert exc.value.lines == [
+        "r.yaml: model.decoder: builds an encoder-decoder, which task causal_lm does not use (got 'x/y'). Remove it, or set task: seq2seq_lm."
+    ]
 
 
 def test_train_last_layers_is_refused_on_encoder_decoders() -> None:
@@ -86,12 +98,17 @@ def test_train_last_layers_is_refused_on_encoder_decoders() -> None:
         adapt(tiny_model("t5-s2s"), METHODS["full"], "seq2seq_lm", train_last_layers=1)
 
 
-def test_decoder_key_builds_an_encoder_decoder_whose_new_cross_attention_trains(tiny_dirs: dict[str, Path], tokenizer, tiny_data) -> None:
+def test_decoder_key_builds_an_encoder_decoder_whose_new_cross_attention_trains(
+    tiny_dirs: dict[str, Path], tokenizer, tiny_data
+) -> None:
     folder = str(tiny_dirs["bert-cls"])
     torch.manual_seed(0)
     model = load_base_model(ModelSpec(name=folder, decoder=folder), TASK)
     assert isinstance(model, EncoderDecoderModel)
-    assert (model.config.decoder_start_token_id, model.config.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert (model.config.decoder_start_token_id, model.config.eos_token_id) == (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
     encoder_before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
     adapt(model, METHODS["lora"], "seq2seq_lm", rank=4, alpha=8)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -101,7 +118,13 @@ def test_decoder_key_builds_an_encoder_decoder_whose_new_cross_attention_trains(
     assert not any(".crossattention." in n and "lora_" in n for n in trainable), "trained in full, not adapted"
     excluded = context_for(model, TASK.head_modules).excluded_modules
     assert "decoder.cls.predictions.transform" in excluded and "decoder.bert.encoder.layer.1.crossattention" in excluded
-    result = run_training(model, "seq2seq_lm", tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=8, log_every=1, seed=0))
+    result = run_training(
+        model, "seq2seq_lm", tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=8, log_every=1, seed=0)
+    )
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert sum(losses[-3:]) < sum(losses[:3])
-    assert all(torch.equal(p, encoder_before[n]) for n, p in model.encoder.named_parameters() if "lora_" not in n and n in encoder_before)
+    assert all(
+        torch.equal(p, encoder_before[n])
+        for n, p in model.encoder.named_parameters()
+        if "lora_" not in n and n in encoder_before
+    )
