@@ -18,7 +18,7 @@ from peftcli.models import load_base_model
 from peftcli.recipe import ModelSpec, TrainSpec, validate_recipe
 from peftcli.tasks import IGNORE_INDEX, TASKS
 from tests.conftest import qa_rows, tiny_model, tiny_recipe
-from tests.helpers import adapt, data_spec, run_training
+from tests.helpers import adapt, data_spec, logits, randomize_trainable, run_training
 
 TASK = TASKS["seq2seq_lm"]
 
@@ -128,3 +128,30 @@ def test_decoder_key_builds_an_encoder_decoder_whose_new_cross_attention_trains(
         for n, p in model.encoder.named_parameters()
         if "lora_" not in n and n in encoder_before
     )
+
+
+def test_bert2bert_lora_with_its_trained_cross_attention_loads_in_hf_peft(
+    tiny_dirs: dict[str, Path], tokenizer, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    from peftcli.checkpoint import adapter_config, method_state, save_adapter
+
+    folder = str(tiny_dirs["bert-cls"])
+
+    def base() -> torch.nn.Module:
+        torch.manual_seed(0)  # the new cross-attention's initial values: the same in both
+        return load_base_model(ModelSpec(name=folder, decoder=folder), TASK)
+
+    model = base()
+    params, adapted = adapt(model, METHODS["lora"], "seq2seq_lm", rank=4, alpha=8)
+    randomize_trainable(model)
+    batch = dict(tokenizer(["good film was fun", "bad"], padding=True, return_tensors="pt"))
+    batch["decoder_input_ids"] = torch.tensor([[2, 8, 9], [2, 12, 0]])
+    ours = logits(model, batch)
+    lora = METHODS["lora"]
+    save_adapter(
+        tmp_path, method_state(lora, model, adapted), adapter_config(lora, params, adapted, TASK, folder, None)
+    )
+    theirs = PeftModel.from_pretrained(base(), tmp_path)
+    torch.testing.assert_close(logits(theirs, batch), ours, rtol=1e-6, atol=1e-6)
