@@ -58,3 +58,14 @@ def test_merge_writes_a_plain_seq2seq_model_with_the_adapted_outputs(s2s_run: Pa
     with torch.no_grad():
         out = merged.generate(**ids, max_new_tokens=8, do_sample=False)
     assert make_tokenizer().decode(out[0], skip_special_tokens=True) == reference[0]
+
+
+def test_dry_run_counts_source_and_target_tokens_apart(s2s_run: Path, tiny_data) -> None:
+    from peftcli.commands.dry_run import run_dry_run
+
+    counts = run_dry_run(s2s_run / "recipe.yaml", [])
+    tokenizer = make_tokenizer()
+    answers = [json.loads(line)["answer"] for line in tiny_data["qa_train"].read_text().splitlines()]
+    assert counts["train"]["target_tokens"] == sum(
+        len(tokenizer(a)["input_ids"]) + 1 for a in answers
+    )  # + the end token
