@@ -88,8 +88,6 @@ def build_encoder_decoder(spec: ModelSpec, location: str, kwargs: dict[str, Any]
     assert spec.decoder is not None
     tokenizer = load_tokenizer(spec)
     encoder = AutoModel.from_pretrained(location, **kwargs)
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None  # BERT's pooler: the decoder reads the hidden states, no gradient would reach it
     decoder = AutoModelForCausalLM.from_pretrained(location_of(spec.decoder, "model.decoder"), is_decoder=True, add_cross_attention=True, **kwargs)
     model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
     # It warns on every forward with labels that its loss changed in transformers 4.12; peftcli computes its own.
