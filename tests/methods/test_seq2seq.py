@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import EncoderDecoderModel
 
+from peftcli.commands.inspection import saved_parameters
 from peftcli.data import Collator, prepare_data
 from peftcli.errors import MethodError, RecipeError
 from peftcli.methods import METHODS, context_for
@@ -115,6 +116,8 @@ def test_decoder_key_builds_an_encoder_decoder_whose_new_cross_attention_trains(
     # New weights (cross-attention, the LM head's transform) train in full, as a classifier's head does.
     cross = {n for n, _ in model.named_parameters() if ".crossattention." in n or ".predictions.transform." in n}
     assert cross and cross <= trainable
+    crossattention = {n: p.numel() for n, p in model.named_parameters() if ".crossattention." in n}
+    assert saved_parameters(model, "crossattention") == sum(crossattention.values())  # as `peft inspect` counts them
     assert not any(".crossattention." in n and "lora_" in n for n in trainable), "trained in full, not adapted"
     excluded = context_for(model, TASK.head_modules).excluded_modules
     assert "decoder.cls.predictions.transform" in excluded and "decoder.bert.encoder.layer.1.crossattention" in excluded
