@@ -18,7 +18,7 @@ from peftcli.methods import METHODS, context_for
 from peftcli.models import load_base_model
 from peftcli.recipe import ModelSpec, TrainSpec, validate_recipe
 from peftcli.tasks import IGNORE_INDEX, TASKS
-from tests.conftest import qa_rows, tiny_model, tiny_recipe
+from tests.conftest import qa_rows, sample_batch, tiny_model, tiny_recipe
 from tests.helpers import adapt, data_spec, logits, randomize_trainable, run_training
 
 TASK = TASKS["seq2seq_lm"]
@@ -158,3 +158,34 @@ def test_bert2bert_lora_with_its_trained_cross_attention_loads_in_hf_peft(
     )
     theirs = PeftModel.from_pretrained(base(), tmp_path)
     torch.testing.assert_close(logits(theirs, batch), ours, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["t5-s2s", "bart-s2s"])
+def test_prompt_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, tokenizer, tmp_path: Path) -> None:
+    from peft import PeftModel, PromptTuningConfig
+
+    from peftcli.checkpoint import load_adapter
+    from tests.methods.test_prompt_tuning import N, load_theirs, save_ours
+
+    batch = sample_batch(arch, tokenizer)
+    ours = save_ours("prompt_tuning", arch, tmp_path / "ours", batch, num_virtual_tokens=N)
+    theirs = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours")
+    torch.testing.assert_close(logits(theirs, batch), ours, rtol=1e-6, atol=1e-6)
+
+    config = PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N)
+    expected, _ = load_theirs(arch, config, tmp_path / "theirs", batch)
+    mine = tiny_model(arch)
+    load_adapter(tmp_path / "theirs", mine, TASK)
+    torch.testing.assert_close(logits(mine, batch), expected, rtol=1e-6, atol=1e-6)
+
+    # generate calls the encoder itself: the prompt must reach it there too.
+    theirs = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "theirs")
+    source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    settings = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "min_new_tokens": 6}
+    settings |= {"return_dict_in_generate": True, "output_scores": True}  # tiny models often pick the same tokens
+    with torch.no_grad():
+        scores = torch.stack(mine.generate(**source, **settings).scores)
+        torch.testing.assert_close(
+            scores, torch.stack(theirs.generate(**source, **settings).scores), rtol=1e-5, atol=1e-5
+        )
+        assert not torch.allclose(scores, torch.stack(tiny_model(arch).generate(**source, **settings).scores))
