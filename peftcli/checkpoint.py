@@ -221,6 +221,8 @@ def load_adapter(folder: Path, model: nn.Module, task: Task) -> tuple[Method, An
     method = method_for(config, folder)
     params = method_params(method, config, folder)
     path = weights_file(folder)
+    if task.encoder_decoder and not method.supports_encoder_decoder:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {method.name} adapters on encoder-decoder models are not supported by peftcli. Load this adapter with HF peft.")
     try:
         adapted = method.apply(model, params, context_for(model, task.head_modules, strict=False))
     except MethodError as exc:

@@ -181,7 +181,7 @@ def eval_cmd(
         Path | None, typer.Option(help="where to write the JSON report (default: RUN/eval.json, or ./eval.json)")
     ] = None,
     base: Annotated[bool, typer.Option("--base", help="evaluate the base model without the adapter")] = False,
-    generate: Annotated[int, typer.Option(min=0, help="causal LM: write greedy answers to the first N prompts")] = 0,
+    generate: Annotated[int, typer.Option(min=0, help="causal LM, seq2seq: write greedy answers to the first N prompts")] = 0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="with --generate: tokens per answer")] = 128,
     labels: Annotated[
         str | None, typer.Option(help="class names in id order, comma-separated, for adapters without labels.json")

@@ -312,11 +312,6 @@ def tokenize_columns(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
     if eos is None:
         raise DataError("model: the tokenizer has no end-of-sequence token, which causal_lm training appends.")
 
-    def prompt_of(rows: dict[str, list[Any]], i: int) -> str:
-        if c.prompt_template:
-            return c.prompt_template.format_map({k: rows[k][i] for k in rows})
-        return str(rows[c.prompt][i]) if c.prompt else ""
-
     def encode(rows: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         n = len(next(iter(rows.values())))
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
@@ -325,13 +320,63 @@ def tokenize_columns(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
                 ids = tokenizer(str(rows[c.text][i]), add_special_tokens=True)["input_ids"] + [eos]
                 labels = list(ids)
             else:
-                prompt = tokenizer(prompt_of(rows, i), add_special_tokens=True)["input_ids"]
+                prompt = tokenizer(prompt_of(spec, rows, i), add_special_tokens=True)["input_ids"]
                 response = tokenizer(str(rows[c.response][i]), add_special_tokens=False)["input_ids"] + [eos]
                 ids = prompt + response
                 labels = [IGNORE_INDEX] * len(prompt) + response
             out["input_ids"].append(ids[: spec.max_length])
             out["labels"].append(labels[: spec.max_length])
         return out
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+
+
+def prompt_of(spec: DataSpec, rows: dict[str, list[Any]], i: int) -> str:
+    """Row i's prompt: the prompt column, or the template filled from the row's columns."""
+    c = spec.columns
+    if c.prompt_template:
+        return c.prompt_template.format_map({k: rows[k][i] for k in rows})
+    return str(rows[c.prompt][i]) if c.prompt else ""
+
+
+# -- sequence to sequence ----------------------------------------------------------------------
+
+
+def target_end_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that ends a target: EOS, or [SEP] for BERT-style tokenizers, which have no EOS."""
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end is None:
+        raise DataError("model: the tokenizer has neither an end-of-sequence nor a [SEP] token, which ends every seq2seq_lm target.")
+    return int(end)
+
+
+def target_text(spec: DataSpec, value: Any, split: str) -> str:
+    """The response column's value, or with response_names the name of its integer value."""
+    names = spec.columns.response_names
+    if names is None:
+        return str(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
+        raise DataError(
+            f"data.columns.response_names: value {value!r} in split {split!r} of column {spec.columns.response!r} "
+            f"is not an integer 0..{len(names) - 1}. Name every value, or remove response_names to train on the column's text."
+        )
+    return names[value]
+
+
+def tokenize_seq2seq(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
+    """The source (with the tokenizer's special tokens, cut to max_length) is the encoder's input; the
+    target's tokens and the end token (cut to max_target_length) are the labels, from which the model
+    builds the decoder's input."""
+    end = target_end_id(tokenizer)
+    response = str(spec.columns.response)
+
+    def encode(rows: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        n = len(next(iter(rows.values())))
+        sources = [prompt_of(spec, rows, i) for i in range(n)]
+        enc = tokenizer(sources, truncation=True, max_length=spec.max_length)
+        targets = tokenizer([target_text(spec, t, split) for t in rows[response]], add_special_tokens=False)["input_ids"]
+        labels = [(t[: spec.max_target_length - 1] + [end]) for t in targets]
+        return {"input_ids": enc["input_ids"], "labels": labels}
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
 
@@ -357,6 +402,10 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
     eval_raw = raw.get(spec.eval_split) if spec.eval_split else None
     if (key := TASKS[task].label_column) is not None:
         return prepare_labelled(spec, tokenizer, train_raw, eval_raw, key)
+    if TASKS[task].encoder_decoder:
+        train = tokenize_seq2seq(train_raw, spec, tokenizer, spec.train_split)
+        ev = tokenize_seq2seq(eval_raw, spec, tokenizer, str(spec.eval_split)) if eval_raw is not None else None
+        return PreparedData(train, ev)
     train = tokenize_causal_lm(train_raw, spec, tokenizer, spec.train_split)
     ev = tokenize_causal_lm(eval_raw, spec, tokenizer, str(spec.eval_split)) if eval_raw is not None else None
     dropped = {spec.train_split: len(train_raw) - len(train)}
@@ -389,6 +438,8 @@ def prepare_eval_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerB
     if (key := TASKS[task].label_column) is not None:
         assert label_names is not None
         return TOKENIZE[key](ds, spec, tokenizer, label_names, split, f"the adapter's {key.rstrip('s')}s (adapter/labels.json, or --labels)")
+    if TASKS[task].encoder_decoder:
+        return tokenize_seq2seq(ds, spec, tokenizer, split)
     return tokenize_causal_lm(ds, spec, tokenizer, split)
 
 
@@ -458,7 +509,8 @@ class Collator:
             batch["token_type_ids"] = self._pad([r["token_type_ids"] for r in rows], width, 0)
         labels = [r["labels"] for r in rows]
         if isinstance(labels[0], list):
-            batch["labels"] = self._pad(labels, width, IGNORE_INDEX)
+            # A seq2seq target has its own length; a causal LM's labels are as long as its input.
+            batch["labels"] = self._pad(labels, max(len(x) for x in labels), IGNORE_INDEX)
         else:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch

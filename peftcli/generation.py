@@ -1,11 +1,15 @@
-"""Completions from a causal LM: the decoding settings, when to stop, and the new text of one prompt."""
+"""Completions from a causal LM or an encoder-decoder: the decoding settings, when to stop, the new text
+of one prompt, and greedy answers to a whole eval split (seq2seq's ROUGE-L and exact match)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from peftcli.tasks import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -55,4 +59,38 @@ def complete(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ids: li
         eos_token_id=stop_ids(model, tokenizer),
         **decoding.generate_kwargs(),
     )
-    return tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(output[0, new_tokens_start(model, prompt) :], skip_special_tokens=True)
+
+
+def new_tokens_start(model: torch.nn.Module, prompt: torch.Tensor) -> int:
+    """Where the generated tokens start in `generate`'s output: after the prompt for a decoder; an
+    encoder-decoder returns the decoder's sequence only (its start token is special, so decoding drops it)."""
+    return 0 if getattr(model.config, "is_encoder_decoder", False) else prompt.shape[1]
+
+
+@torch.inference_mode()
+def greedy_answers(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batches: Iterable[dict[str, torch.Tensor]], max_new_tokens: int
+) -> tuple[list[str], list[str], list[str]]:
+    """(sources, generated, references) for an encoder-decoder's batches of source ids and target labels:
+    greedy decoding, as HF Seq2SeqTrainer's predict_with_generate does by default."""
+    model.eval()
+    device = next(model.parameters()).device
+    sources: list[str] = []
+    generated: list[str] = []
+    references: list[str] = []
+    for batch in batches:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids(model, tokenizer),
+            **Decoding().generate_kwargs(),
+        )
+        sources += tokenizer.batch_decode(ids, skip_special_tokens=True)
+        generated += tokenizer.batch_decode(output, skip_special_tokens=True)
+        targets = [[t for t in row if t != IGNORE_INDEX] for row in batch["labels"].tolist()]
+        references += tokenizer.batch_decode(targets, skip_special_tokens=True)
+    return sources, generated, references

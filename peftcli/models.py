@@ -3,6 +3,7 @@ a frozen transformers model for the task, and its tokenizer."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def model_location(spec: ModelSpec) -> str:
     """Where transformers should load from: package:<pkg>/<folder> becomes that folder's path."""
-    if spec.name.startswith(PACKAGE_PREFIX):
-        folder = package_folder(spec.name)
+    return location_of(spec.name, "model.name")
+
+
+def location_of(name: str, key: str) -> str:
+    if name.startswith(PACKAGE_PREFIX):
+        folder = package_folder(name)
         if folder is None or not folder.exists():
-            raise ModelError(f"model.name: {spec.name!r} not found. Install the package that ships it.")
+            raise ModelError(f"{key}: {name!r} not found. Install the package that ships it.")
         return str(folder)
-    return spec.name
+    return name
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
@@ -58,7 +63,10 @@ def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrain
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     try:
-        model = task.auto_model.from_pretrained(location, **kwargs, **task_kwargs)
+        if spec.decoder is not None:
+            model = build_encoder_decoder(spec, location, kwargs)
+        else:
+            model = task.auto_model.from_pretrained(location, **kwargs, **task_kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_failure("model", spec, exc)) from None
     if spec.gguf_file:
@@ -67,6 +75,33 @@ def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrain
         p.requires_grad_(False)
     if spec.dropout is not None:
         set_dropout(model, spec.dropout)
+    return model
+
+
+def build_encoder_decoder(spec: ModelSpec, location: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """An EncoderDecoderModel from two pretrained models (Rothe et al. 2020, "bert2bert"): the decoder is
+    the second one with causal self-attention and new, randomly initialized cross-attention layers (and,
+    where the checkpoint has none, a new LM head transform); the task's head_modules train them. The
+    decoder starts from the tokenizer's [CLS] (or BOS) and ends at EOS (or [SEP]), the labels' end token."""
+    from transformers import AutoModel, AutoModelForCausalLM, EncoderDecoderModel
+
+    assert spec.decoder is not None
+    tokenizer = load_tokenizer(spec)
+    encoder = AutoModel.from_pretrained(location, **kwargs)
+    decoder = AutoModelForCausalLM.from_pretrained(location_of(spec.decoder, "model.decoder"), is_decoder=True, add_cross_attention=True, **kwargs)
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    # It warns on every forward with labels that its loss changed in transformers 4.12; peftcli computes its own.
+    warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if start is None or tokenizer.pad_token_id is None:
+        raise ModelError(f"model.decoder: the tokenizer of {spec.name!r} has no [CLS] or BOS token to start the decoder, or no pad token. Use a BERT-style tokenizer.")
+    model.config.decoder_start_token_id = start
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = end
+    model.generation_config.decoder_start_token_id = start
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = end
     return model
 
 

@@ -51,14 +51,25 @@ class ModelSpec(Strict):
         description="every dropout probability of the base model (hidden, attention, head); 0 turns them off: "
         "faster, less regularization. Default: the model's own",
     )
+    decoder: str | None = Field(
+        None,
+        description="seq2seq_lm only: a second pretrained model (hub id, folder or package:...) whose weights start "
+        "the decoder of an encoder-decoder built with `name` as the encoder (bert2bert). The decoder gets new "
+        "cross-attention layers, which train in full with the adapter. Default: `name` is an encoder-decoder (T5, BART)",
+    )
 
 
 class Columns(Strict):
     text: str | None = Field(None, description="text column (classification, or plain causal LM text)")
     text_pair: str | None = Field(None, description="second text column for sentence-pair classification")
     label: str | None = Field(None, description="label column: ints or strings (strings are mapped to ids)")
-    prompt: str | None = Field(None, description="prompt column (causal LM); its tokens get no loss")
-    response: str | None = Field(None, description="response column (causal LM); trained, EOS appended")
+    prompt: str | None = Field(None, description="prompt column (causal LM: its tokens get no loss; seq2seq: the source)")
+    response: str | None = Field(None, description="response column (causal LM, seq2seq: the target); trained, EOS appended")
+    response_names: list[str] | None = Field(
+        None,
+        description="seq2seq_lm: the target text for each integer value 0..N-1 of the response column, "
+        "e.g. [negative, positive] to train a classification set as text-to-text",
+    )
     prompt_template: str | None = Field(
         None, description="prompt built from columns, e.g. 'Question: {question}\\nAnswer: '"
     )
@@ -89,7 +100,12 @@ class DataSpec(Strict):
     eval_split: str | None = Field("validation", description="split evaluated during training; null for none")
     columns: Columns = Field(default_factory=Columns)
     max_length: int = Field(
-        128, gt=0, description="longer examples are truncated (token classification: words past it are not trained or scored)"
+        128,
+        gt=0,
+        description="longer examples are truncated (seq2seq: the source; token classification: words past it are not trained or scored)",
+    )
+    max_target_length: int = Field(
+        64, gt=0, description="seq2seq_lm: targets are cut to this many tokens, EOS included; also the generation limit in eval"
     )
     max_train_examples: int | None = Field(None, gt=0, description="use only the first N training examples")
     max_eval_examples: int | None = Field(None, gt=0, description="use only the first N eval examples")
@@ -151,8 +167,8 @@ class TrainSpec(Strict):
 
 class Recipe(Strict):
     name: str | None = Field(None, description="run name, the folder under runs/; default: the recipe file's name")
-    task: Literal["sequence_classification", "causal_lm", "token_classification"] = Field(
-        description="sequence_classification, causal_lm or token_classification"
+    task: Literal["sequence_classification", "causal_lm", "seq2seq_lm", "token_classification"] = Field(
+        description="sequence_classification, causal_lm, seq2seq_lm or token_classification"
     )
     model: ModelSpec = Field(description="the base model, e.g. `model: {name: <hub id, local folder or package:<pkg>/<folder>>}`")
     method: Any = Field(description="`name:` of a registered method plus that method's own keys")
@@ -349,6 +365,10 @@ def validate_recipe(
         problems += _train_problems(train, task)
     if train is not None and method_params is not None:
         problems += _method_train_problems(METHODS[method_params.name], train)
+    if task is not None and method_params is not None:
+        problems += method_task_problems(METHODS[method_params.name], task)
+    if model is not None and task is not None:
+        problems += _model_task_problems(model, task)
 
     if problems:
         lines = []
@@ -387,6 +407,19 @@ def _override_origin(loc: tuple[str, ...], override_keys: dict[tuple[str, ...], 
 def _method_train_problems(method: Any, train: TrainSpec) -> list[tuple[tuple[str, ...], str]]:
     if train.gradient_checkpointing and not method.supports_gradient_checkpointing:
         return [(("train", "gradient_checkpointing"), f"{method.name} cannot train with gradient checkpointing (got true). Set it to false.")]
+    return []
+
+
+def method_task_problems(method: Any, task: str) -> list[tuple[tuple[str, ...], str]]:
+    if TASKS[task].encoder_decoder and not method.supports_encoder_decoder:
+        usable = ", ".join(m.name for m in METHODS.values() if m.supports_encoder_decoder)
+        return [(("method", "name"), f"{method.name} does not support encoder-decoder models (got task {task}). Use one of: {usable}.")]
+    return []
+
+
+def _model_task_problems(model: ModelSpec, task: str) -> list[tuple[tuple[str, ...], str]]:
+    if model.decoder is not None and not TASKS[task].encoder_decoder:
+        return [(("model", "decoder"), f"builds an encoder-decoder, which task {task} does not use (got {model.decoder!r}). Remove it, or set task: seq2seq_lm.")]
     return []
 
 
@@ -474,9 +507,12 @@ def _resolver(root: Path, override_keys: dict[tuple[str, ...], str]) -> Any:
 
 
 def resolve_model_path(model: ModelSpec, root: Path, override_keys: dict[tuple[str, ...], str]) -> ModelSpec:
-    if not _looks_like_path(model.name):
-        return model
-    return model.model_copy(update={"name": _resolver(root, override_keys)(model.name, ("model", "name"))})
+    resolve = _resolver(root, override_keys)
+    if _looks_like_path(model.name):
+        model = model.model_copy(update={"name": resolve(model.name, ("model", "name"))})
+    if model.decoder is not None and _looks_like_path(model.decoder):
+        model = model.model_copy(update={"decoder": resolve(model.decoder, ("model", "decoder"))})
+    return model
 
 
 def resolve_data_paths(data: DataSpec, root: Path, override_keys: dict[tuple[str, ...], str]) -> DataSpec:
@@ -521,16 +557,22 @@ def _train_problems(t: TrainSpec, task: str) -> list[tuple[tuple[str, ...], str]
 
 
 def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
-    key = ("model", "name")
-    if model.name.startswith(PACKAGE_PREFIX):
-        folder = package_folder(model.name)
+    problems = _location_problems(model.name, ("model", "name"))
+    if model.decoder is not None:
+        problems += _location_problems(model.decoder, ("model", "decoder"))
+    return problems
+
+
+def _location_problems(name: str, key: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
+    if name.startswith(PACKAGE_PREFIX):
+        folder = package_folder(name)
         if folder is None:
-            pkg = model.name[len(PACKAGE_PREFIX) :].partition("/")[0]
-            return [(key, f"Python package {pkg!r} is not installed (got {model.name!r}). Install it, e.g. `pip install {pkg.replace('_', '-')}`.")]
+            pkg = name[len(PACKAGE_PREFIX) :].partition("/")[0]
+            return [(key, f"Python package {pkg!r} is not installed (got {name!r}). Install it, e.g. `pip install {pkg.replace('_', '-')}`.")]
         if not folder.exists():
-            return [(key, f"no folder {folder.name!r} inside the package (got {model.name!r}). Check the path after the package name.")]
-    elif _looks_like_path(model.name) and not Path(model.name).exists():
-        return [(key, f"model folder not found (got {model.name!r}). Give a hub id, an existing folder or package:<pkg>/<folder>.")]
+            return [(key, f"no folder {folder.name!r} inside the package (got {name!r}). Check the path after the package name.")]
+    elif _looks_like_path(name) and not Path(name).exists():
+        return [(key, f"model folder not found (got {name!r}). Give a hub id, an existing folder or package:<pkg>/<folder>.")]
     return []
 
 
@@ -571,6 +613,8 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
                 problems.append((("data", key), f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). Add data.files.{split}" + (" or set data.eval_split: null." if key == "eval_split" else ".")))
     c = data.columns
     problems += _token_column_problems(c, task)
+    if c.response_names is not None and task in TASKS and task not in ("seq2seq_lm", "token_classification"):
+        problems.append((("data", "columns", "response_names"), f"names seq2seq_lm targets (got {c.response_names!r} with task {task}). Remove it."))
     if task == "sequence_classification":
         if not c.text:
             problems.append((("data", "columns", "text"), "sequence_classification needs the text column's name (e.g. text: sentence)."))
@@ -581,6 +625,8 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
     elif task == "causal_lm" and c.messages:
         if c.text or c.prompt or c.prompt_template or c.response:
             problems.append((("data", "columns", "messages"), "a conversation is the whole example: give `messages` alone, without text, prompt, prompt_template or response."))
+    elif task == "seq2seq_lm":
+        problems += _seq2seq_column_problems(c)
     elif task == "causal_lm":
         has_prompt = bool(c.prompt or c.prompt_template)
         if c.text and (has_prompt or c.response):
@@ -616,4 +662,18 @@ def _token_column_problems(c: Columns, task: str | None) -> list[tuple[tuple[str
         for k in given
         if k not in TOKEN_COLUMNS
     ]
+    return problems
+
+
+def _seq2seq_column_problems(c: Columns) -> list[tuple[tuple[str, ...], str]]:
+    problems: list[tuple[tuple[str, ...], str]] = []
+    for key in ("text", "text_pair", "label", "messages"):
+        if getattr(c, key):
+            problems.append((("data", "columns", key), f"not used by seq2seq_lm (got {getattr(c, key)!r}). Give the source as `prompt` or `prompt_template` and the target as `response`."))
+    if not (c.prompt or c.prompt_template):
+        problems.append((("data", "columns", "prompt"), "seq2seq_lm needs the source column's name (e.g. prompt: article), or a prompt_template."))
+    if c.prompt and c.prompt_template:
+        problems.append((("data", "columns", "prompt_template"), "give `prompt` or `prompt_template`, not both."))
+    if not c.response:
+        problems.append((("data", "columns", "response"), "seq2seq_lm needs the target column's name (e.g. response: summary)."))
     return problems

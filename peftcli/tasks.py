@@ -15,7 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from peftcli.entities import entity_scores
 
@@ -44,6 +49,13 @@ class Task:
     label_column: str | None = None
     # Per-class (or per-entity-type) breakdown for `peft eval`: (preds, labels, label names) -> JSON.
     details: Callable[[torch.Tensor, torch.Tensor, list[str]], dict[str, Any]] | None = None
+    # The model writes text (`peft generate`, `peft eval --generate`).
+    generates: bool = False
+    # Encoder-decoder: the labels go into the forward pass, where the model derives the decoder's
+    # input from them (shifted right after the decoder start token), as HF Seq2SeqTrainer does.
+    encoder_decoder: bool = False
+    # Metrics of greedy generation over the eval split (peft eval), beside the loss metrics.
+    generation_metrics: tuple[str, ...] = ()
 
 
 def higher_is_better(metric: str) -> bool:
@@ -155,11 +167,17 @@ def causal_lm_metrics(
 # -- token classification ----------------------------------------------------------------------
 
 
-def token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy at the labelled positions: each word's first sub-token (data.tokenize_tokens)."""
+def aligned_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy where logits and labels line up position by position, without a shift: a tagger's
+    labelled positions (each word's first sub-token, data.tokenize_tokens), or a decoder's, whose
+    position t reads the labels up to t-1 and predicts label t. IGNORE_INDEX has no target."""
     labels = batch["labels"]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()
+
+
+def labelled_positions(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def token_predictions(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,6 +251,25 @@ TASKS: dict[str, Task] = {
         predictions=lambda logits, batch: None,
         metrics=causal_lm_metrics,
         head_at_targets_only=True,
+        generates=True,
+    ),
+    "seq2seq_lm": Task(
+        name="seq2seq_lm",
+        auto_model=AutoModelForSeq2SeqLM,
+        peft_task_type="SEQ_2_SEQ_LM",
+        # New in an encoder-decoder built from two pretrained encoders (model.decoder): a BERT-family
+        # decoder's cross-attention and its LM head's transform, trained in full like a classifier
+        # head. T5 and BART name theirs otherwise (EncDecAttention, encoder_attn): they come pretrained.
+        head_modules=("crossattention", "cls.predictions.transform"),
+        best_metric="loss",
+        metric_names=("loss", "perplexity"),
+        loss_sum=aligned_loss,
+        units=labelled_positions,
+        predictions=lambda logits, batch: None,
+        metrics=causal_lm_metrics,
+        generates=True,
+        encoder_decoder=True,
+        generation_metrics=("rouge_l", "exact_match"),
     ),
     "token_classification": Task(
         name="token_classification",
@@ -241,8 +278,8 @@ TASKS: dict[str, Task] = {
         head_modules=("classifier", "score"),
         best_metric="f1",
         metric_names=("loss", "accuracy", "precision", "recall", "f1"),
-        loss_sum=token_loss,
-        units=lambda batch: int((batch["labels"] != IGNORE_INDEX).sum()),
+        loss_sum=aligned_loss,
+        units=labelled_positions,
         predictions=token_predictions,
         metrics=token_metrics,
         label_column="tags",

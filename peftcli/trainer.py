@@ -443,8 +443,10 @@ def output_head(accelerator: Accelerator, model: nn.Module, task: Task) -> nn.Mo
     return get() if get is not None else None
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k != "labels"}
+def model_inputs(batch: dict[str, torch.Tensor], task: Task) -> dict[str, torch.Tensor]:
+    """The forward pass's arguments: the labels too for an encoder-decoder, which shifts them into the
+    decoder's input (the model then computes its own loss as well, which is not used)."""
+    return batch if task.encoder_decoder else {k: v for k, v in batch.items() if k != "labels"}
 
 
 def train_step(
@@ -479,7 +481,7 @@ def train_step(
     for i, batch in enumerate(window):
         with accumulating(accelerator, model, last=i == len(window) - 1):
             with attention(batch["input_ids"].shape[1]), head_at_targets(head, batch):
-                logits = model(**model_inputs(batch)).logits
+                logits = model(**model_inputs(batch, task)).logits
             loss_sum, _ = task.loss_sum(logits, batch)
             objective = loss_sum * scale
             if method_hooks.regularizer is not None and i == len(window) - 1:
@@ -528,7 +530,7 @@ def evaluate(
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with head_at_targets(head, batch):
-            logits = model(**model_inputs(batch)).logits
+            logits = model(**model_inputs(batch, task)).logits
         batch_loss, batch_units = task.loss_sum(logits, batch)
         loss_sum += batch_loss.double()
         units += batch_units

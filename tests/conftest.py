@@ -21,6 +21,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
@@ -30,6 +32,8 @@ from transformers import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice", "happy", "fun"]
@@ -83,13 +87,35 @@ def _llama_cls(num_labels: int = 2) -> torch.nn.Module:
     return LlamaForSequenceClassification(cfg)
 
 
+def _t5() -> torch.nn.Module:
+    cfg = T5Config(
+        vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+def _bart() -> torch.nn.Module:
+    cfg = BartConfig(
+        vocab_size=len(VOCAB), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        decoder_start_token_id=3, forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(cfg)
+
+
 # name -> (builder, task)
 TINY = {
     "bert-cls": (_bert_cls, "sequence_classification"),
     "llama-cls": (_llama_cls, "sequence_classification"),
     "gpt2-lm": (_gpt2, "causal_lm"),
     "llama-lm": (_llama, "causal_lm"),
+    "t5-s2s": (_t5, "seq2seq_lm"),
+    "bart-s2s": (_bart, "seq2seq_lm"),
 }
+# The archs with one stack of blocks: virtual-token methods apply to these only (not to encoder-decoders).
+SINGLE_STACK = [name for name, (_, task) in TINY.items() if task != "seq2seq_lm"]
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -103,7 +129,13 @@ def sample_batch(name: str, tokenizer: PreTrainedTokenizerFast, n: int = 4) -> d
     rng = random.Random(0)
     words = POSITIVE + NEGATIVE + FILLER
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(n)]
-    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    if TINY[name][1] == "seq2seq_lm":
+        # The decoder reads short texts (padded at the end, which causal attention keeps from earlier
+        # positions). Given directly, not as labels: HF peft's loaded AdaLoRA fails on a forward with labels.
+        targets = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) for _ in range(n)]
+        batch["decoder_input_ids"] = tokenizer(targets, padding=True, return_tensors="pt")["input_ids"]
+    return batch
 
 
 def sentiment_rows(n: int, seed: int) -> list[dict[str, Any]]:
@@ -234,6 +266,7 @@ def tiny_data_section(task: str, data: dict[str, Path]) -> tuple[dict[str, list[
     if task == "sequence_classification":
         files = {"train": [str(data["sentiment_train"])], "validation": [str(data["sentiment_validation"])]}
         return files, {"text": "text", "label": "label"}
+    # causal_lm and seq2seq_lm: the question is the prompt (the seq2seq source), the answer the target.
     files = {"train": [str(data["qa_train"])], "validation": [str(data["qa_validation"])]}
     return files, {"prompt_template": "question : {question} answer :", "response": "answer"}
 

@@ -14,7 +14,7 @@ from peftcli.methods import Method, context_for
 from peftcli.methods.base import Adapted, Calibration, TrainingHooks
 from peftcli.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.tasks import TASKS
-from peftcli.trainer import TrainResult, train
+from peftcli.trainer import TrainResult, model_inputs, train
 from tests.conftest import tiny_data_section
 
 
@@ -48,7 +48,7 @@ def random_batches(model: torch.nn.Module, task: str, n: int = 4, size: int = 4,
 
 def mean_loss(task: str) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        total, count = TASKS[task].loss_sum(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch)
+        total, count = TASKS[task].loss_sum(model(**model_inputs(batch, TASKS[task])).logits, batch)
         return total / count.clamp(min=1)
 
     return loss

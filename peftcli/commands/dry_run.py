@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from peftcli.data import PreparedData, prepare_data, words_cut
 from peftcli.models import load_tokenizer
 from peftcli.recipe import Recipe, load_recipe
-from peftcli.tasks import IGNORE_INDEX
+from peftcli.tasks import IGNORE_INDEX, TASKS
 
 console = Console(soft_wrap=True, highlight=False)
 
@@ -28,10 +28,11 @@ def run_dry_run(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:
     splits = {recipe.data.train_split: data.train} | (
         {str(recipe.data.eval_split): data.eval} if data.eval is not None else {}
     )
-    counts = {split: split_counts(ds, data) for split, ds in splits.items()}
+    encoder_decoder = TASKS[recipe.task].encoder_decoder
+    counts = {split: split_counts(ds, data, encoder_decoder) for split, ds in splits.items()}
     what = f": dry run of {recipe.method.name} on {recipe.model.name} ({recipe.task}); nothing is written"
     console.print(f"[bold]{escape(str(recipe.name))}[/]{escape(what)}")
-    print_example(data, tokenizer)
+    print_example(data, tokenizer, encoder_decoder)
     print_counts(counts, data, recipe)
     return counts
 
@@ -41,12 +42,14 @@ def trained(labels: list[int]) -> list[bool]:
     return [i > 0 and label != IGNORE_INDEX for i, label in enumerate(labels)]
 
 
-def split_counts(ds: datasets.Dataset, data: PreparedData) -> dict[str, Any]:
+def split_counts(ds: datasets.Dataset, data: PreparedData, encoder_decoder: bool = False) -> dict[str, Any]:
     tokens = sum(len(ids) for ids in ds["input_ids"])
     if "num_words" in ds.column_names:  # token classification: one tag per word
         assert data.label_names is not None
         per_tag = Counter(data.label_names[y] for labels in ds["labels"] for y in labels if y != IGNORE_INDEX)
         return {"examples": len(ds), "tokens": tokens, "labels": dict(sorted(per_tag.items())), "words_cut": words_cut(ds)}
+    if encoder_decoder:  # the targets are a sequence of their own, every token trained
+        return {"examples": len(ds), "tokens": tokens, "target_tokens": sum(len(t) for t in ds["labels"])}
     if data.label_names is not None:  # classification: one label per example
         per_label = Counter(data.label_names[y] for y in ds["labels"])
         return {"examples": len(ds), "tokens": tokens, "labels": dict(sorted(per_label.items()))}
@@ -104,9 +107,15 @@ def tagged(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]
     return " ".join(p if y == IGNORE_INDEX else f"{p}/{tag_names[y]}" for p, y in zip(pieces, labels))
 
 
-def print_example(data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> None:
+def print_example(data: PreparedData, tokenizer: PreTrainedTokenizerBase, encoder_decoder: bool = False) -> None:
     row = data.train[0]
     ids, labels = row["input_ids"], row["labels"]
+    if encoder_decoder:
+        console.print(f"first training example: source ({len(ids)} tokens, the encoder's input):", markup=False)
+        console.print(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), markup=False)
+        console.print(f"target ({len(labels)} tokens, all trained):", markup=False)
+        console.print(tokenizer.decode(labels, skip_special_tokens=False, clean_up_tokenization_spaces=False), markup=False)
+        return
     if data.label_names is not None and isinstance(labels, list):
         console.print(
             f"first training example ({len(ids)} tokens, {row['num_words']} words): each word's first sub-token "
@@ -135,6 +144,8 @@ def print_counts(counts: dict[str, dict[str, Any]], data: PreparedData, recipe: 
         if "trained_tokens" in c:
             share = 100 * c["trained_tokens"] / max(c["tokens"], 1)
             line += f", {c['trained_tokens']:,} trained ({share:.1f}%)"
+        if "target_tokens" in c:
+            line += f" in sources, {c['target_tokens']:,} in targets (all trained)"
         if "labels" in c:
             line += "; labels: " + ", ".join(f"{name} {n:,}" for name, n in c["labels"].items())
         if c.get("words_cut"):

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress
@@ -17,10 +18,11 @@ from rich.table import Table
 from peftcli.checkpoint import atomic_write_text, write_json
 from peftcli.data import eval_loader, prepare_eval_data, words_cut
 from peftcli.errors import RecipeError
-from peftcli.generation import Decoding, complete
+from peftcli.generation import Decoding, complete, greedy_answers
 from peftcli.recipe import DataSpec, data_problems, describe, parse_override, resolve_data_paths, set_path
 from peftcli.target import Target, build, resolve_target
 from peftcli.tasks import IGNORE_INDEX
+from peftcli.text_metrics import generation_scores
 from peftcli.trainer import evaluate
 
 console = Console(stderr=True, soft_wrap=True)
@@ -70,8 +72,13 @@ def run_eval(
     if "num_words" in data.column_names:
         # Words past data.max_length have no sub-token left: neither predicted nor counted as gold.
         report["words_cut"] = words_cut(data)
+    samples = None
+    if task.generation_metrics:
+        scores, samples = generation_eval(built.model, built.tokenizer, loader, spec.max_target_length, accelerator)
+        report["metrics"] |= scores
+        report["generation"] = {"decoding": "greedy", "max_new_tokens": spec.max_target_length}
     if generate:
-        samples = generate_samples(built.model, built.tokenizer, data, generate, max_new_tokens)
+        samples = samples[:generate] if samples is not None else generate_samples(built.model, built.tokenizer, data, generate, max_new_tokens)
         path = out.with_name(out.stem + "-generations.jsonl")
         atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
         report["generations"] = str(path)
@@ -142,6 +149,23 @@ def generate_samples(model: torch.nn.Module, tokenizer: Any, data: Any, n: int, 
             "generated": complete(model, tokenizer, ids[:start], Decoding(max_new_tokens=max_new_tokens)),
         })
     return samples
+
+
+def generation_eval(model: torch.nn.Module, tokenizer: Any, loader: Any, max_new_tokens: int, accelerator: Accelerator) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """ROUGE-L and exact match of greedy answers to every eval example (each process answers its own
+    share), and the answers as samples."""
+    with Progress(console=console, transient=True, disable=not accelerator.is_main_process) as progress:
+        bar = progress.add_task("generate", total=len(loader))
+        sources, generated, references = greedy_answers(model, tokenizer, tracked(loader, lambda: progress.advance(bar)), max_new_tokens)
+    sources, generated, references = (gather_object(x) if accelerator.num_processes > 1 else x for x in (sources, generated, references))
+    samples = [{"prompt": s, "reference": r, "generated": g} for s, g, r in zip(sources, generated, references)]
+    return generation_scores(generated, references), samples
+
+
+def tracked(items: Any, advance: Any) -> Any:
+    for item in items:
+        yield item
+        advance()
 
 
 def print_report(report: dict[str, Any], out: Path) -> None:

@@ -136,9 +136,9 @@ def check_target(target: Target) -> None:
         raise PeftcliError(
             f"{target.path}: a recipe has no trained adapter to generate with. Give a run directory or an adapter folder."
         )
-    if target.task.name != "causal_lm":
+    if not target.task.generates:
         raise PeftcliError(
-            f"{target.path}: generate needs a causal_lm adapter (got {target.task.name}). Use `peft eval` for classification."
+            f"{target.path}: generate needs a causal_lm or seq2seq_lm adapter (got {target.task.name}). Use `peft eval` for classification."
         )
 
 

@@ -15,7 +15,7 @@ from rich.table import Table
 from transformers.pytorch_utils import Conv1D
 
 from peftcli.checkpoint import WEIGHTS_NAME
-from peftcli.methods.base import LINEAR_TYPES, count_parameters
+from peftcli.methods.base import LINEAR_TYPES, count_parameters, name_matches
 from peftcli.target import build, resolve_target
 
 console = Console(soft_wrap=True)
@@ -40,7 +40,7 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
         "task": target.task.name,
         "adapted_modules": len(built.adapted.adapted_modules),
         "modules_to_save": [
-            {"name": n, "trainable_parameters": sum(p.numel() for p in built.model.get_submodule(n).parameters())}
+            {"name": n, "trainable_parameters": saved_parameters(built.model, n)}
             for n in built.adapted.modules_to_save
         ],
         "trainable_parameters": trainable,
@@ -58,6 +58,13 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
     }
     print_info(info)
     return info
+
+
+def saved_parameters(model: torch.nn.Module, name: str) -> int:
+    """Parameters of the modules `name` matches: a full name, or a suffix such as a decoder's
+    `crossattention` in every layer (as modules_to_save is matched)."""
+    matched = [m for n, m in model.named_modules() if name_matches(n, [name])]
+    return sum(p.numel() for p in {id(p): p for m in matched for p in m.parameters()}.values())
 
 
 def pattern(name: str) -> str:

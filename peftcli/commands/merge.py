@@ -89,4 +89,6 @@ def probe_batches(tokenizer: Any, size: int = 4) -> list[dict[str, torch.Tensor]
 @torch.inference_mode()
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     batch = {k: v.to(model.device) for k, v in batch.items()}
+    if getattr(model.config, "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = batch["input_ids"]  # the decoder reads the probes too: both stacks are checked
     return model(**batch).logits.float()

@@ -44,7 +44,7 @@ from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, write_report
 from peftcli.resume import BEST, checkpoint_dir, find_checkpoint, read_loop_state, save_checkpoint, write_loop_state
 from peftcli.tasks import TASKS, Task
-from peftcli.trainer import Hooks, LoopState, NonFiniteLoss, Stop, Stopped, make_accelerator, train
+from peftcli.trainer import Hooks, LoopState, NonFiniteLoss, Stop, Stopped, make_accelerator, model_inputs, train
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -335,8 +335,7 @@ def calibration(loader: Any, task: Task, accelerator: Any) -> Calibration:
 
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        total, count = task.loss_sum(model(**inputs).logits, batch)
+        total, count = task.loss_sum(model(**model_inputs(batch, task)).logits, batch)
         return total / count.clamp(min=1)
 
     return Calibration(batches=iter(loader), loss=loss)

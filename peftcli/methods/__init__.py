@@ -21,7 +21,7 @@ from peftcli.methods import (
     prompt_tuning,
     selective,
 )
-from peftcli.methods.base import ApplyContext, Kind, Method
+from peftcli.methods.base import ApplyContext, Kind, Method, name_matches
 
 METHODS: dict[str, Method] = {
     "lora": lora.METHOD,
@@ -53,11 +53,8 @@ __all__ = ["BY_PEFT_TYPE", "METHODS", "ApplyContext", "Kind", "Method", "context
 
 def context_for(model: nn.Module, head_modules: tuple[str, ...], strict: bool = True) -> ApplyContext:
     """What a method may and may not touch in `model`: `all-linear` skips the head and the output layer."""
-    excluded = [n for n in head_modules if _has_module(model, n)]
+    # Full names: a head named by a suffix (a decoder's `crossattention` in every layer) is excluded everywhere.
+    excluded = [n for n, _ in model.named_modules() if head_modules and name_matches(n, list(head_modules))]
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     excluded += [n for n, m in model.named_modules() if output is not None and m is output]
     return ApplyContext(head_modules=head_modules, excluded_modules=tuple(excluded), strict=strict)
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())

@@ -75,13 +75,53 @@ def attach(model: nn.Module, prompt: nn.Module, num_tokens: int, params: Any, ct
         )
     freeze(model)
     model.add_module(PROMPT_MODULE, prompt)
-    generative = bool(getattr(model, "can_generate", lambda: False)())
-    hooks = VirtualTokenHooks(num_tokens, generative, list(inspect.signature(model.forward).parameters))
-    model.register_forward_pre_hook(hooks.before, with_kwargs=True)
-    model.register_forward_hook(hooks.after, with_kwargs=True)
+    extras = model_dims(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        attach_to_encoder(model, num_tokens)
+        extras["num_transformer_submodules"] = 2
+    else:
+        generative = bool(getattr(model, "can_generate", lambda: False)())
+        hooks = VirtualTokenHooks(num_tokens, generative, list(inspect.signature(model.forward).parameters))
+        model.register_forward_pre_hook(hooks.before, with_kwargs=True)
+        model.register_forward_hook(hooks.after, with_kwargs=True)
     to_save = default_modules_to_save(params.modules_to_save, ctx, model)
     unfreeze_modules(model, to_save)
-    return Adapted(adapted_modules=[PROMPT_MODULE], modules_to_save=to_save, config_extras=model_dims(model))
+    return Adapted(adapted_modules=[PROMPT_MODULE], modules_to_save=to_save, config_extras=extras)
+
+
+def attach_to_encoder(model: nn.Module, n: int) -> None:
+    """An encoder-decoder reads the prompt in its encoder only, as HF peft's PeftModelForSeq2SeqLM does:
+    [P; E(x)] is the encoder's input and the n positions join the attention mask, which the decoder's
+    cross-attention uses too; the decoder's input and the labels are untouched. The encoder gets the
+    prompt from a hook of its own, because `generate` calls the encoder directly; the model's hook
+    extends the mask it hands to the encoder (training) or, with the encoder's output given (decoding
+    steps of `generate`), to the cross-attention."""
+    encoder = model.get_encoder()
+    encoder_params = list(inspect.signature(encoder.forward).parameters)
+    model_params = list(inspect.signature(model.forward).parameters)
+
+    def before_encoder(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs = {**dict(zip(encoder_params, args)), **kwargs}
+        input_ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = model.get_input_embeddings()(input_ids)
+        prompt = getattr(model, PROMPT_MODULE)().to(embeds.dtype)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == embeds.shape[1]:  # not extended by the model's hook
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        kwargs["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1)
+        return (), kwargs
+
+    def before_model(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs = {**dict(zip(model_params, args)), **kwargs}
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+        return (), kwargs
+
+    encoder.register_forward_pre_hook(before_encoder, with_kwargs=True)
+    model.register_forward_pre_hook(before_model, with_kwargs=True)
 
 
 class VirtualTokenHooks:
@@ -153,7 +193,10 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
-    tensors = {FILE_KEY: prompt_table(model)}
+    table = prompt_table(model)
+    # HF peft's seq2seq prompt has n rows per transformer stack and feeds the encoder the first n only;
+    # the decoder's n rows never reach the model, so a copy fills them.
+    tensors = {FILE_KEY: table.repeat(adapted.config_extras.get("num_transformer_submodules", 1), 1)}
     tensors.update({HEAD_PREFIX + n: p for n, p in head_parameters(model).items()})
     return tensors
 
@@ -165,6 +208,9 @@ def load_state(model: nn.Module, adapted: Adapted, tensors: dict[str, torch.Tens
         raise CheckpointError(f"{path}: no `{FILE_KEY}` tensor; it is not a prompt-tuning or P-tuning adapter file.")
     table = tensors[FILE_KEY]
     expected = tuple(prompt_table(model).shape)
+    stacks = adapted.config_extras.get("num_transformer_submodules", 1)
+    if stacks > 1 and table.shape[0] == stacks * expected[0]:
+        table = table[: expected[0]]  # the encoder's rows; see `state`
     if tuple(table.shape) != expected:
         raise CheckpointError(
             f"{path}: {FILE_KEY} has shape {tuple(table.shape)} but the model expects {expected} "

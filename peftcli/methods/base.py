@@ -113,6 +113,10 @@ class Method:
     supports_gradient_checkpointing: bool = True
     # Whether HF peft knows this peft_type (so its PeftModel.from_pretrained loads our adapters).
     in_hf_peft: bool = True
+    # Whether it applies to encoder-decoder models (task seq2seq_lm). Prefix tuning and P-tuning do not
+    # yet: HF peft's PeftModelForSeq2SeqLM gives the prefix to the decoder's self- and cross-attention,
+    # and P-tuning's encoder reads the decoder's virtual tokens too; peftcli does not reproduce either.
+    supports_encoder_decoder: bool = True
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -301,6 +305,11 @@ def top_parameter_names(model: nn.Module, last: int, key: str) -> set[str]:
 
     "After" is registration order, which transformers models keep in forward order (embeddings,
     blocks, final norm, head)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise MethodError(
+            f"{key}: {type(model).__name__} is an encoder-decoder, with two stacks of blocks and no single top (got {last}). "
+            "Set it to null to train every layer."
+        )
     blocks = find_blocks(model)
     if blocks is None:
         raise MethodError(

@@ -60,6 +60,7 @@ AUTO_MODULES: dict[str, tuple[list[str] | str, list[str] | str]] = {
     "opt": (["self_attn.out_proj"], ["fc2"]),
     "phi": (["self_attn.dense"], ["mlp.fc2"]),
     "t5": (["SelfAttention.o", "EncDecAttention.o"], ["DenseReluDense.wo"]),
+    "bart": (["self_attn.out_proj", "encoder_attn.out_proj"], ["fc2"]),
 }
 
 MODULES_HELP = "a list of dotted suffixes, a regular expression over full names, or 'auto' (a table by model type)"

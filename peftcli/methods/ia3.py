@@ -54,6 +54,7 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
     "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
     "t5": (["k", "v", "wo"], ["wo"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
 }
 
 

@@ -137,4 +137,5 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2103.10385",
     state=vt.state,
     load_state=vt.load_state,
+    supports_encoder_decoder=False,
 )

@@ -289,4 +289,5 @@ METHOD = Method(
     load_state=load_state,
     # The prefix lives in the attention cache, which recomputation would fill a second time.
     supports_gradient_checkpointing=False,
+    supports_encoder_decoder=False,
 )

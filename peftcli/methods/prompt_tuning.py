@@ -86,7 +86,7 @@ def peft_config(params: PromptTuningParams, adapted: Adapted) -> dict[str, Any]:
         "peft_type": "PROMPT_TUNING",
         "num_virtual_tokens": params.num_virtual_tokens,
         "token_dim": extras["token_dim"],
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": extras.get("num_transformer_submodules", 1),
         "num_attention_heads": extras["num_attention_heads"],
         "num_layers": extras["num_layers"],
         "prompt_tuning_init": HF_INIT[params.init],
@@ -100,7 +100,7 @@ def peft_config(params: PromptTuningParams, adapted: Adapted) -> dict[str, Any]:
 
 
 def from_peft_config(config: dict[str, Any]) -> PromptTuningParams:
-    vt.check_single_submodule(config)
+    # Two submodules: an encoder-decoder's prompt, whose encoder half the model reads (see vt.state).
     # The file's prompt_embeddings replace any initialization, so a loaded adapter starts from random
     # vectors (and needs no tokenizer).
     return PromptTuningParams(

@@ -86,7 +86,7 @@ NAME_HINT = "Use letters, digits, - and _; to write the run elsewhere, set outpu
 NOT_FOUND_HINT = "Relative paths in a recipe are relative to its folder."
 MODEL_MISSING = f"{RECIPE}: model: required key is missing. Set it: the base model, e.g. `model: {{name: <hub id, local folder or package:<pkg>/<folder>>}}`."
 DATA_MISSING = f"{RECIPE}: data: required key is missing. Set it: `files:` (split -> local files) or `dataset:` (a hub id), and `columns:`."
-TASK_MISSING = f"{RECIPE}: task: required key is missing. Set it: sequence_classification, causal_lm or token_classification."
+TASK_MISSING = f"{RECIPE}: task: required key is missing. Set it: sequence_classification, causal_lm, seq2seq_lm or token_classification."
 NOT_A_MAPPING = (
     f"{RECIPE}: a recipe is a YAML mapping of keys (got {{}}). Write `key: value` lines: task, model, method, data, ..."
 )
@@ -159,7 +159,7 @@ RECIPES = [
     Case(
         "task-a-list",
         sets(task=[1]),
-        [f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm' or 'token_classification' (got [1])."],
+        [f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or 'token_classification' (got [1])."],
     ),
     Case(
         "method-name-a-list",

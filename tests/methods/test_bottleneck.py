@@ -140,7 +140,7 @@ def test_auto_on_an_unknown_model_type_names_the_keys_to_set(config: str, keys: 
     assert str(info.value) == (
         f"{keys}: 'auto' does not know model type 'mystery' (LlamaForCausalLM). Set {keys} to the output "
         "projections of the attention and feed-forward blocks (for Llama: [self_attn.o_proj] and [mlp.down_proj]); "
-        "`peft inspect --modules RECIPE` lists the linear layers. 'auto' knows: bert, bloom, camembert, deberta, "
+        "`peft inspect --modules RECIPE` lists the linear layers. 'auto' knows: bart, bert, bloom, camembert, deberta, "
         "deberta-v2, distilbert, electra, falcon, gemma, gemma2, gpt2, gpt_neox, gptj, llama, mistral, olmo, olmo2, "
         "opt, phi, phi3, qwen2, qwen3, roberta, t5, xlm-roberta."
     )

@@ -17,7 +17,7 @@ from tests.helpers import adapt, logits, randomize_trainable
 
 LORA_SETTINGS = [
     {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
-    {"rank": 2, "alpha": 16, "target_modules": ["q_proj", "v_proj", "query", "value", "c_attn"], "use_rslora": True},
+    {"rank": 2, "alpha": 16, "target_modules": ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"], "use_rslora": True},
 ]
 
 

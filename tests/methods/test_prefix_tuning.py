@@ -21,11 +21,11 @@ from peftcli.errors import PeftcliError, RecipeError
 from peftcli.methods import METHODS
 from peftcli.recipe import TrainSpec, load_recipe
 from peftcli.tasks import TASKS
-from tests.conftest import TINY, make_tokenizer, sample_batch, tiny_model, tiny_recipe
+from tests.conftest import SINGLE_STACK, TINY, make_tokenizer, sample_batch, tiny_model, tiny_recipe
 from tests.helpers import adapt, logits, randomize_trainable, run_training
 
 METHOD = METHODS["prefix_tuning"]
-ARCHS = list(TINY)
+ARCHS = SINGLE_STACK
 PLAIN = {"num_virtual_tokens": 5}
 PROJECTED = {"num_virtual_tokens": 5, "prefix_projection": True, "encoder_hidden_size": 16}
 SETTINGS = pytest.mark.parametrize("settings", [PLAIN, PROJECTED], ids=["plain", "projection"])

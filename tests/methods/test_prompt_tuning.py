@@ -19,7 +19,7 @@ from peftcli.errors import MethodError
 from peftcli.methods import METHODS
 from peftcli.recipe import validate_method
 from peftcli.tasks import TASKS
-from tests.conftest import TINY, sample_batch, tiny_model
+from tests.conftest import SINGLE_STACK, TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable
 
 N = 4  # virtual tokens in these tests
@@ -55,7 +55,7 @@ def trainable_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", SINGLE_STACK)
 def test_our_prompt_tuning_loads_in_hf_peft_with_equal_outputs(arch: str, tokenizer, tmp_path: Path) -> None:
     batch = sample_batch(arch, tokenizer)
     ours = save_ours("prompt_tuning", arch, tmp_path, batch, num_virtual_tokens=N)
@@ -63,7 +63,7 @@ def test_our_prompt_tuning_loads_in_hf_peft_with_equal_outputs(arch: str, tokeni
     torch.testing.assert_close(hf_logits(theirs, batch, arch), ours, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", SINGLE_STACK)
 def test_hf_peft_prompt_tuning_loads_in_ours_with_equal_outputs(arch: str, tokenizer, tmp_path: Path) -> None:
     task = TASKS[TINY[arch][1]]
     batch = sample_batch(arch, tokenizer)

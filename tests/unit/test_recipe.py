@@ -87,7 +87,7 @@ def test_every_problem_is_reported_at_once(recipe_dir: Path) -> None:
     text = text.replace("train.jsonl", "nothere.jsonl") + "optimizer: {lr: -1}\ntrain: {batch_sise: 4}\n"
     path = write(recipe_dir, text)
     assert errors(path) == [
-        f"{path}: task: input should be 'sequence_classification', 'causal_lm' or 'token_classification' (got 'clasification'). Did you mean 'token_classification'?",
+        f"{path}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or 'token_classification' (got 'clasification'). Did you mean 'token_classification'?",
         f"{path}: optimizer.lr: input should be greater than 0 (got -1).",
         f"{path}: train.batch_sise: unknown key. Did you mean 'batch_size'?",
         f"{path}: method.rnak: unknown key. Did you mean 'rank'?",
