@@ -47,7 +47,7 @@ class OneLineUsageErrors(TyperGroup):
         except click_errors.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             err.print("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
