@@ -25,6 +25,9 @@ from tests.helpers import adapt, logits, random_batches, randomize_trainable, ru
 
 ADALORA = METHODS["adalora"]
 ARCHS = list(TINY)
+# Training runs with the allocator: T5 adapts 4x the layers of the others (q, k, v, o, wi, wo in both
+# stacks and the cross-attention), which made each such test take over a minute; BART covers encoder-decoders.
+TRAINED_ARCHS = [a for a in ARCHS if a != "t5-s2s"]
 # Small enough that the tiny models show a rank pattern after a dozen steps.
 BUDGET = {"init_r": 4, "target_r": 2, "alpha": 8, "tinit": 2, "tfinal": 4, "delta_t": 1}
 
@@ -89,7 +92,7 @@ def test_hf_peft_fresh_adalora_loads_in_ours_with_equal_outputs(arch: str, token
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == n_trainable
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TRAINED_ARCHS)
 def test_trained_adalora_with_rank_pattern_loads_equal_in_ours_and_hf_peft(
     arch: str, tokenizer, tiny_data, tmp_path: Path
 ) -> None:
@@ -177,7 +180,7 @@ def test_allocator_masks_what_hf_peft_masks_given_the_same_gradients(arch: str) 
 # -- the rank budget -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TRAINED_ARCHS)
 def test_budget_falls_from_init_r_to_target_r(arch: str, tokenizer, tiny_data) -> None:
     model = tiny_model(arch)
     task = TINY[arch][1]
@@ -281,7 +284,7 @@ def test_zero_orth_reg_weight_adds_no_regularizer() -> None:
 # -- merge, parameters, errors -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TRAINED_ARCHS)
 def test_merged_trained_adapter_equals_unmerged(arch: str, tokenizer, tiny_data) -> None:
     model, _, _, _ = train_ours(arch, tokenizer, tiny_data)
     batch = sample_batch(arch, tokenizer)
