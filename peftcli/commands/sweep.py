@@ -252,6 +252,8 @@ def show(summary: dict[str, Any], out_dir: Path) -> None:
     for row in summary["rows"]:
         table.add_row(*map(escape, table_cells(row, keys)))
     out = Console(soft_wrap=True)
+    if not out.is_terminal:  # a pipe or a file: the whole table, not squeezed to 80 columns
+        out = Console(soft_wrap=True, width=200)
     out.print(table)
     out.print(escape(best_sentence(summary)), highlight=False)
     console.print(f"sweep: {out_dir / 'report.html'} (and sweep.md, sweep.json, best.yaml)")
