@@ -226,3 +226,10 @@ def test_unknown_recipe_keys_and_bad_values_exit_2_before_training(tmp_path: Pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [f"error: {line}" for line in exc.value.lines[1:]]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "recipes" / "sweeps").glob("*.yaml")), ids=str)
+def test_shipped_spaces_are_valid(path: Path) -> None:
+    space = read_space(path)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert space.params and any(f"--space recipes/sweeps/{path.name}" in line for line in header)
