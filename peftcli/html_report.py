@@ -372,7 +372,10 @@ def key_axis(key: str, spec: Any, values: list[Any]) -> tuple[Axis, Any]:
     if values and len(numbers) == len(values):
         listed = [v for v in spec if finite(v)] if isinstance(spec, list) else []
         log = spec.get("log", False) if isinstance(spec, dict) else bool(listed) and min(listed) > 0 and max(listed) >= 10 * min(listed)
-        return (log_axis(key, numbers) if log else linear_axis(key, numbers)), float
+        if log:
+            return log_axis(key, numbers), float
+        margin = 0.05 * (max(numbers) - min(numbers))  # no point on the frame's edge
+        return linear_axis(key, [*numbers, min(numbers) - margin, max(numbers) + margin]), float
     choices = list(dict.fromkeys(value_text(v) for v in (spec if isinstance(spec, list) else values)))
     ticks = tuple((float(i), c) for i, c in enumerate(choices))
     return Axis(key, -0.5, len(choices) - 0.5, ticks), lambda v: float(choices.index(value_text(v)))

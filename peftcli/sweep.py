@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from peftcli.comparison import cells, headers, markdown_table
-from peftcli.errors import PeftcliError, RecipeError
-from peftcli.recipe import read_yaml
+from peftcli.errors import PeftcliError
+from peftcli.recipe import MAX_RECIPE_BYTES, Refused, safe_yaml
 
 STRATEGIES = ("grid", "random", "optuna")
 SPACE_KEYS = ("strategy", "trials", "seed", "metric", "params")
@@ -77,10 +79,7 @@ def override(key: str, value: Any) -> str:
 def read_space(path: Path) -> Space:
     """The space file, checked whole: every problem one line, naming the key, the value and the fix."""
     where = f"{path}"
-    try:
-        raw = read_yaml(path)
-    except RecipeError as exc:  # the recipe reader's guards, said of a space file
-        raise PeftcliError(*(line.replace("recipe", "space file") for line in exc.lines)) from None
+    raw = read_space_yaml(path)
     problems = [
         f"{where}: {key}: unknown key (got {raw[key]!r}). The keys of a space file are {', '.join(SPACE_KEYS)}."
         for key in raw
@@ -129,6 +128,27 @@ def read_space(path: Path) -> Space:
     if problems:
         raise PeftcliError(*problems)
     return Space(path, strategy, trials, seed, metric, tuple(parsed))
+
+
+def read_space_yaml(path: Path) -> dict[str, Any]:
+    """The file as a mapping, through the recipe reader's guards (duplicate keys, nesting, aliases)."""
+    if not path.is_file():
+        raise PeftcliError(f"--space {path}: space file not found. Check the path (relative to {Path.cwd()}).")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise PeftcliError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes; a space file is a short YAML file.")
+    try:
+        data = safe_yaml(path.read_text(encoding="utf-8", errors="replace"))
+    except Refused as exc:
+        raise PeftcliError(f"{path}: {exc.message}") from None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PeftcliError(f"{path}: invalid YAML ({problem}). Fix the syntax there.") from None
+    if not isinstance(data, dict):
+        raise PeftcliError(
+            f"{path}: a space file is a YAML mapping (got {type(data).__name__}). "
+            "Write strategy: and params: at least, e.g. params: {method.rank: [4, 8, 16]}."
+        )
+    return data
 
 
 def read_param(where: str, key: str, spec: Any, strategy: str, problems: list[str]) -> Param | None:
