@@ -180,7 +180,10 @@ def finished_with(run_dir: Path, recipe_path: Path, overrides: list[str]) -> boo
     """A finished run whose saved recipe is the one this trial would train."""
     if not (run_dir / "report.json").is_file() or not (run_dir / "recipe.yaml").is_file():
         return False
-    now = load_recipe(recipe_path, [*overrides, override("output_dir", str(run_dir))])
+    try:
+        now = load_recipe(recipe_path, [*overrides, override("output_dir", str(run_dir))])
+    except RecipeError:  # a drawn value the recipe refuses: training it says why, as a failed row
+        return False
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     return flatten(saved) == flatten(now.model_dump(mode="json"))
 
