@@ -309,6 +309,31 @@ def compare_cmd(
     raise typer.Exit(run(run_compare, entries, names, out, overwrite, debug, quiet_libraries, debug=debug))
 
 
+@app.command("sweep")
+def sweep_cmd(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    space: Annotated[
+        Path,
+        typer.Option("--space", help="the search space: strategy (grid, random, optuna), trials, seed, params", show_default=False),
+    ] = ...,  # type: ignore[assignment]
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder for the trials and the results (default: sweeps/<recipe name>)")
+    ] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="trials at once (one for now: see the error for more)")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="train every trial again, replacing the ones in --out")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Search recipe keys (rank, lr, ...) over a grid, seeded random draws or Optuna's TPE: one trial per
+    point, each in its own process; a table sorted by the task's metric (sweep.md, sweep.json,
+    report.html) and the best trial's recipe (best.yaml). A failed trial is a row; the exit code is
+    then 1. Finished trials in --out are read, not trained again."""
+    from peftcli.commands.sweep import run_sweep
+
+    code = run(run_sweep, recipe, space, overrides or [], out, parallel, overwrite, debug, quiet_libraries, debug=debug)
+    raise typer.Exit(code)
+
+
 def version_callback(value: bool) -> None:
     if value:
         print(f"peftcli {__version__}")

@@ -135,15 +135,18 @@ def _bytes(n: Any) -> str:
     return f"{n} B"
 
 
-def markdown(title: str, metric: str, higher_is_better: bool, rows: list[dict[str, Any]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     def line(values: list[str]) -> str:
         # A `|` in a run name or an error message would split the cell.
         return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
 
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
+
+
+def markdown(title: str, metric: str, higher_is_better: bool, rows: list[dict[str, Any]]) -> str:
     order = "higher is better" if higher_is_better else "lower is better"
     lines = [f"# {title}", "", f"Sorted by the best eval {metric} ({order}).", ""]
-    lines += [line(headers(metric)), "|" + "---|" * len(headers(metric))]
-    lines += [line(cells(r)) for r in rows]
+    lines += markdown_table(headers(metric), [cells(r) for r in rows])
     lines += ["", f"{metric} against trainable parameters, plotted: [report.html](report.html)", ""]
     return "\n".join(lines)
 

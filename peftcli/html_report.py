@@ -15,6 +15,7 @@ from typing import Any
 from peftcli.checkpoint import atomic_write_text
 from peftcli.comparison import NUMERIC_COLUMNS, cells, headers, plot_points
 from peftcli.report import fmt_value
+from peftcli.sweep import best_sentence, numeric_columns, table_cells, table_headers, value_text
 
 CHART_WIDTH, CHART_HEIGHT = 640, 340
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -325,3 +326,56 @@ def link_from(out: Path, run_dir: str | None) -> str | None:
     if run_dir is None or not (Path(run_dir) / "report.html").is_file():
         return None
     return Path(os.path.relpath(Path(run_dir) / "report.html", out)).as_posix()
+
+
+def sweep_html(summary: dict[str, Any], out: Path) -> str:
+    """The sweep's table (each trial linked to its own report.html), the metric per trial with the best
+    so far, and the metric against each swept key: a log axis for a log range or values spanning 10x
+    or more, one tick per value for values that are not numbers."""
+    metric, rows, keys = summary["metric"], summary["rows"], list(summary["params"])
+    links = [link_from(out, r["run_dir"]) for r in rows]
+    row_classes = ["failed" if r["status"] == "failed" else "" for r in rows]
+    table = html_table(table_headers(keys, metric), [table_cells(r, keys) for r in rows], numeric_columns(keys), links, row_classes)
+    scored = sorted((int(r["run"].rsplit("-", 1)[-1]), r) for r in rows if finite(r["metric_best"]))
+    scores = [r["metric_best"] for _, r in scored]
+    margin = 0.05 * (max(scores) - min(scores)) if scores else 0.0
+    y = linear_axis(f"{metric} (best)", [*scores, *([min(scores) - margin, max(scores) + margin] if scores else [])])
+    best = max if summary["higher_is_better"] else min
+    so_far = [(n, best(scores[: i + 1])) for i, (n, _) in enumerate(scored)]
+    by_trial = [
+        Series("each trial", [(n, r["metric_best"]) for n, r in scored], COLORS[0]),
+        Series("best so far", so_far, COLORS[1]),
+    ]
+    charts = [svg_chart(f"{metric} (best) per trial", linear_axis("trial", [n for n, _ in scored]), y, by_trial)]
+    for key in keys:
+        points = [(r["params"].get(key), r["metric_best"], n) for n, r in scored]
+        x, at = key_axis(key, summary["params"][key], [p[0] for p in points])
+        series = [Series(str(n), [(at(v), s)], COLORS[0], labelled=True) for v, s, n in points]
+        charts.append(svg_chart(f"{metric} (best) against {key}", x, y, series))
+    order = "higher is better" if summary["higher_is_better"] else "lower is better"
+    body = [
+        f"<h1>{escape(summary['title'])}</h1>",
+        (
+            f"<p>{escape(summary['strategy'])} search over {escape(summary['recipe'])}; sorted by the best eval "
+            f"{escape(metric)} ({order}). Points are labelled with their trial number.</p>"
+        ),
+        table,
+        f"<p>{escape(best_sentence(summary))}</p>",
+        *charts,
+    ]
+    return page(summary["title"], body)
+
+
+def key_axis(key: str, spec: Any, values: list[Any]) -> tuple[Axis, Any]:
+    """The x axis for a swept key and the function placing a value on it."""
+    numbers = [v for v in values if finite(v)]
+    if values and len(numbers) == len(values):
+        listed = [v for v in spec if finite(v)] if isinstance(spec, list) else []
+        log = spec.get("log", False) if isinstance(spec, dict) else bool(listed) and min(listed) > 0 and max(listed) >= 10 * min(listed)
+        if log:
+            return log_axis(key, numbers), float
+        margin = 0.05 * (max(numbers) - min(numbers))  # no point on the frame's edge
+        return linear_axis(key, [*numbers, min(numbers) - margin, max(numbers) + margin]), float
+    choices = list(dict.fromkeys(value_text(v) for v in (spec if isinstance(spec, list) else values)))
+    ticks = tuple((float(i), c) for i, c in enumerate(choices))
+    return Axis(key, -0.5, len(choices) - 0.5, ticks), lambda v: float(choices.index(value_text(v)))

@@ -2,10 +2,9 @@
 one recipe once per method, and compare them in one table and one plot (comparison.json,
 comparison.md, report.html). A finished run directory is read instead of trained.
 
-Each run trains through `peft train`'s run_train, in a process of its own: what a run measures must
-be its own. Peak memory is the process's peak (RSS on a CPU, which never goes down), and accelerate
-allows one mixed-precision setting per process. A run that fails, or whose process dies, becomes a
-failed row; the other runs go on.
+Each run trains through `peft train`'s run_train, in a process of its own (own_process.py): what a
+run measures must be its own. A run that fails, or whose process dies, becomes a failed row; the
+other runs go on.
 """
 
 from __future__ import annotations
@@ -13,12 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import multiprocessing
-import os
-import signal
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +21,16 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.commands.train import check_run_dir, run_train
+from peftcli.commands.own_process import train_in_own_process
+from peftcli.commands.train import check_run_dir
 from peftcli.comparison import failed_row, markdown, read_report, run_row, sort_rows, to_json
-from peftcli.errors import PeftcliError, RecipeError, RunInterrupted
+from peftcli.errors import PeftcliError, RecipeError
 from peftcli.html_report import comparison_html
 from peftcli.methods import METHODS
 from peftcli.recipe import load_recipe, read_yaml
 from peftcli.tasks import TASKS, higher_is_better
 
 console = Console(stderr=True, soft_wrap=True)
-MAX_REASON = 400  # characters of a failed run's reason kept in the table
 
 
 @dataclass(frozen=True)
@@ -237,7 +231,9 @@ def row_for(
     assert entry.run_dir is not None
     if entry.recipe is None:
         return run_row(entry.label, entry.run_dir, plan.metric, "read")
-    reason = train_in_own_process(entry, overwrite, debug, setup)
+    reason = train_in_own_process(
+        entry.recipe, entry.overrides, entry.run_dir, entry.label, overwrite, debug, setup, "peft compare", "the comparison"
+    )
     if reason is None:
         try:
             return run_row(entry.label, entry.run_dir, plan.metric, "trained")
@@ -245,95 +241,6 @@ def row_for(
             reason = " ".join(exc.lines)
     console.print(f"[bold red]failed[/]: {escape(entry.label)}: {escape(reason)}")
     return failed_row(entry.label, entry.method, entry.run_dir, reason)
-
-
-def train_in_own_process(
-    entry: Entry, overwrite: bool, debug: bool, setup: Callable[[bool], None] | None
-) -> str | None:
-    """None when the run finished, else why it did not, in one line."""
-    assert entry.run_dir is not None
-    overrides = [*entry.overrides, f"output_dir={json.dumps(str(entry.run_dir))}"]
-    context = process_context()
-    receive, send = context.Pipe(duplex=False)
-    args = (str(entry.recipe), overrides, overwrite, debug, setup, send)
-    child = context.Process(target=train_child, args=args, name=f"peft compare {entry.label}")
-    child.start()
-    send.close()
-    with signals_passed_to(child):
-        child.join()
-    message = receive.recv() if receive.poll() else None
-    receive.close()
-    if message is None:  # it died without a word: killed, most often by the kernel for want of memory
-        code = child.exitcode or 0
-        if code == -signal.SIGKILL:
-            return "the training process was killed (SIGKILL; out of memory?) before it finished."
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        return f"the training process {how} before it finished."
-    if message[0] == "stopped":
-        _, signum, lines = message
-        raise RunInterrupted(signum, *lines, f"peft compare stopped at {entry.label}; the comparison was not written.")
-    return None if message[0] == "ok" else message[1]
-
-
-def process_context() -> Any:
-    """A fork server: a fresh interpreter that imports the training code once (torch, transformers:
-    seconds each time) and forks a clean process per run. A plain fork of this process would share
-    its memory and threads; where there is no fork server (Windows), each run starts from scratch."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["peftcli.commands.train"])
-    return context
-
-
-def train_child(
-    recipe: str, overrides: list[str], overwrite: bool, debug: bool, setup: Callable[[bool], None] | None, send: Any
-) -> None:
-    """In the run's own process: run_train, then ("ok",), ("failed", reason) or ("stopped", signal, lines)."""
-    if setup is not None:
-        setup(debug)
-    try:
-        run_train(Path(recipe), overrides, overwrite=overwrite)
-        send.send(("ok",))
-    except RunInterrupted as exc:
-        send.send(("stopped", exc.exit_code - 128, exc.lines))
-    except KeyboardInterrupt:  # a second Ctrl-C quits at once
-        send.send(("stopped", signal.SIGINT, ["interrupted"]))
-    except PeftcliError as exc:
-        if debug:
-            traceback.print_exc()
-        send.send(("failed", one_line(exc.lines)))
-    except Exception as exc:  # noqa: BLE001 - a bug, or out of memory: the traceback helps, and the other runs go on
-        traceback.print_exc()
-        send.send(("failed", one_line([f"{type(exc).__name__}: {exc}"])))
-    finally:
-        send.close()
-
-
-def one_line(lines: list[str]) -> str:
-    text = " ".join(" ".join(line.split()) for line in lines)
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
-
-
-@contextmanager
-def signals_passed_to(child: Any) -> Iterator[None]:
-    """Ctrl-C reaches the training process from the terminal itself (it goes to the whole foreground
-    group), which then stops at a step boundary and saves a checkpoint; this process waits for that
-    instead of dying first. SIGTERM comes to this process alone, so it is passed on."""
-
-    def forward(signum: int, frame: Any) -> None:
-        with suppress(ProcessLookupError, TypeError):
-            os.kill(child.pid, signum)
-
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-    }
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def write_comparison(plan: Plan, rows: list[dict[str, Any]]) -> None:

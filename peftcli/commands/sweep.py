@@ -1,0 +1,262 @@
+"""`peft sweep RECIPE --space SPACE [--out DIR] [key=value ...]`: train the recipe once per point of a
+search space (grid, seeded random draws, or Optuna's TPE), each trial in a process of its own as
+`peft compare` runs do, and write the results table (sweep.json, sweep.md, report.html) and the best
+trial's recipe (best.yaml). A failed trial is a row; the sweep goes on and exits 1 at the end. A
+finished trial in --out with the same resolved recipe is read instead of trained again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from peftcli.checkpoint import atomic_write_text, write_json
+from peftcli.commands.own_process import train_in_own_process
+from peftcli.commands.train import flatten
+from peftcli.comparison import failed_row, run_row, sort_rows
+from peftcli.errors import PeftcliError, RecipeError
+from peftcli.html_report import sweep_html
+from peftcli.recipe import Recipe, load_recipe
+from peftcli.sweep import (
+    Search,
+    Space,
+    best_sentence,
+    override,
+    param_text,
+    read_space,
+    sweep_markdown,
+    table_cells,
+    table_headers,
+    trial_label,
+)
+from peftcli.tasks import TASKS, higher_is_better
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Path
+    space: Space
+    overrides: tuple[str, ...]  # the command line's, for every trial
+    out: Path
+    metric: str
+    method: str
+    recipe_values: dict[str, Any]  # the recipe's own values of the swept keys
+
+    @property
+    def title(self) -> str:
+        return f"peft sweep: {self.out.name}"
+
+
+def run_sweep(
+    recipe: Path,
+    space_path: Path,
+    overrides: list[str],
+    out: Path | None,
+    parallel: int = 1,
+    overwrite: bool = False,
+    debug: bool = False,
+    setup: Callable[[bool], None] | None = None,
+) -> int:
+    """Returns the exit code: 1 when a trial failed, else 0."""
+    space = read_space(space_path)
+    plan = make_plan(recipe, space, overrides, out, parallel)
+    better = higher_is_better(plan.metric)
+    search = Search(space, better)
+    rows: list[dict[str, Any]] = []
+    while (params := search.ask()) is not None:
+        label = trial_label(len(rows) + 1)
+        console.print(f"[bold]sweep {len(rows) + 1}/{search.total()}[/]: {label} {escape(param_text(params))}")
+        row = trial_row(plan, label, params, overwrite, debug, setup)
+        search.tell(row["metric_best"] if row["status"] != "failed" else None)
+        rows.append(row)
+    summary = write_sweep(plan, sort_rows(rows, better))
+    show(summary, plan.out)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def make_plan(recipe_path: Path, space: Space, overrides: list[str], out: Path | None, parallel: int) -> Plan:
+    """The recipe checked with every listed value (or both bounds) of every swept key, before anything
+    trains: all problems at once, one line each."""
+    problems = parallel_problems(parallel)
+    if any(o.partition("=")[0] in ("output_dir", "name") for o in overrides):
+        problems.append(
+            "override 'output_dir=...' or 'name=...': peft sweep writes each trial into --out. Set --out instead."
+        )
+    if space.metric is not None:  # the trials keep their best eval by the metric the sweep ranks by
+        overrides = [*overrides, override("train.best_metric", space.metric)]
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+    except RecipeError as exc:
+        raise PeftcliError(*problems, *exc.lines) from None
+    for param in space.params:
+        for value in param.examples():
+            try:
+                load_recipe(recipe_path, [*overrides, override(param.key, value)])
+            except RecipeError as exc:
+                problems += [value_problem(space.path, param.key, value, line) for line in exc.lines]
+    out = out if out is not None else Path("sweeps") / (recipe.name or recipe_path.stem)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out}: a file, not a folder. Choose another --out.")
+    if problems:
+        raise PeftcliError(*dict.fromkeys(problems))
+    metric = recipe.train.best_metric or TASKS[recipe.task].best_metric
+    own = {p.key: value_at(recipe, p.key) for p in space.params}
+    return Plan(recipe_path, space, tuple(overrides), out, metric, recipe.method.name, own)
+
+
+def value_problem(space_path: Path, key: str, value: Any, line: str) -> str:
+    """The recipe's line about `override 'key=value'` said of the space file's key."""
+    said = line.removeprefix(f"override {override(key, value)!r}: ")
+    if said.startswith(f"{key}:"):
+        return f"{space_path}: params.{said}"
+    return f"{space_path}: params.{key} = {override(key, value).partition('=')[2]}: {said}"
+
+
+def parallel_problems(parallel: int) -> list[str]:
+    if parallel <= 1:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return [
+            (
+                f"--parallel {parallel}: trials run one at a time on a CPU: {parallel} trials share its cores, so each "
+                f"would run at about 1/{parallel} of the speed and measure the others' load. Leave --parallel out."
+            )
+        ]
+    return [
+        (
+            f"--parallel {parallel}: trials on several GPUs at once are not implemented yet. Run one sweep per GPU "
+            "(CUDA_VISIBLE_DEVICES=i peft sweep ... --out DIR-i), or leave --parallel out."
+        )
+    ]
+
+
+def value_at(recipe: Recipe, key: str) -> Any:
+    node: Any = recipe.model_dump(mode="json")
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def trial_row(
+    plan: Plan,
+    label: str,
+    params: dict[str, Any],
+    overwrite: bool,
+    debug: bool,
+    setup: Callable[[bool], None] | None,
+) -> dict[str, Any]:
+    run_dir = plan.out / label
+    overrides = [*plan.overrides, *(override(k, v) for k, v in params.items())]
+    if not overwrite and finished_with(run_dir, plan.recipe, overrides):
+        console.print(f"  reading the finished trial {run_dir}")
+        return run_row(label, run_dir, plan.metric, "read") | {"params": params}
+    # Replaced: a trial of this sweep that failed or stopped, or (--overwrite) any trial before.
+    reason = stale_trial(run_dir, overwrite) or train_in_own_process(
+        plan.recipe, overrides, run_dir, label, True, debug, setup, "peft sweep", "the sweep's table"
+    )
+    if reason is None:
+        try:
+            return run_row(label, run_dir, plan.metric, "trained") | {"params": params}
+        except PeftcliError as exc:
+            reason = " ".join(exc.lines)
+    console.print(f"[bold red]failed[/]: {label}: {escape(reason)}")
+    method = str(params.get("method.name", plan.method))
+    return failed_row(label, method, run_dir, reason) | {"params": params}
+
+
+def finished_with(run_dir: Path, recipe_path: Path, overrides: list[str]) -> bool:
+    """A finished run whose saved recipe is the one this trial would train."""
+    if not (run_dir / "report.json").is_file() or not (run_dir / "recipe.yaml").is_file():
+        return False
+    try:
+        now = load_recipe(recipe_path, [*overrides, override("output_dir", str(run_dir))])
+    except RecipeError:  # a drawn value the recipe refuses: training it says why, as a failed row
+        return False
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    return flatten(saved) == flatten(now.model_dump(mode="json"))
+
+
+def stale_trial(run_dir: Path, overwrite: bool) -> str | None:
+    """A finished run of other values is kept unless --overwrite: the trial fails, saying so."""
+    if overwrite or not (run_dir / "report.json").is_file():
+        return None
+    return (
+        f"{run_dir} holds a finished trial of other values (the recipe or the space changed). "
+        "Pass --overwrite to train it again, or choose another --out."
+    )
+
+
+def write_sweep(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """sweep.json, sweep.md, report.html and best.yaml, each written whole or not at all."""
+    better = higher_is_better(plan.metric)
+    best = next((r for r in rows if r["status"] != "failed" and finite(r["metric_best"])), None)
+    summary = {
+        "title": plan.title,
+        "recipe": str(plan.recipe),
+        "space": str(plan.space.path),
+        "overrides": list(plan.overrides),
+        "strategy": plan.space.strategy,
+        "seed": plan.space.seed,
+        "metric": plan.metric,
+        "higher_is_better": better,
+        "params": {p.key: param_spec(p) for p in plan.space.params},
+        "recipe_values": plan.recipe_values,
+        "best": best["run"] if best else None,
+        "rows": rows,
+    }
+    write_json(plan.out / "sweep.json", summary)
+    atomic_write_text(plan.out / "sweep.md", sweep_markdown(summary))
+    atomic_write_text(plan.out / "report.html", sweep_html(summary, plan.out))
+    if best is not None:
+        atomic_write_text(plan.out / "best.yaml", best_yaml(plan, best))
+    else:
+        (plan.out / "best.yaml").unlink(missing_ok=True)  # a stale one would name a trial not in the table
+    return summary
+
+
+def param_spec(p: Any) -> Any:
+    return list(p.values) if p.values is not None else {"low": p.low, "high": p.high, "log": p.log}
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_yaml(plan: Plan, best: dict[str, Any]) -> str:
+    """The best trial's resolved recipe, its output_dir cleared so that `peft train best.yaml` trains
+    a new run (runs/<name>) instead of refusing the trial's own folder."""
+    recipe = yaml.safe_load((Path(best["run_dir"]) / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe["output_dir"] = None
+    header = (
+        f"# The best trial of `peft sweep {plan.recipe} --space {plan.space.path}`: {best['run']} "
+        f"({plan.metric} {best['metric_best']:.4f}), {param_text(best['params'])}.\n"
+        f"# Its run: {best['run_dir']}. Train it again: peft train {plan.out / 'best.yaml'}\n"
+    )
+    return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+
+
+def show(summary: dict[str, Any], out_dir: Path) -> None:
+    keys = list(summary["params"])
+    table = Table(title=summary["title"])
+    for h in table_headers(keys, summary["metric"]):
+        table.add_column(h)
+    for row in summary["rows"]:
+        table.add_row(*map(escape, table_cells(row, keys)))
+    out = Console(soft_wrap=True)
+    if not out.is_terminal:  # a pipe or a file: the whole table, not squeezed to 80 columns
+        out = Console(soft_wrap=True, width=200)
+    out.print(table)
+    out.print(escape(best_sentence(summary)), highlight=False)
+    console.print(f"sweep: {out_dir / 'report.html'} (and sweep.md, sweep.json, best.yaml)")
