@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from peftcli.cli import app
 from peftcli.commands.sweep import run_sweep
 from peftcli.errors import PeftcliError
 from peftcli.recipe import load_recipe
@@ -222,8 +224,8 @@ def test_unknown_recipe_keys_and_bad_values_exit_2_before_training(tmp_path: Pat
         f"{space}: params.method.rnak: unknown key. Did you mean 'rank'?",
         f"{space}: params.optimizer.lr: input should be greater than 0 (got -1).",
     ]
-    result = peft("sweep", str(recipe), "--space", str(space), "--out", str(out))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = CliRunner().invoke(app, ["sweep", str(recipe), "--space", str(space), "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
     assert result.stderr.splitlines() == [f"error: {line}" for line in exc.value.lines[1:]]
     assert not out.exists()
 
