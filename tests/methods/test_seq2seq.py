@@ -189,3 +189,40 @@ def test_prompt_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, toke
             scores, torch.stack(theirs.generate(**source, **settings).scores), rtol=1e-5, atol=1e-5
         )
         assert not torch.allclose(scores, torch.stack(tiny_model(arch).generate(**source, **settings).scores))
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+@pytest.mark.parametrize("arch", ["t5-s2s", "bart-s2s"])
+def test_p_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, encoder: str, tokenizer, tmp_path: Path) -> None:
+    """HF peft runs its encoder over 2n tokens (n per stack; an LSTM reads them as one sequence), feeds
+    the encoder the first n and saves all 2n; ours does the same."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from peftcli.checkpoint import load_adapter
+    from tests.methods.test_p_tuning import ENCODERS, N, hf_config
+    from tests.methods.test_prompt_tuning import load_theirs, save_ours, trainable_count
+
+    batch = sample_batch(arch, tokenizer)
+    ours = save_ours("p_tuning", arch, tmp_path / "ours", batch, num_virtual_tokens=N, **ENCODERS[encoder])
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors")["prompt_embeddings"].shape[0] == 2 * N
+    theirs = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours")
+    torch.testing.assert_close(logits(theirs, batch), ours, rtol=1e-6, atol=1e-6)
+
+    expected, n_trainable = load_theirs(arch, hf_config("SEQ_2_SEQ_LM", ENCODERS[encoder]), tmp_path / "theirs", batch)
+    mine = tiny_model(arch)
+    load_adapter(tmp_path / "theirs", mine, TASK)
+    torch.testing.assert_close(logits(mine, batch), expected, rtol=1e-6, atol=1e-6)
+    fresh = tiny_model(arch)
+    adapt(fresh, METHODS["p_tuning"], TASK.name, num_virtual_tokens=N, **ENCODERS[encoder])
+    assert trainable_count(fresh) == n_trainable  # the encoder over 2n tokens, as HF peft's
+
+    theirs = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "theirs")
+    source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    settings = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "min_new_tokens": 6}
+    settings |= {"return_dict_in_generate": True, "output_scores": True}
+    with torch.no_grad():
+        scores = torch.stack(mine.generate(**source, **settings).scores)
+        torch.testing.assert_close(
+            scores, torch.stack(theirs.generate(**source, **settings).scores), rtol=1e-5, atol=1e-5
+        )
