@@ -9,6 +9,8 @@ output P (`prompt_embeddings`), exactly as HF peft writes it, and a loaded adapt
 The encoder follows HF peft's PromptEncoder (`prompt_encoder.embedding`, `.mlp_head`, `.lstm_head`):
 MLP = Linear(d, h) ReLU Linear(h, h) ReLU Linear(h, d); LSTM = bidirectional LSTM(d -> h, layers,
 dropout) then Linear(2h, 2h) ReLU Linear(2h, d). See _virtual_tokens.py for how the model prepends P.
+On an encoder-decoder, as in HF peft, E has 2n rows (n per stack), the encoder runs over all 2n, the
+encoder stack reads the first n of P, and the file holds all 2n.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ which the paper found trains more stably; the MLP is folded away on save, so the
 The model object itself uses the prefix, so the training loop's `model(**batch).logits` needs no change:
 a forward pre-hook on the top-level model puts the prefix into a fresh attention cache and prepends ones
 to the attention mask. The input's own positions follow the prefix (they start at n), as in HF peft.
+On an encoder-decoder (T5, BART) the prefix goes to the decoder's self-attention only, laid out as HF
+peft's PeftModelForSeq2SeqLM lays it out (see `PrefixEncoder.fill_decoder`); the encoder's input and
+mask are untouched.
 """
 
 from __future__ import annotations

@@ -296,3 +296,15 @@ def test_train_eval_generate_and_merge_refusal(tiny_dirs, tiny_data, tmp_path: P
     assert len(lines) == 2 and all(json.loads(line)["prompt"].startswith("question :") for line in lines)
     with pytest.raises(PeftcliError, match="prefix_tuning adds trainable virtual tokens and cannot be merged"):
         run_merge(run_dir, tmp_path / "merged")
+
+
+def test_seq2seq_train_eval_and_generate(tiny_dirs, tiny_data, tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_dirs["t5-s2s"], tiny_data, "seq2seq_lm", output_dir=str(tmp_path / "run"))
+    recipe["method"] = {"name": "prefix_tuning", "num_virtual_tokens": 4}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = run_train(path, [])
+    report = run_eval(run_dir, [], generate=2, max_new_tokens=4)
+    trained = json.loads((run_dir / "report.json").read_text())["final_metrics"]
+    assert report["metrics"]["loss"] == pytest.approx(trained["loss"], rel=1e-6)
+    assert len((run_dir / "eval-generations.jsonl").read_text().splitlines()) == 2
