@@ -114,7 +114,7 @@ TINY = {
     "t5-s2s": (_t5, "seq2seq_lm"),
     "bart-s2s": (_bart, "seq2seq_lm"),
 }
-# The archs with one stack of blocks: virtual-token methods apply to these only (not to encoder-decoders).
+# The archs with one stack of blocks (encoder-decoders' virtual tokens are tested in tests/methods/test_seq2seq.py).
 SINGLE_STACK = [name for name, (_, task) in TINY.items() if task != "seq2seq_lm"]
 
 

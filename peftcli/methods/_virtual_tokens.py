@@ -176,14 +176,16 @@ class VirtualTokenHooks:
 # -- save and load -----------------------------------------------------------------------------
 
 
-def prompt_table(model: nn.Module) -> torch.Tensor:
-    """The prompt module's output with dropout off: what the model prepends at inference."""
+def prompt_table(model: nn.Module, all_rows: bool = False) -> torch.Tensor:
+    """The prompt module's output with dropout off: what the model prepends at inference (n rows), or
+    with `all_rows` every row the module makes (a seq2seq P-tuning encoder's 2n, see `state`)."""
     prompt = getattr(model, PROMPT_MODULE)
     was_training = prompt.training
     prompt.eval()
     try:
         with torch.no_grad():
-            return prompt().detach().float()
+            out = prompt.all_rows() if all_rows and hasattr(prompt, "all_rows") else prompt()
+            return out.detach().float()
     finally:
         prompt.train(was_training)
 
@@ -193,10 +195,15 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
-    table = prompt_table(model)
-    # HF peft's seq2seq prompt has n rows per transformer stack and feeds the encoder the first n only;
-    # the decoder's n rows never reach the model, so a copy fills them.
-    tensors = {FILE_KEY: table.repeat(adapted.config_extras.get("num_transformer_submodules", 1), 1)}
+    stacks = adapted.config_extras.get("num_transformer_submodules", 1)
+    table = prompt_table(model, all_rows=True)
+    # HF peft's seq2seq prompt has n rows per transformer stack and feeds the encoder the first n only.
+    # A P-tuning encoder makes all 2n (the LSTM reads them as one sequence); a prompt-tuning table has
+    # the n the model reads, and a copy fills the decoder's n, which never reach the model.
+    n = prompt_table(model).shape[0]
+    if table.shape[0] != stacks * n:
+        table = table.repeat(stacks, 1)
+    tensors = {FILE_KEY: table}
     tensors.update({HEAD_PREFIX + n: p for n, p in head_parameters(model).items()})
     return tensors
 
@@ -226,14 +233,6 @@ def load_state(model: nn.Module, adapted: Adapted, tensors: dict[str, torch.Tens
 
 def load_head(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
     assign_tensors({HEAD_PREFIX + n: p for n, p in head_parameters(model).items()}, tensors, path)
-
-
-def check_single_submodule(config: dict[str, Any]) -> None:
-    if config.get("num_transformer_submodules") not in (None, 1):
-        raise CheckpointError(
-            f"adapter_config.json: num_transformer_submodules={config['num_transformer_submodules']} "
-            "(an encoder-decoder adapter) is not supported by peftcli. Load it with HF peft."
-        )
 
 
 # -- initialization from the vocabulary --------------------------------------------------------

@@ -113,9 +113,8 @@ class Method:
     supports_gradient_checkpointing: bool = True
     # Whether HF peft knows this peft_type (so its PeftModel.from_pretrained loads our adapters).
     in_hf_peft: bool = True
-    # Whether it applies to encoder-decoder models (task seq2seq_lm). Prefix tuning and P-tuning do not
-    # yet: HF peft's PeftModelForSeq2SeqLM gives the prefix to the decoder's self- and cross-attention,
-    # and P-tuning's encoder reads the decoder's virtual tokens too; peftcli does not reproduce either.
+    # Whether it applies to encoder-decoder models (task seq2seq_lm); recipe validation and adapter
+    # loading refuse the others. Every method does now.
     supports_encoder_decoder: bool = True
 
 

@@ -9,6 +9,8 @@ output P (`prompt_embeddings`), exactly as HF peft writes it, and a loaded adapt
 The encoder follows HF peft's PromptEncoder (`prompt_encoder.embedding`, `.mlp_head`, `.lstm_head`):
 MLP = Linear(d, h) ReLU Linear(h, h) ReLU Linear(h, d); LSTM = bidirectional LSTM(d -> h, layers,
 dropout) then Linear(2h, 2h) ReLU Linear(2h, d). See _virtual_tokens.py for how the model prepends P.
+On an encoder-decoder, as in HF peft, E has 2n rows (n per stack), the encoder runs over all 2n, the
+encoder stack reads the first n of P, and the file holds all 2n.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ class PTuningParams(BaseModel):
 class PromptEncoder(nn.Module):
     """E (n x d) through an MLP or a bidirectional LSTM and an MLP: HF peft's PromptEncoder."""
 
-    def __init__(self, num_tokens: int, dim: int, params: PTuningParams, device: torch.device) -> None:
+    def __init__(self, num_tokens: int, dim: int, params: PTuningParams, device: torch.device, stacks: int = 1) -> None:
         super().__init__()
         hidden = params.encoder_hidden_size or dim
-        self.embedding = nn.Embedding(num_tokens, dim, device=device)
+        self.num_tokens = num_tokens
+        # An encoder-decoder's prompt has n rows per stack (2n), as HF peft's; the encoder reads the first n.
+        self.embedding = nn.Embedding(num_tokens * stacks, dim, device=device)
         self.lstm_head: nn.LSTM | None = None
         if params.encoder == "lstm":
             self.lstm_head = nn.LSTM(
@@ -75,16 +79,22 @@ class PromptEncoder(nn.Module):
                 nn.Linear(hidden, dim, device=device),
             )
 
-    def forward(self) -> torch.Tensor:
-        x = self.embedding.weight.unsqueeze(0)  # one sequence of n tokens; the hook repeats it per example
+    def all_rows(self) -> torch.Tensor:
+        """The encoder run over all its tokens (2n on an encoder-decoder, which the LSTM reads as one
+        sequence, as HF peft does): what the file holds."""
+        x = self.embedding.weight.unsqueeze(0)  # one sequence of tokens; the hook repeats it per example
         if self.lstm_head is not None:
             x = self.lstm_head(x)[0]
         return self.mlp_head(x)[0]
 
+    def forward(self) -> torch.Tensor:
+        return self.all_rows()[: self.num_tokens]
+
 
 def apply(model: nn.Module, params: PTuningParams, ctx: ApplyContext) -> Adapted:
     weight = model.get_input_embeddings().weight
-    encoder = PromptEncoder(params.num_virtual_tokens, weight.shape[1], params, weight.device)
+    stacks = 2 if getattr(model.config, "is_encoder_decoder", False) else 1
+    encoder = PromptEncoder(params.num_virtual_tokens, weight.shape[1], params, weight.device, stacks)
     adapted = vt.attach(model, encoder, params.num_virtual_tokens, params, ctx)
     adapted.config_extras["encoder_hidden_size"] = params.encoder_hidden_size or weight.shape[1]
     return adapted
@@ -96,7 +106,7 @@ def peft_config(params: PTuningParams, adapted: Adapted) -> dict[str, Any]:
         "peft_type": "P_TUNING",
         "num_virtual_tokens": params.num_virtual_tokens,
         "token_dim": extras["token_dim"],
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": extras.get("num_transformer_submodules", 1),
         "num_attention_heads": extras["num_attention_heads"],
         "num_layers": extras["num_layers"],
         "encoder_reparameterization_type": params.encoder.upper(),
@@ -109,7 +119,7 @@ def peft_config(params: PTuningParams, adapted: Adapted) -> dict[str, Any]:
 
 
 def from_peft_config(config: dict[str, Any]) -> PTuningParams:
-    vt.check_single_submodule(config)
+    # Two submodules: an encoder-decoder's 2n rows, whose first n the encoder reads (see vt.state).
     # The file holds the encoder's output only (load_state folds the encoder away), so a loaded
     # adapter needs just the sizes; HF peft ignores the LSTM options for its MLP.
     encoder = str(config.get("encoder_reparameterization_type", "MLP")).lower()
@@ -137,5 +147,4 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2103.10385",
     state=vt.state,
     load_state=vt.load_state,
-    supports_encoder_decoder=False,
 )

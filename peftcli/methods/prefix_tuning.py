@@ -11,17 +11,21 @@ which the paper found trains more stably; the MLP is folded away on save, so the
 The model object itself uses the prefix, so the training loop's `model(**batch).logits` needs no change:
 a forward pre-hook on the top-level model puts the prefix into a fresh attention cache and prepends ones
 to the attention mask. The input's own positions follow the prefix (they start at n), as in HF peft.
+On an encoder-decoder (T5, BART) the prefix goes to the decoder's self-attention only, laid out as HF
+peft's PeftModelForSeq2SeqLM lays it out (see `PrefixEncoder.fill_decoder`); the encoder's input and
+mask are untouched.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
-from transformers import Cache, DynamicCache
+from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods.base import (
@@ -150,6 +154,56 @@ class PrefixEncoder(nn.Module):
             keys, values = (t.unsqueeze(0).expand(batch_size, -1, -1, -1) for t in (kv[2 * layer], kv[2 * layer + 1]))
             cache.update(keys, values, layer)
 
+    def fill_decoder(self, cache: EncoderDecoderCache, batch_size: int, dtype: torch.dtype) -> None:
+        """An encoder-decoder's prefix, exactly as HF peft's PeftModelForSeq2SeqLM builds it: the rows of
+        the table (sized by the encoder's layers) are repeated once more along the layer axis and cut into
+        groups of four per layer (self-attention key and value, cross-attention key and value); HF peft
+        then empties the cross-attention cache, so only the decoder's self-attention reads a prefix.
+        Decoder layer l thus gets rows 4l and 4l+1 modulo 2 x layers (with 2 layers, both get layer 0's)."""
+        s = self.shape
+        n = self.embedding.weight.shape[0]
+        kv = self.table().to(dtype).view(n, s.layers * 2, s.heads, s.head_dim)
+        kv = torch.cat([kv, kv], dim=1).permute(1, 2, 0, 3)
+        for layer in range(s.layers):
+            keys, values = (t.unsqueeze(0).expand(batch_size, -1, -1, -1) for t in (kv[4 * layer], kv[4 * layer + 1]))
+            cache.self_attention_cache.update(keys, values, layer)
+
+
+def decoder_prefix_hook(forward_params: list[str]) -> Any:
+    """The pre-hook for an encoder-decoder: the prefix goes to the decoder's self-attention cache (see
+    `PrefixEncoder.fill_decoder`); the encoder and its mask are untouched, as in HF peft. A forward
+    without a cache (training, eval) gets a fresh one, and a given decoder_attention_mask gets n ones in
+    front, as HF peft's forward does; the first step of `generate` (an empty cache) has the prefix put
+    into generate's own cache, with the masks as generate made them, as HF peft's generate does."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs = {**dict(zip(forward_params, args)), **kwargs}
+        encoder: PrefixEncoder = getattr(module, ENCODER)
+        n = encoder.embedding.weight.shape[0]
+        sized = [kwargs.get(k) for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels")]
+        sized = [t for t in sized if t is not None]
+        if not sized:
+            return (), kwargs
+        batch_size = sized[0].shape[0]
+        dtype = compute_dtype(module, encoder.embedding.weight.device)
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            encoder.fill_decoder(cache, batch_size, dtype)
+            kwargs["past_key_values"] = cache
+            mask = kwargs.get("decoder_attention_mask")
+            if mask is not None:
+                kwargs["decoder_attention_mask"] = torch.cat([mask.new_ones(batch_size, n), mask], dim=1)
+        elif not isinstance(cache, EncoderDecoderCache):
+            raise MethodError(
+                f"prefix_tuning: past_key_values must be a transformers EncoderDecoderCache (got {type(cache).__name__})."
+            )
+        elif cache.get_seq_length() == 0:
+            encoder.fill_decoder(cache, batch_size, dtype)
+        return (), kwargs
+
+    return hook
+
 
 def prefix_hook(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -192,20 +246,22 @@ def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
 
 
 def apply(model: nn.Module, params: PrefixTuningParams, ctx: ApplyContext) -> Adapted:
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise MethodError(
-            f"prefix_tuning: {type(model).__name__} is an encoder-decoder model; peftcli's prefix tuning "
-            "supports encoders (BERT) and decoders (Llama, GPT-2). Use lora instead."
-        )
     if hasattr(model, ENCODER):
         raise MethodError(f"prefix_tuning: {type(model).__name__} already has a prefix; apply the method once.")
-    freeze(model)
     shape = KVShape(model.config)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if encoder_decoder:
+        check_decoder_shape(model, shape)
+    freeze(model)
     projection_size = (params.encoder_hidden_size or shape.token_dim) if params.prefix_projection else None
     device = model.get_input_embeddings().weight.device
     encoder = PrefixEncoder(params.num_virtual_tokens, shape, projection_size, params.init_weights == "zero", device)
     model.add_module(ENCODER, encoder)
-    model.register_forward_pre_hook(prefix_hook, with_kwargs=True)
+    if encoder_decoder:
+        hook = decoder_prefix_hook(list(inspect.signature(model.forward).parameters))
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+        model.register_forward_pre_hook(prefix_hook, with_kwargs=True)
     to_save = default_modules_to_save(params.modules_to_save, ctx, model)
     unfreeze_modules(model, to_save)
     return Adapted(
@@ -216,8 +272,23 @@ def apply(model: nn.Module, params: PrefixTuningParams, ctx: ApplyContext) -> Ad
             "num_attention_heads": shape.heads,
             "num_layers": shape.layers,
             "encoder_hidden_size": projection_size or shape.token_dim,
+            "num_transformer_submodules": 2 if encoder_decoder else 1,
         },
     )
+
+
+def check_decoder_shape(model: nn.Module, shape: KVShape) -> None:
+    """HF peft sizes an encoder-decoder's prefix by the encoder's layers and d_model / heads; the
+    decoder's self-attention must have as many layers and that head size for the prefix to fit."""
+    config = model.config
+    decoder_layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or shape.layers
+    head_dim = getattr(config, "d_kv", None) or shape.head_dim
+    if decoder_layers != shape.layers or head_dim != shape.head_dim:
+        raise MethodError(
+            f"prefix_tuning: {type(model).__name__} has {shape.layers} encoder and {decoder_layers} decoder layers "
+            f"and attention heads of size {head_dim} (d_model / heads = {shape.head_dim}); HF peft's encoder-decoder "
+            "prefix fits only equal layer counts and head size d_model / heads. Use lora instead."
+        )
 
 
 def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
@@ -246,7 +317,7 @@ def peft_config(params: PrefixTuningParams, adapted: Adapted) -> dict[str, Any]:
         "peft_type": "PREFIX_TUNING",
         "num_virtual_tokens": params.num_virtual_tokens,
         "token_dim": extras["token_dim"],
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": extras.get("num_transformer_submodules", 1),
         "num_attention_heads": extras["num_attention_heads"],
         "num_layers": extras["num_layers"],
         "encoder_hidden_size": extras["encoder_hidden_size"],
@@ -258,10 +329,10 @@ def peft_config(params: PrefixTuningParams, adapted: Adapted) -> dict[str, Any]:
 
 
 def from_peft_config(config: dict[str, Any]) -> PrefixTuningParams:
-    if config.get("num_transformer_submodules", 1) != 1:
+    if config.get("num_transformer_submodules", 1) not in (None, 1, 2):
         raise CheckpointError(
-            f"adapter_config.json: num_transformer_submodules={config['num_transformer_submodules']!r} is an "
-            "encoder-decoder prefix, which peftcli does not support. Load this adapter with HF peft."
+            f"adapter_config.json: num_transformer_submodules={config['num_transformer_submodules']!r}: expected 1 "
+            "(an encoder or a decoder) or 2 (an encoder-decoder)."
         )
     projection = bool(config.get("prefix_projection", False))
     return PrefixTuningParams(
@@ -289,5 +360,4 @@ METHOD = Method(
     load_state=load_state,
     # The prefix lives in the attention cache, which recomputation would fill a second time.
     supports_gradient_checkpointing=False,
-    supports_encoder_decoder=False,
 )

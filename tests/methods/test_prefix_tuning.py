@@ -26,6 +26,7 @@ from tests.helpers import adapt, logits, randomize_trainable, run_training
 
 METHOD = METHODS["prefix_tuning"]
 ARCHS = SINGLE_STACK
+INTEROP = [*SINGLE_STACK, "t5-s2s", "bart-s2s"]  # encoder-decoders: the decoder's self-attention, as HF peft
 PLAIN = {"num_virtual_tokens": 5}
 PROJECTED = {"num_virtual_tokens": 5, "prefix_projection": True, "encoder_hidden_size": 16}
 SETTINGS = pytest.mark.parametrize("settings", [PLAIN, PROJECTED], ids=["plain", "projection"])
@@ -56,7 +57,7 @@ def trained_ours(arch: str, settings: dict, seed: int = 1) -> tuple[torch.nn.Mod
 # -- HF peft interop ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", INTEROP)
 @SETTINGS
 def test_our_prefix_loads_in_hf_peft_with_equal_outputs(arch: str, settings: dict, tokenizer, tmp_path: Path) -> None:
     model, params, adapted = trained_ours(arch, settings)
@@ -68,7 +69,7 @@ def test_our_prefix_loads_in_hf_peft_with_equal_outputs(arch: str, settings: dic
     torch.testing.assert_close(logits(theirs, batch), ours, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", INTEROP)
 @SETTINGS
 def test_hf_peft_prefix_loads_in_ours_with_equal_outputs(arch: str, settings: dict, tokenizer, tmp_path: Path) -> None:
     task = TINY[arch][1]
@@ -83,7 +84,7 @@ def test_hf_peft_prefix_loads_in_ours_with_equal_outputs(arch: str, settings: di
     torch.testing.assert_close(logits(ours, batch), expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", INTEROP)
 @SETTINGS
 def test_trainable_parameters_equal_hf_peft(arch: str, settings: dict) -> None:
     task = TINY[arch][1]
@@ -295,3 +296,15 @@ def test_train_eval_generate_and_merge_refusal(tiny_dirs, tiny_data, tmp_path: P
     assert len(lines) == 2 and all(json.loads(line)["prompt"].startswith("question :") for line in lines)
     with pytest.raises(PeftcliError, match="prefix_tuning adds trainable virtual tokens and cannot be merged"):
         run_merge(run_dir, tmp_path / "merged")
+
+
+def test_seq2seq_train_eval_and_generate(tiny_dirs, tiny_data, tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_dirs["t5-s2s"], tiny_data, "seq2seq_lm", output_dir=str(tmp_path / "run"))
+    recipe["method"] = {"name": "prefix_tuning", "num_virtual_tokens": 4}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = run_train(path, [])
+    report = run_eval(run_dir, [], generate=2, max_new_tokens=4)
+    trained = json.loads((run_dir / "report.json").read_text())["final_metrics"]
+    assert report["metrics"]["loss"] == pytest.approx(trained["loss"], rel=1e-6)
+    assert len((run_dir / "eval-generations.jsonl").read_text().splitlines()) == 2

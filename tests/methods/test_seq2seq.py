@@ -5,6 +5,7 @@ BART of tests/conftest.py like on every other arch; this file covers what is par
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,17 +61,18 @@ def test_loss_sum_over_target_tokens_equals_the_models_own_mean_loss(arch: str, 
     torch.testing.assert_close(total / count, out.loss)
 
 
-@pytest.mark.parametrize(
-    "method", [m for m in METHODS.values() if not m.supports_encoder_decoder], ids=lambda m: m.name
-)
-def test_virtual_token_methods_are_refused_in_one_line(method, tiny_dirs, tiny_data) -> None:
+def test_a_method_without_encoder_decoder_support_is_refused_in_one_line(tiny_dirs, tiny_data, monkeypatch) -> None:
+    """Every method supports encoder-decoders now; the refusal stays for one that would not."""
+    assert all(m.supports_encoder_decoder for m in METHODS.values())
+    monkeypatch.setitem(METHODS, "prefix_tuning", replace(METHODS["prefix_tuning"], supports_encoder_decoder=False))
     recipe = tiny_recipe(tiny_dirs["t5-s2s"], tiny_data, "seq2seq_lm")
-    recipe["method"] = {"name": method.name}
+    recipe["method"] = {"name": "prefix_tuning"}
     with pytest.raises(RecipeError) as exc:
         validate_recipe(recipe, source="r.yaml")
     usable = ", ".join(m.name for m in METHODS.values() if m.supports_encoder_decoder)
+    assert "prefix_tuning" not in usable
     assert exc.value.lines == [
-        f"r.yaml: method.name: {method.name} does not support encoder-decoder models (got task seq2seq_lm). Use one of: {usable}."
+        f"r.yaml: method.name: prefix_tuning does not support encoder-decoder models (got task seq2seq_lm). Use one of: {usable}."
     ]
 
 
@@ -185,6 +187,73 @@ def test_prompt_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, toke
     settings |= {"return_dict_in_generate": True, "output_scores": True}  # tiny models often pick the same tokens
     with torch.no_grad():
         scores = torch.stack(mine.generate(**source, **settings).scores)
+        torch.testing.assert_close(
+            scores, torch.stack(theirs.generate(**source, **settings).scores), rtol=1e-5, atol=1e-5
+        )
+        assert not torch.allclose(scores, torch.stack(tiny_model(arch).generate(**source, **settings).scores))
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+@pytest.mark.parametrize("arch", ["t5-s2s", "bart-s2s"])
+def test_p_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, encoder: str, tokenizer, tmp_path: Path) -> None:
+    """HF peft runs its encoder over 2n tokens (n per stack; an LSTM reads them as one sequence), feeds
+    the encoder the first n and saves all 2n; ours does the same."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from peftcli.checkpoint import load_adapter
+    from tests.methods.test_p_tuning import ENCODERS, N, hf_config
+    from tests.methods.test_prompt_tuning import load_theirs, save_ours, trainable_count
+
+    batch = sample_batch(arch, tokenizer)
+    ours = save_ours("p_tuning", arch, tmp_path / "ours", batch, num_virtual_tokens=N, **ENCODERS[encoder])
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors")["prompt_embeddings"].shape[0] == 2 * N
+    theirs = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours")
+    torch.testing.assert_close(logits(theirs, batch), ours, rtol=1e-6, atol=1e-6)
+
+    expected, n_trainable = load_theirs(arch, hf_config("SEQ_2_SEQ_LM", ENCODERS[encoder]), tmp_path / "theirs", batch)
+    mine = tiny_model(arch)
+    load_adapter(tmp_path / "theirs", mine, TASK)
+    torch.testing.assert_close(logits(mine, batch), expected, rtol=1e-6, atol=1e-6)
+    fresh = tiny_model(arch)
+    adapt(fresh, METHODS["p_tuning"], TASK.name, num_virtual_tokens=N, **ENCODERS[encoder])
+    assert trainable_count(fresh) == n_trainable  # the encoder over 2n tokens, as HF peft's
+
+    theirs = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "theirs")
+    source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    settings = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "min_new_tokens": 6}
+    settings |= {"return_dict_in_generate": True, "output_scores": True}
+    with torch.no_grad():
+        scores = torch.stack(mine.generate(**source, **settings).scores)
+        torch.testing.assert_close(
+            scores, torch.stack(theirs.generate(**source, **settings).scores), rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("arch", ["t5-s2s", "bart-s2s"])
+def test_prefix_tuning_matches_hf_peft_with_a_decoder_mask_and_in_generate(arch: str, tokenizer, tmp_path: Path) -> None:
+    """The prefix reaches the decoder's self-attention only, with n ones in front of a given decoder mask;
+    `generate` puts it into its own cache at the first step, as HF peft's prepare_inputs_for_generation
+    does. (Both ways on plain batches, and with the projection: tests/methods/test_prefix_tuning.py.)"""
+    from peft import PeftModel
+
+    from tests.methods.test_prefix_tuning import save_ours, trained_ours
+
+    model, params, adapted = trained_ours(arch, {"num_virtual_tokens": 5})
+    save_ours(model, params, adapted, TASK.name, tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_model(arch), tmp_path)
+    batch = sample_batch(arch, tokenizer)
+    batch["decoder_attention_mask"] = (batch["decoder_input_ids"] != 0).long()
+    batch["decoder_attention_mask"][:, 0] = 1  # T5's start token is the pad id
+    ours = logits(model, batch)
+    torch.testing.assert_close(logits(theirs, batch), ours, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(ours, logits(tiny_model(arch), batch), atol=1e-3)
+
+    source = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    settings = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "min_new_tokens": 6}
+    settings |= {"return_dict_in_generate": True, "output_scores": True}
+    with torch.no_grad():
+        scores = torch.stack(model.generate(**source, **settings).scores)
         torch.testing.assert_close(
             scores, torch.stack(theirs.generate(**source, **settings).scores), rtol=1e-5, atol=1e-5
         )
