@@ -320,7 +320,7 @@ def sweep_cmd(
     out: Annotated[
         Path | None, typer.Option("--out", help="folder for the trials and the results (default: sweeps/<recipe name>)")
     ] = None,
-    parallel: Annotated[int, typer.Option("--parallel", min=1, help="trials at once (one for now: see the error for more)")] = 1,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="trials at once: a GPU each, or a share of the CPU cores; output in --out/logs/")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="train every trial again, replacing the ones in --out")] = False,
     debug: DebugOpt = False,
 ) -> None:

@@ -219,9 +219,9 @@ def draw(p: Param, rng: random.Random) -> Any:
 
 
 class Search:
-    """The trials in order: `ask()` the next one's values (None when done), `tell()` its result
-    (None when it failed). Grid and random know their trials up front; Optuna suggests each from
-    the results told so far."""
+    """The trials in order: `ask()` the next one's number and values (None when done), `tell()` a
+    trial's result by its number (None when it failed), in any order: trials may run at once. Grid
+    and random know their trials up front; Optuna suggests each from the results told so far."""
 
     def __init__(self, space: Space, higher_is_better: bool) -> None:
         self.space = space
@@ -232,27 +232,27 @@ class Search:
         elif space.strategy == "random":
             self.planned = random_trials(space)
         else:
-            self.study, self.pending = optuna_study(space, higher_is_better), []
+            self.study, self.pending = optuna_study(space, higher_is_better), {}
 
     def total(self) -> int:
         return len(self.planned) if self.planned is not None else self.space.trials or 0
 
-    def ask(self) -> dict[str, Any] | None:
+    def ask(self) -> tuple[int, dict[str, Any]] | None:
         if self.asked >= self.total():
             return None
         self.asked += 1
         if self.planned is not None:
-            return self.planned[self.asked - 1]
+            return self.asked, self.planned[self.asked - 1]
         trial = self.study.ask(optuna_distributions(self.space))
-        self.pending.append(trial)
-        return {p.key: from_optuna(p, trial.params[p.key]) for p in self.space.params}
+        self.pending[self.asked] = trial
+        return self.asked, {p.key: from_optuna(p, trial.params[p.key]) for p in self.space.params}
 
-    def tell(self, value: float | None) -> None:
+    def tell(self, number: int, value: float | None) -> None:
         if self.planned is not None:
             return
         import optuna
 
-        trial = self.pending.pop(0)
+        trial = self.pending.pop(number)
         if value is None or not math.isfinite(value):
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:

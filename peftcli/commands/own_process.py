@@ -1,7 +1,11 @@
 """One training run in a process of its own, for `peft compare` and `peft sweep`: what a run measures
 must be its own. Peak memory is the process's peak (RSS on a CPU, which never goes down), and
 accelerate allows one mixed-precision setting per process. A run that fails, or whose process dies,
-comes back as one line saying why; Ctrl-C stops the run at a step boundary, and then the caller."""
+comes back as one line saying why; Ctrl-C stops the run at a step boundary, and then the caller.
+
+Runs may overlap (`peft sweep --parallel`): `start_run` returns at once, `run_outcome` reads a run
+that has ended, and `signals_passed_to` covers every run still going. Each run takes its `Slot`
+(peftcli.slots): its GPU, its CPU threads, and where its output goes."""
 
 from __future__ import annotations
 
@@ -9,16 +13,28 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftcli.commands.train import run_train
 from peftcli.errors import PeftcliError, RunInterrupted
+from peftcli.slots import Slot
 
 MAX_REASON = 400  # characters of a failed run's reason kept in a table
+
+
+@dataclass(frozen=True)
+class Started:
+    """A run in its own process: `child.sentinel` is ready once it ended."""
+
+    child: Any
+    receive: Any
+    label: str
 
 
 def train_in_own_process(
@@ -34,26 +50,47 @@ def train_in_own_process(
 ) -> str | None:
     """None when the run finished, else why it did not, in one line. A stop (Ctrl-C, SIGTERM) raises
     RunInterrupted saying that `command` stopped at `label` and `unwritten` was not written."""
+    run = start_run(recipe, overrides, run_dir, label, overwrite, debug, setup, Slot(), command)
+    with signals_passed_to(lambda: [run.child]):
+        run.child.join()
+    return run_outcome(run, command, unwritten)
+
+
+def start_run(
+    recipe: Path,
+    overrides: tuple[str, ...] | list[str],
+    run_dir: Path,
+    label: str,
+    overwrite: bool,
+    debug: bool,
+    setup: Callable[[bool], None] | None,
+    slot: Slot,
+    command: str,
+) -> Started:
     overrides = [*overrides, f"output_dir={json.dumps(str(run_dir))}"]
     context = process_context()
     receive, send = context.Pipe(duplex=False)
-    args = (str(recipe), overrides, overwrite, debug, setup, send)
+    args = (str(recipe), overrides, overwrite, debug, setup, slot, send)
     child = context.Process(target=train_child, args=args, name=f"{command} {label}")
     child.start()
     send.close()
-    with signals_passed_to(child):
-        child.join()
-    message = receive.recv() if receive.poll() else None
-    receive.close()
+    return Started(child, receive, label)
+
+
+def run_outcome(run: Started, command: str, unwritten: str) -> str | None:
+    """The ended run's result: None, or why it did not finish; RunInterrupted when it was stopped."""
+    run.child.join()
+    message = run.receive.recv() if run.receive.poll() else None
+    run.receive.close()
     if message is None:  # it died without a word: killed, most often by the kernel for want of memory
-        code = child.exitcode or 0
+        code = run.child.exitcode or 0
         if code == -signal.SIGKILL:
             return "the training process was killed (SIGKILL; out of memory?) before it finished."
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         return f"the training process {how} before it finished."
     if message[0] == "stopped":
         _, signum, lines = message
-        raise RunInterrupted(signum, *lines, f"{command} stopped at {label}; {unwritten} was not written.")
+        raise RunInterrupted(signum, *lines, f"{command} stopped at {run.label}; {unwritten} was not written.")
     return None if message[0] == "ok" else message[1]
 
 
@@ -69,9 +106,16 @@ def process_context() -> Any:
 
 
 def train_child(
-    recipe: str, overrides: list[str], overwrite: bool, debug: bool, setup: Callable[[bool], None] | None, send: Any
+    recipe: str,
+    overrides: list[str],
+    overwrite: bool,
+    debug: bool,
+    setup: Callable[[bool], None] | None,
+    slot: Slot,
+    send: Any,
 ) -> None:
     """In the run's own process: run_train, then ("ok",), ("failed", reason) or ("stopped", signal, lines)."""
+    take_slot(slot)
     if setup is not None:
         setup(debug)
     try:
@@ -92,20 +136,40 @@ def train_child(
         send.close()
 
 
+def take_slot(slot: Slot) -> None:
+    """Before torch touches a device: the slot's environment (CUDA reads CUDA_VISIBLE_DEVICES when it
+    starts, which is at the first CUDA call, not at import), threads, and output file."""
+    os.environ.update(slot.env)
+    if slot.threads is not None:
+        import torch
+
+        torch.set_num_threads(slot.threads)
+    if slot.log is not None:
+        slot.log.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(slot.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)  # the file descriptors: rich, tqdm and C libraries all write there
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
 def one_line(lines: list[str]) -> str:
     text = " ".join(" ".join(line.split()) for line in lines)
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
 @contextmanager
-def signals_passed_to(child: Any) -> Iterator[None]:
-    """Ctrl-C reaches the training process from the terminal itself (it goes to the whole foreground
-    group), which then stops at a step boundary and saves a checkpoint; this process waits for that
-    instead of dying first. SIGTERM comes to this process alone, so it is passed on."""
+def signals_passed_to(children: Callable[[], list[Any]]) -> Iterator[None]:
+    """Ctrl-C reaches the training processes from the terminal itself (it goes to the whole foreground
+    group), which then stop at a step boundary and save a checkpoint; this process waits for that
+    instead of dying first. SIGTERM comes to this process alone, so it is passed on to every child
+    that `children()` names when it comes."""
 
     def forward(signum: int, frame: Any) -> None:
-        with suppress(ProcessLookupError, TypeError):
-            os.kill(child.pid, signum)
+        for child in children():
+            with suppress(ProcessLookupError, TypeError):
+                os.kill(child.pid, signum)
 
     previous = {
         signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),

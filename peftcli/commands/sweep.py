@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.commands.own_process import train_in_own_process
+from peftcli.commands.own_process import Started, run_outcome, signals_passed_to, start_run
 from peftcli.commands.train import flatten
 from peftcli.comparison import failed_row, run_row, sort_rows
-from peftcli.errors import PeftcliError, RecipeError
+from peftcli.errors import PeftcliError, RecipeError, RunInterrupted
 from peftcli.html_report import sweep_html
 from peftcli.recipe import Recipe, load_recipe
+from peftcli.slots import Slot, machine_slots
 from peftcli.sweep import (
     Search,
     Space,
@@ -69,25 +71,81 @@ def run_sweep(
 ) -> int:
     """Returns the exit code: 1 when a trial failed, else 0."""
     space = read_space(space_path)
-    plan = make_plan(recipe, space, overrides, out, parallel)
+    plan, slots = make_plan(recipe, space, overrides, out, parallel)
     better = higher_is_better(plan.metric)
-    search = Search(space, better)
-    rows: list[dict[str, Any]] = []
-    while (params := search.ask()) is not None:
-        label = trial_label(len(rows) + 1)
-        console.print(f"[bold]sweep {len(rows) + 1}/{search.total()}[/]: {label} {escape(param_text(params))}")
-        row = trial_row(plan, label, params, overwrite, debug, setup)
-        search.tell(row["metric_best"] if row["status"] != "failed" else None)
-        rows.append(row)
+    rows = run_trials(plan, Search(space, better), slots, overwrite, debug, setup)
     summary = write_sweep(plan, sort_rows(rows, better))
     show(summary, plan.out)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
-def make_plan(recipe_path: Path, space: Space, overrides: list[str], out: Path | None, parallel: int) -> Plan:
-    """The recipe checked with every listed value (or both bounds) of every swept key, before anything
-    trains: all problems at once, one line each."""
-    problems = parallel_problems(parallel)
+def run_trials(
+    plan: Plan,
+    search: Search,
+    slots: list[Slot],
+    overwrite: bool,
+    debug: bool,
+    setup: Callable[[bool], None] | None,
+) -> list[dict[str, Any]]:
+    """Every trial the search asks for, as many at once as there are slots: a trial starts when a
+    slot is free and its result is told when it ends, so Optuna suggests from every result so far.
+    With several slots each trial's output goes to logs/trial-NNN.log. A stop (Ctrl-C, SIGTERM)
+    reaches every running trial; no new one starts, and once all have ended the stop is raised with
+    every stopped trial's lines."""
+    rows: list[dict[str, Any]] = []
+    running: dict[Any, tuple[Started, Slot, int, dict[str, Any]]] = {}  # by the process's sentinel
+    free: list[Slot] = list(slots)
+    stopped: dict[str, RunInterrupted] = {}  # by trial
+
+    def ended(number: int, row: dict[str, Any]) -> None:
+        search.tell(number, row["metric_best"] if row["status"] != "failed" else None)
+        rows.append(row)
+
+    with signals_passed_to(lambda: [run.child for run, *_ in running.values()]):
+        while True:
+            while free and not stopped and (asked := search.ask()) is not None:
+                number, params = asked
+                label = trial_label(number)
+                console.print(f"[bold]sweep {number}/{search.total()}[/]: {label} {escape(param_text(params))}")
+                if (row := settled_row(plan, label, params, overwrite)) is not None:
+                    ended(number, row)
+                    continue
+                slot = free.pop(0)
+                where = slot if len(slots) == 1 else slot.with_log(plan.out / "logs" / f"{label}.log")
+                if where.log is not None:
+                    console.print(f"  training on {where.describe()}; its output: {where.log}")
+                overrides = trial_overrides(plan, params)
+                run = start_run(
+                    plan.recipe, overrides, plan.out / label, label, True, debug, setup, where, "peft sweep"
+                )
+                running[run.child.sentinel] = (run, slot, number, params)
+            if not running:
+                break
+            for sentinel in wait(list(running)):
+                run, slot, number, params = running.pop(sentinel)
+                free.append(slot)
+                try:
+                    reason = run_outcome(run, "peft sweep", "the sweep's table")
+                except RunInterrupted as exc:
+                    stopped[run.label] = exc
+                    continue
+                ended(number, trained_row(plan, run.label, params, reason, announce=len(slots) > 1))
+    if stopped:  # each trial's own lines (where it saved, how to resume), then the sweep's
+        labels = sorted(stopped)
+        lines = [line for label in labels for line in stopped[label].lines[:-1]]
+        signum = stopped[labels[0]].exit_code - 128
+        raise RunInterrupted(
+            signum, *lines, f"peft sweep stopped at {', '.join(labels)}; the sweep's table was not written."
+        )
+    return rows
+
+
+def make_plan(
+    recipe_path: Path, space: Space, overrides: list[str], out: Path | None, parallel: int
+) -> tuple[Plan, list[Slot]]:
+    """The recipe checked with every listed value (or both bounds) of every swept key, and the slots
+    for --parallel, before anything trains: all problems at once, one line each."""
+    slots, problems = machine_slots(parallel)
     if any(o.partition("=")[0] in ("output_dir", "name") for o in overrides):
         problems.append(
             "override 'output_dir=...' or 'name=...': peft sweep writes each trial into --out. Set --out instead."
@@ -111,7 +169,7 @@ def make_plan(recipe_path: Path, space: Space, overrides: list[str], out: Path |
         raise PeftcliError(*dict.fromkeys(problems))
     metric = recipe.train.best_metric or TASKS[recipe.task].best_metric
     own = {p.key: value_at(recipe, p.key) for p in space.params}
-    return Plan(recipe_path, space, tuple(overrides), out, metric, recipe.method.name, own)
+    return Plan(recipe_path, space, tuple(overrides), out, metric, recipe.method.name, own), slots
 
 
 def value_problem(space_path: Path, key: str, value: Any, line: str) -> str:
@@ -122,26 +180,6 @@ def value_problem(space_path: Path, key: str, value: Any, line: str) -> str:
     return f"{space_path}: params.{key} = {override(key, value).partition('=')[2]}: {said}"
 
 
-def parallel_problems(parallel: int) -> list[str]:
-    if parallel <= 1:
-        return []
-    import torch
-
-    if not torch.cuda.is_available():
-        return [
-            (
-                f"--parallel {parallel}: trials run one at a time on a CPU: {parallel} trials share its cores, so each "
-                f"would run at about 1/{parallel} of the speed and measure the others' load. Leave --parallel out."
-            )
-        ]
-    return [
-        (
-            f"--parallel {parallel}: trials on several GPUs at once are not implemented yet. Run one sweep per GPU "
-            "(CUDA_VISIBLE_DEVICES=i peft sweep ... --out DIR-i), or leave --parallel out."
-        )
-    ]
-
-
 def value_at(recipe: Recipe, key: str) -> Any:
     node: Any = recipe.model_dump(mode="json")
     for part in key.split("."):
@@ -149,31 +187,45 @@ def value_at(recipe: Recipe, key: str) -> Any:
     return node
 
 
-def trial_row(
-    plan: Plan,
-    label: str,
-    params: dict[str, Any],
-    overwrite: bool,
-    debug: bool,
-    setup: Callable[[bool], None] | None,
-) -> dict[str, Any]:
+def trial_overrides(plan: Plan, params: dict[str, Any]) -> list[str]:
+    return [*plan.overrides, *(override(k, v) for k, v in params.items())]
+
+
+def settled_row(plan: Plan, label: str, params: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The row of a trial that needs no training: a finished run of these values, read; or a finished
+    run of other values, kept unless --overwrite, and the trial failed saying so. None: train it
+    (replacing a trial of this sweep that failed or stopped, or with --overwrite any trial before)."""
     run_dir = plan.out / label
-    overrides = [*plan.overrides, *(override(k, v) for k, v in params.items())]
-    if not overwrite and finished_with(run_dir, plan.recipe, overrides):
+    if not overwrite and finished_with(run_dir, plan.recipe, trial_overrides(plan, params)):
         console.print(f"  reading the finished trial {run_dir}")
         return run_row(label, run_dir, plan.metric, "read") | {"params": params}
-    # Replaced: a trial of this sweep that failed or stopped, or (--overwrite) any trial before.
-    reason = stale_trial(run_dir, overwrite) or train_in_own_process(
-        plan.recipe, overrides, run_dir, label, True, debug, setup, "peft sweep", "the sweep's table"
-    )
+    reason = stale_trial(run_dir, overwrite)
+    return None if reason is None else failed_trial(plan, label, params, reason)
+
+
+def trained_row(
+    plan: Plan, label: str, params: dict[str, Any], reason: str | None, announce: bool = False
+) -> dict[str, Any]:
+    """The row of a trial that trained (reason None) or failed; `announce` says which on the terminal
+    (a trial whose output went to its log)."""
     if reason is None:
         try:
-            return run_row(label, run_dir, plan.metric, "trained") | {"params": params}
+            row = run_row(label, plan.out / label, plan.metric, "trained") | {"params": params}
         except PeftcliError as exc:
             reason = " ".join(exc.lines)
+        else:
+            if announce:
+                value, wall = row["metric_best"], row["wall_seconds"]
+                said = f"{plan.metric} {value:.4f}" if isinstance(value, float) else f"{plan.metric} {value}"
+                console.print(f"[bold green]done[/]: {label}: {said}" + (f" in {wall:.0f} s" if wall else ""))
+            return row
+    return failed_trial(plan, label, params, reason)
+
+
+def failed_trial(plan: Plan, label: str, params: dict[str, Any], reason: str) -> dict[str, Any]:
     console.print(f"[bold red]failed[/]: {label}: {escape(reason)}")
     method = str(params.get("method.name", plan.method))
-    return failed_row(label, method, run_dir, reason) | {"params": params}
+    return failed_row(label, method, plan.out / label, reason) | {"params": params}
 
 
 def finished_with(run_dir: Path, recipe_path: Path, overrides: list[str]) -> bool:

@@ -303,6 +303,7 @@ def build_report(
             "peak_memory_mb": result.peak_memory_mb,
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
+            "cpu_threads": torch.get_num_threads(),
             "mixed_precision": recipe.train.mixed_precision,
         },
         "final_metrics": result.final_metrics,

@@ -6,18 +6,27 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.commands.sweep import run_sweep
 from peftcli.errors import PeftcliError
 from peftcli.recipe import load_recipe
+from peftcli.resume import checkpoint_steps
 from peftcli.sweep import Search, random_trials, read_space
-from tests.cli.test_cli import files_under, peft, write_recipe
+from tests.cli.test_cli import ROOT, files_under, peft, write_recipe
+from tests.cli.test_resume import wait_for_step
 from tests.conftest import tiny_recipe
 from tests.unit.test_html_report import parse_html
 
@@ -39,6 +48,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory, tiny_dirs, tiny_data):
     space = write_space(root, {"strategy": "grid", "params": {"method.rank": RANKS, "method.target_modules": TARGETS}})
     out = root / "out"
     result = peft("sweep", str(recipe), "--space", str(space), "--out", str(out), "train.max_steps=4")
+    shutil.copy(out / "sweep.json", root / "first-sweep.json")  # a later test sweeps into `out` again
     return recipe, space, out, result
 
 
@@ -151,15 +161,35 @@ def test_optuna_suggestions_are_seeded_and_within_bounds(tmp_path: Path) -> None
 
     def run() -> list[dict]:
         search, asked = Search(space, higher_is_better=True), []
-        while (p := search.ask()) is not None:
+        while (trial := search.ask()) is not None:
+            number, p = trial
             asked.append(p)
             # A made-up score: best near lr 1e-3 and rank 16; one failed trial.
-            search.tell(None if len(asked) == 2 else -abs(math.log10(p["optimizer.lr"]) + 3) + p["method.rank"] / 100)
+            search.tell(
+                number, None if number == 2 else -abs(math.log10(p["optimizer.lr"]) + 3) + p["method.rank"] / 100
+            )
         return asked
 
     asked = run()
     assert len(asked) == 14 and asked == run()
     assert all(p["method.rank"] in (4, 8, 16) and 1e-4 <= p["optimizer.lr"] <= 1e-2 for p in asked)
+
+
+def test_optuna_results_told_out_of_order_reach_their_own_trials(tmp_path: Path) -> None:
+    """--parallel: trials end in any order, and each result must be told to the trial that earned it."""
+    pytest.importorskip("optuna")
+    params = {"method.rank": [4, 8, 16], "optimizer.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
+    space = read_space(write_space(tmp_path, {"strategy": "optuna", "trials": 3, "seed": 0, "params": params}))
+    search = Search(space, higher_is_better=True)
+    asked = [search.ask() for _ in range(3)]
+    assert [number for number, _ in asked] == [1, 2, 3] and search.ask() is None
+    search.tell(3, 0.3)
+    search.tell(1, 0.1)
+    search.tell(2, None)
+    trials = search.study.trials  # in the order they were asked
+    assert [t.params["optimizer.lr"] for t in trials] == pytest.approx([p["optimizer.lr"] for _, p in asked], rel=1e-3)
+    assert [t.value for t in trials] == [0.1, None, 0.3]
+    assert trials[1].state.name == "FAIL"
 
 
 BAD_SPACE = {
@@ -215,11 +245,11 @@ def test_unknown_recipe_keys_and_bad_values_exit_2_before_training(tmp_path: Pat
     space = write_space(tmp_path, {"params": {"method.rnak": [4], "optimizer.lr": [1.0e-3, -1]}})
     out = tmp_path / "out"
     with pytest.raises(PeftcliError) as exc:
-        run_sweep(recipe, space, [], out, parallel=2)
+        run_sweep(recipe, space, [], out, parallel=4096)
     assert exc.value.lines == [
         (
-            "--parallel 2: trials run one at a time on a CPU: 2 trials share its cores, so each would run at about "
-            "1/2 of the speed and measure the others' load. Leave --parallel out."
+            f"--parallel 4096: this machine has {cores()} CPU cores and no GPU, and a run needs a core at least. "
+            f"Use --parallel {cores()} or less."
         ),
         f"{space}: params.method.rnak: unknown key. Did you mean 'rank'?",
         f"{space}: params.optimizer.lr: input should be greater than 0 (got -1).",
@@ -235,3 +265,91 @@ def test_shipped_spaces_are_valid(path: Path) -> None:
     space = read_space(path)
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     assert space.params and any(f"--space recipes/sweeps/{path.name}" in line for line in header)
+
+
+# -- --parallel: trials at once ------------------------------------------------------------------
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module")
+def swept_in_parallel(tmp_path_factory: pytest.TempPathFactory, swept):
+    recipe, space, _, _ = swept
+    out = tmp_path_factory.mktemp("parallel") / "out"
+    result = peft(
+        "sweep", str(recipe), "--space", str(space), "--out", str(out), "train.max_steps=4", "--parallel", "2"
+    )
+    return out, result
+
+
+def test_parallel_trials_equal_the_sequential_ones(swept, swept_in_parallel) -> None:
+    _, _, sequential, _ = swept
+    out, result = swept_in_parallel
+    assert result.returncode == 1, result.stderr
+    one = {r["run"]: r for r in json.loads((sequential.parent / "first-sweep.json").read_text())["rows"]}
+    two = {r["run"]: r for r in summary_of(out)["rows"]}
+    assert sorted(two) == sorted(one) == [f"trial-00{i}" for i in range(1, 5)]
+    for label, row in two.items():
+        assert (row["params"], row["status"], row["trainable_parameters"]) == (
+            one[label]["params"],
+            one[label]["status"],
+            one[label]["trainable_parameters"],
+        )
+        if row["status"] == "failed":
+            assert row["error"] == one[label]["error"]
+            continue
+        assert row["metric_best"] == pytest.approx(one[label]["metric_best"])
+        # Another number of threads sums in another order: equal up to rounding.
+        ours, theirs = (load_file(str(d / label / "adapter" / "adapter_model.safetensors")) for d in (out, sequential))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
+        report = json.loads((out / label / "report.json").read_text())
+        assert report["summary"]["cpu_threads"] == max(1, cores() // 2)
+    assert summary_of(out)["best"] is not None and (out / "best.yaml").is_file()
+
+
+def test_parallel_trials_overlap_and_write_their_output_to_logs(swept_in_parallel) -> None:
+    out, result = swept_in_parallel
+    stderr = result.stderr
+    threads = max(1, cores() // 2)
+    where = f"the CPU, {threads} CPU thread{'s' if threads != 1 else ''}"
+    for i in range(1, 5):
+        label = f"trial-00{i}"
+        assert f"  training on {where}; its output: {out / 'logs' / f'{label}.log'}" in stderr
+        log = (out / "logs" / f"{label}.log").read_text()
+        assert log.startswith("tiny: lora on ")  # peft train's first line
+        assert ("done in " in log) == (i % 2 == 1)  # trials 2 and 4 (q_proj) fail before training
+    assert "tiny: lora on " not in stderr  # the trials' own output went to their logs
+    # Two slots: trial 2 starts before trial 1 ends.
+    assert stderr.index("sweep 2/4") < stderr.index("done: trial-001: accuracy")
+    assert "failed: trial-002: method.target_modules ['q_proj'] matched no" in stderr
+
+
+def test_sigterm_stops_every_parallel_trial_at_a_step_and_writes_no_table(tmp_path: Path, tiny_dirs, tiny_data) -> None:
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification"))
+    space = write_space(tmp_path, {"params": {"method.rank": [2, 4, 8]}})
+    out = tmp_path / "out"
+    args = ["train.max_steps=100000", "train.log_every=1", "train.eval_every=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftcli", "sweep", str(recipe), "--space", str(space), "--out", str(out), *args]
+        + ["--parallel", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert all(wait_for_step(out / f"trial-00{i}", 2, proc) for i in (1, 2)), proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    lines = stderr.splitlines()
+    assert lines[-1] == "stopped: peft sweep stopped at trial-001, trial-002; the sweep's table was not written."
+    for i in (1, 2):  # both stopped at a step boundary, saved it, and say how to resume
+        run_dir = out / f"trial-00{i}"
+        step = max(int(p.name.split("-")[1]) for p in checkpoint_steps(run_dir))
+        said = f"stopped: SIGTERM at step {step}: saved {run_dir / 'checkpoints' / f'step-{step}'}. Resume with: peft train "
+        assert any(line.startswith(said) and line.endswith(" --resume") for line in lines[-3:-1]), stderr
+    assert not (out / "trial-003").exists()  # no trial starts after a stop
+    assert not (out / "sweep.json").exists()
