@@ -298,6 +298,7 @@ def compare_cmd(
         Path | None, typer.Option("--out", help="folder for the runs and the comparison (default: compare/<recipe name>)")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace run directories and a comparison in --out")] = False,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="runs at once: a GPU each, or a share of the CPU cores; output in --out/logs/")] = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Train several recipes, or one recipe with several methods, and compare them: a table sorted by
@@ -306,7 +307,7 @@ def compare_cmd(
     from peftcli.commands.compare import run_compare
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
-    raise typer.Exit(run(run_compare, entries, names, out, overwrite, debug, quiet_libraries, debug=debug))
+    raise typer.Exit(run(run_compare, entries, names, out, overwrite, debug, quiet_libraries, parallel, debug=debug))
 
 
 @app.command("sweep")

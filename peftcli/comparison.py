@@ -63,6 +63,13 @@ def failed_row(label: str, method: str, run_dir: Path, reason: str) -> dict[str,
     return {"run": label, "method": method, "status": "failed", "error": reason, "run_dir": str(run_dir)} | empty
 
 
+def done_line(row: dict[str, Any], metric: str) -> str:
+    """What the terminal says as a run of several at once ends (its own output went to its log)."""
+    value, wall = row["metric_best"], row["wall_seconds"]
+    said = f"{metric} {value:.4f}" if isinstance(value, float) else f"{metric} {value}"
+    return f"done: {row['run']}: {said}" + (f" in {wall:.0f} s" if isinstance(wall, (int, float)) else "")
+
+
 def sort_rows(rows: list[dict[str, Any]], higher_is_better: bool) -> list[dict[str, Any]]:
     """Best metric first; runs without the metric, then failed runs, last (each in input order)."""
 

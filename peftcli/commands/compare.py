@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.commands.own_process import train_in_own_process
+from peftcli.commands.own_process import Job, run_jobs
 from peftcli.commands.train import check_run_dir
-from peftcli.comparison import failed_row, markdown, read_report, run_row, sort_rows, to_json
+from peftcli.comparison import done_line, failed_row, markdown, read_report, run_row, sort_rows, to_json
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.html_report import comparison_html
 from peftcli.methods import METHODS
 from peftcli.recipe import load_recipe, read_yaml
+from peftcli.slots import Slot, machine_slots
 from peftcli.tasks import TASKS, higher_is_better
 
 console = Console(stderr=True, soft_wrap=True)
@@ -61,16 +62,28 @@ def run_compare(
     overwrite: bool = False,
     debug: bool = False,
     setup: Callable[[bool], None] | None = None,
+    parallel: int = 1,
 ) -> int:
     """Returns the exit code: 1 when a run failed, else 0. `setup(debug)` runs first in each
-    training process (the CLI passes what quiets the libraries)."""
+    training process (the CLI passes what quiets the libraries); `parallel` runs train at once."""
     paths, overrides = split_arguments(arguments)
-    plan = make_plan(paths, overrides, methods, out, overwrite)
-    rows = []
-    for i, entry in enumerate(plan.entries, 1):
-        what = "training" if entry.recipe is not None else f"reading the finished run {entry.run_dir}"
-        console.print(f"[bold]compare {i}/{len(plan.entries)}[/]: {escape(entry.label)} ({what})")
-        rows.append(row_for(entry, plan, overwrite, debug, setup))
+    plan, slots = make_plan(paths, overrides, methods, out, overwrite, parallel)
+    rows: list[dict[str, Any]] = []
+
+    def to_train() -> Iterator[Job]:
+        for i, entry in enumerate(plan.entries, 1):
+            assert entry.run_dir is not None
+            what = "training" if entry.recipe is not None else f"reading the finished run {entry.run_dir}"
+            console.print(f"[bold]compare {i}/{len(plan.entries)}[/]: {escape(entry.label)} ({what})")
+            if entry.recipe is None:
+                rows.append(run_row(entry.label, entry.run_dir, plan.metric, "read"))
+            else:
+                yield Job(entry.label, entry.recipe, entry.overrides, entry.run_dir, overwrite, entry)
+
+    def ended(job: Job, reason: str | None) -> None:
+        rows.append(trained_row(job.tag, plan, reason, announce=len(slots) > 1))
+
+    run_jobs(to_train(), slots, ended, plan.out / "logs", debug, setup, "peft compare", "the comparison")
     rows = sort_rows(rows, higher_is_better(plan.metric))
     write_comparison(plan, rows)
     print(markdown(plan.title, plan.metric, higher_is_better(plan.metric), rows))
@@ -87,11 +100,11 @@ def split_arguments(arguments: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def make_plan(
-    paths: list[Path], overrides: list[str], methods: list[str] | None, out: Path | None, overwrite: bool
-) -> Plan:
+    paths: list[Path], overrides: list[str], methods: list[str] | None, out: Path | None, overwrite: bool, parallel: int
+) -> tuple[Plan, list[Slot]]:
     """Every entry checked before anything trains (recipes, finished runs, folders that would be
-    replaced): the problems of all of them at once, one line each, and nothing written."""
-    problems: list[str] = []
+    replaced, --parallel): the problems of all of them at once, one line each, and nothing written."""
+    slots, problems = machine_slots(parallel)
     if not paths:
         raise PeftcliError(
             "peft compare: no recipe or run directory given. Give recipes, finished run directories, or one recipe with --methods."
@@ -116,7 +129,7 @@ def make_plan(
     problems += out_problems(out, entries, overwrite)
     if problems:
         raise PeftcliError(*problems)
-    return Plan(f"peft compare: {title}", out, entries[0].metric, entries)
+    return Plan(f"peft compare: {title}", out, entries[0].metric, entries), slots
 
 
 def method_entries(paths: list[Path], overrides: list[str], methods: list[str], problems: list[str]) -> list[Entry]:
@@ -225,20 +238,19 @@ def out_problems(out: Path, entries: list[Entry], overwrite: bool) -> list[str]:
     return problems
 
 
-def row_for(
-    entry: Entry, plan: Plan, overwrite: bool, debug: bool, setup: Callable[[bool], None] | None
-) -> dict[str, Any]:
+def trained_row(entry: Entry, plan: Plan, reason: str | None, announce: bool = False) -> dict[str, Any]:
+    """The row of a run that trained (reason None) or failed; `announce` says which on the terminal
+    (a run whose output went to its log)."""
     assert entry.run_dir is not None
-    if entry.recipe is None:
-        return run_row(entry.label, entry.run_dir, plan.metric, "read")
-    reason = train_in_own_process(
-        entry.recipe, entry.overrides, entry.run_dir, entry.label, overwrite, debug, setup, "peft compare", "the comparison"
-    )
     if reason is None:
         try:
-            return run_row(entry.label, entry.run_dir, plan.metric, "trained")
+            row = run_row(entry.label, entry.run_dir, plan.metric, "trained")
         except PeftcliError as exc:
             reason = " ".join(exc.lines)
+        else:
+            if announce:
+                console.print(done_line(row, plan.metric), highlight=False, markup=False)
+            return row
     console.print(f"[bold red]failed[/]: {escape(entry.label)}: {escape(reason)}")
     return failed_row(entry.label, entry.method, entry.run_dir, reason)
 

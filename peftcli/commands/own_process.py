@@ -3,9 +3,9 @@ must be its own. Peak memory is the process's peak (RSS on a CPU, which never go
 accelerate allows one mixed-precision setting per process. A run that fails, or whose process dies,
 comes back as one line saying why; Ctrl-C stops the run at a step boundary, and then the caller.
 
-Runs may overlap (`peft sweep --parallel`): `start_run` returns at once, `run_outcome` reads a run
-that has ended, and `signals_passed_to` covers every run still going. Each run takes its `Slot`
-(peftcli.slots): its GPU, its CPU threads, and where its output goes."""
+`run_jobs` trains the runs a caller yields, as many at once as there are slots (`--parallel` of
+`peft compare` and `peft sweep`): each run takes its `Slot` (peftcli.slots), its GPU or its share
+of the CPU cores, and with several slots its output goes to a log file instead of the terminal."""
 
 from __future__ import annotations
 
@@ -18,14 +18,31 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
 
 from peftcli.commands.train import run_train
 from peftcli.errors import PeftcliError, RunInterrupted
 from peftcli.slots import Slot
 
 MAX_REASON = 400  # characters of a failed run's reason kept in a table
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A run to train into `run_dir`; `tag` is the caller's, handed back when the run ends."""
+
+    label: str
+    recipe: Path
+    overrides: tuple[str, ...]
+    run_dir: Path
+    overwrite: bool
+    tag: Any = None
 
 
 @dataclass(frozen=True)
@@ -37,23 +54,51 @@ class Started:
     label: str
 
 
-def train_in_own_process(
-    recipe: Path,
-    overrides: tuple[str, ...] | list[str],
-    run_dir: Path,
-    label: str,
-    overwrite: bool,
+def run_jobs(
+    jobs: Iterator[Job],
+    slots: list[Slot],
+    ended: Callable[[Job, str | None], None],
+    log_dir: Path,
     debug: bool,
     setup: Callable[[bool], None] | None,
     command: str,
     unwritten: str,
-) -> str | None:
-    """None when the run finished, else why it did not, in one line. A stop (Ctrl-C, SIGTERM) raises
-    RunInterrupted saying that `command` stopped at `label` and `unwritten` was not written."""
-    run = start_run(recipe, overrides, run_dir, label, overwrite, debug, setup, Slot(), command)
-    with signals_passed_to(lambda: [run.child]):
-        run.child.join()
-    return run_outcome(run, command, unwritten)
+) -> None:
+    """Trains every job `jobs` yields, as many at once as there are slots, and calls `ended(job,
+    reason)` as each ends (reason None: it finished). The next job is asked for only when a slot is
+    free, so a search can suggest it from every result so far. With several slots each run's output
+    goes to log_dir/<label>.log. A stop (Ctrl-C, SIGTERM) reaches every running job; no new one
+    starts, and once all have ended RunInterrupted is raised with every stopped job's lines."""
+    running: dict[Any, tuple[Started, Slot, Job]] = {}  # by the process's sentinel
+    free: list[Slot] = list(slots)
+    stopped: dict[str, RunInterrupted] = {}
+    with signals_passed_to(lambda: [run.child for run, _, _ in running.values()]):
+        while True:
+            while free and not stopped and (job := next(jobs, None)) is not None:
+                slot = free.pop(0)
+                where = slot if len(slots) == 1 else slot.with_log(log_dir / f"{job.label}.log")
+                if where.log is not None:
+                    console.print(f"  training on {where.describe()}; its output: {where.log}", highlight=False)
+                run = start_run(
+                    job.recipe, job.overrides, job.run_dir, job.label, job.overwrite, debug, setup, where, command
+                )
+                running[run.child.sentinel] = (run, slot, job)
+            if not running:
+                break
+            for sentinel in wait(list(running)):
+                run, slot, job = running.pop(sentinel)
+                free.append(slot)
+                try:
+                    reason = run_outcome(run, command, unwritten)
+                except RunInterrupted as exc:
+                    stopped[job.label] = exc
+                    continue
+                ended(job, reason)
+    if stopped:  # each run's own lines (where it saved, how to resume), then the command's
+        labels = sorted(stopped)
+        lines = [line for label in labels for line in stopped[label].lines[:-1]]
+        signum = stopped[labels[0]].exit_code - 128
+        raise RunInterrupted(signum, *lines, f"{command} stopped at {', '.join(labels)}; {unwritten} was not written.")
 
 
 def start_run(

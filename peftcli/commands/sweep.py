@@ -8,9 +8,8 @@ finished trial in --out with the same resolved recipe is read instead of trained
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.commands.own_process import Started, run_outcome, signals_passed_to, start_run
+from peftcli.commands.own_process import Job, run_jobs
 from peftcli.commands.train import flatten
-from peftcli.comparison import failed_row, run_row, sort_rows
-from peftcli.errors import PeftcliError, RecipeError, RunInterrupted
+from peftcli.comparison import done_line, failed_row, run_row, sort_rows
+from peftcli.errors import PeftcliError, RecipeError
 from peftcli.html_report import sweep_html
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.slots import Slot, machine_slots
@@ -87,56 +86,31 @@ def run_trials(
     debug: bool,
     setup: Callable[[bool], None] | None,
 ) -> list[dict[str, Any]]:
-    """Every trial the search asks for, as many at once as there are slots: a trial starts when a
-    slot is free and its result is told when it ends, so Optuna suggests from every result so far.
-    With several slots each trial's output goes to logs/trial-NNN.log. A stop (Ctrl-C, SIGTERM)
-    reaches every running trial; no new one starts, and once all have ended the stop is raised with
-    every stopped trial's lines."""
+    """Every trial the search asks for, as many at once as there are slots (own_process.run_jobs):
+    a trial is asked for when a slot is free and its result is told when it ends, so Optuna
+    suggests from every result so far. Finished trials are read, not trained."""
     rows: list[dict[str, Any]] = []
-    running: dict[Any, tuple[Started, Slot, int, dict[str, Any]]] = {}  # by the process's sentinel
-    free: list[Slot] = list(slots)
-    stopped: dict[str, RunInterrupted] = {}  # by trial
 
-    def ended(number: int, row: dict[str, Any]) -> None:
+    def told(number: int, row: dict[str, Any]) -> None:
         search.tell(number, row["metric_best"] if row["status"] != "failed" else None)
         rows.append(row)
 
-    with signals_passed_to(lambda: [run.child for run, *_ in running.values()]):
-        while True:
-            while free and not stopped and (asked := search.ask()) is not None:
-                number, params = asked
-                label = trial_label(number)
-                console.print(f"[bold]sweep {number}/{search.total()}[/]: {label} {escape(param_text(params))}")
-                if (row := settled_row(plan, label, params, overwrite)) is not None:
-                    ended(number, row)
-                    continue
-                slot = free.pop(0)
-                where = slot if len(slots) == 1 else slot.with_log(plan.out / "logs" / f"{label}.log")
-                if where.log is not None:
-                    console.print(f"  training on {where.describe()}; its output: {where.log}")
-                overrides = trial_overrides(plan, params)
-                run = start_run(
-                    plan.recipe, overrides, plan.out / label, label, True, debug, setup, where, "peft sweep"
-                )
-                running[run.child.sentinel] = (run, slot, number, params)
-            if not running:
-                break
-            for sentinel in wait(list(running)):
-                run, slot, number, params = running.pop(sentinel)
-                free.append(slot)
-                try:
-                    reason = run_outcome(run, "peft sweep", "the sweep's table")
-                except RunInterrupted as exc:
-                    stopped[run.label] = exc
-                    continue
-                ended(number, trained_row(plan, run.label, params, reason, announce=len(slots) > 1))
-    if stopped:  # each trial's own lines (where it saved, how to resume), then the sweep's
-        labels = sorted(stopped)
-        lines = [line for label in labels for line in stopped[label].lines[:-1]]
-        signum = stopped[labels[0]].exit_code - 128
-        raise RunInterrupted(
-            signum, *lines, f"peft sweep stopped at {', '.join(labels)}; the sweep's table was not written."
-        )
+    def trials() -> Iterator[Job]:
+        while (asked := search.ask()) is not None:
+            number, params = asked
+            label = trial_label(number)
+            console.print(f"[bold]sweep {number}/{search.total()}[/]: {label} {escape(param_text(params))}")
+            if (row := settled_row(plan, label, params, overwrite)) is not None:
+                told(number, row)
+                continue
+            overrides = tuple(trial_overrides(plan, params))
+            yield Job(label, plan.recipe, overrides, plan.out / label, True, (number, params))
+
+    def ended(job: Job, reason: str | None) -> None:
+        number, params = job.tag
+        told(number, trained_row(plan, job.label, params, reason, announce=len(slots) > 1))
+
+    run_jobs(trials(), slots, ended, plan.out / "logs", debug, setup, "peft sweep", "the sweep's table")
     return rows
 
 
@@ -215,9 +189,7 @@ def trained_row(
             reason = " ".join(exc.lines)
         else:
             if announce:
-                value, wall = row["metric_best"], row["wall_seconds"]
-                said = f"{plan.metric} {value:.4f}" if isinstance(value, float) else f"{plan.metric} {value}"
-                console.print(f"[bold green]done[/]: {label}: {said}" + (f" in {wall:.0f} s" if wall else ""))
+                console.print(done_line(row, plan.metric), highlight=False, markup=False)
             return row
     return failed_trial(plan, label, params, reason)
 

@@ -216,3 +216,27 @@ def png_rows_that_vary(path: Path) -> tuple[int, int, int]:
         rest = raw[y * stride + 1 + pixel : (y + 1) * stride]
         varied += rest != rest[:pixel] * (len(rest) // pixel)
     return width, height, varied
+
+
+def test_parallel_runs_equal_the_sequential_ones_and_log_apart(compared) -> None:
+    out, _ = compared
+    recipe = out.parent / "recipe.yaml"
+    parallel = out.parent / "parallel"
+    result = peft("compare", str(recipe), "--methods", ",".join(METHODS), "--out", str(parallel), "--parallel", "2")
+    assert result.returncode == 0, result.stderr
+    one = {r["run"]: r for r in rows_of(out)}
+    two = {r["run"]: r for r in rows_of(parallel)}
+    assert sorted(two) == sorted(one) == sorted(METHODS)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    for method, row in two.items():
+        assert row["status"] == "trained" and row["trainable_parameters"] == one[method]["trainable_parameters"]
+        assert row["metric_best"] == pytest.approx(one[method]["metric_best"])  # other thread counts: rounding only
+        assert json.loads((parallel / method / "report.json").read_text())["summary"]["cpu_threads"] == threads
+        log = parallel / "logs" / f"{method}.log"
+        assert (
+            f"  training on the CPU, {threads} CPU thread{'s' if threads != 1 else ''}; its output: {log}"
+            in result.stderr
+        )
+        assert "done in " in log.read_text() and f"done: {method}: accuracy " in result.stderr
+    assert "trainable parameters:" not in result.stderr  # the runs' own output went to their logs
+    assert result.stderr.index("compare 2/3") < result.stderr.index("done: ")  # two ran at once
