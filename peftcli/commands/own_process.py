@@ -197,6 +197,16 @@ def take_slot(slot: Slot) -> None:
         os.dup2(fd, 1)  # the file descriptors: rich, tqdm and C libraries all write there
         os.dup2(fd, 2)
         os.close(fd)
+        remake_consoles()
+
+
+def remake_consoles() -> None:
+    """peftcli's module consoles were made in the fork server, which may have had a terminal: rich
+    chose colours then, once. Made again, they see the log file and write plain text."""
+    for name, module in list(sys.modules.items()):
+        made = getattr(module, "console", None) if name.startswith("peftcli.") else None
+        if isinstance(made, Console):
+            module.console = Console(stderr=made.stderr, soft_wrap=made.soft_wrap)  # type: ignore[attr-defined]
 
 
 def one_line(lines: list[str]) -> str:

@@ -44,3 +44,26 @@ def test_describe_and_log() -> None:
     assert (slot.env, slot.threads, slot.log) == ({"CUDA_VISIBLE_DEVICES": "1"}, 4, Path("out/logs/trial-001.log"))
     assert slot.describe() == "GPU 1, 4 CPU threads"
     assert Slot({}, 1).describe() == "the CPU, 1 CPU thread"
+
+
+def test_consoles_made_for_a_terminal_are_made_again_for_a_log_file(monkeypatch, tmp_path: Path) -> None:
+    """A trial's output goes to its log: peftcli's consoles, made in the fork server for its terminal,
+    must not write colour codes there."""
+    import sys
+
+    from rich.console import Console
+
+    from peftcli.commands import train
+    from peftcli.commands.own_process import remake_consoles
+
+    for name, module in list(sys.modules.items()):  # every console remade here is put back afterwards
+        if name.startswith("peftcli.") and isinstance(getattr(module, "console", None), Console):
+            monkeypatch.setattr(module, "console", module.console)
+    monkeypatch.setattr(train, "console", Console(stderr=True, soft_wrap=True, force_terminal=True))
+    train.console.print("[bold]x[/]")  # to the captured stderr, with codes: it thinks it has a terminal
+    with (tmp_path / "log").open("w") as log:
+        monkeypatch.setattr("sys.stderr", log)
+        remake_consoles()
+        assert train.console.stderr and train.console.soft_wrap and not train.console.is_terminal
+        train.console.print("[bold]done[/] in 1.0s")
+    assert (tmp_path / "log").read_text() == "done in 1.0s\n"
