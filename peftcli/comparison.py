@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from peftcli.errors import PeftcliError
 
 REPORT_KEYS = ("name", "method", "summary", "final_metrics", "best_metrics", "best_metric")
@@ -63,11 +65,28 @@ def failed_row(label: str, method: str, run_dir: Path, reason: str) -> dict[str,
     return {"run": label, "method": method, "status": "failed", "error": reason, "run_dir": str(run_dir)} | empty
 
 
-def done_line(row: dict[str, Any], metric: str) -> str:
-    """What the terminal says as a run of several at once ends (its own output went to its log)."""
+def ended_row(label: str, run_dir: Path, metric: str, method: str, reason: str | None) -> dict[str, Any]:
+    """The row of a run that ended: read from its report when it finished (reason None), else failed
+    with the reason (or with why its report cannot be read)."""
+    if reason is None:
+        try:
+            return run_row(label, run_dir, metric, "trained")
+        except PeftcliError as exc:
+            reason = " ".join(exc.lines)
+    return failed_row(label, method, run_dir, reason)
+
+
+def ended_line(row: dict[str, Any], metric: str, announce: bool) -> str | None:
+    """What the terminal says as a run ends (rich markup): a failure always; a finished run when
+    `announce`, since its own output went to its log (runs at once)."""
+    if row["status"] == "failed":
+        return f"[bold red]failed[/]: {escape(row['run'])}: {escape(row['error'])}"
+    if not announce:
+        return None
     value, wall = row["metric_best"], row["wall_seconds"]
     said = f"{metric} {value:.4f}" if isinstance(value, float) else f"{metric} {value}"
-    return f"done: {row['run']}: {said}" + (f" in {wall:.0f} s" if isinstance(wall, (int, float)) else "")
+    took = f" in {wall:.0f} s" if isinstance(wall, (int, float)) else ""
+    return f"[bold green]done[/]: {escape(row['run'])}: {escape(said)}{took}"
 
 
 def sort_rows(rows: list[dict[str, Any]], higher_is_better: bool) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from rich.markup import escape
 from peftcli.checkpoint import atomic_write_text, write_json
 from peftcli.commands.own_process import Job, run_jobs
 from peftcli.commands.train import check_run_dir
-from peftcli.comparison import done_line, failed_row, markdown, read_report, run_row, sort_rows, to_json
+from peftcli.comparison import ended_line, ended_row, markdown, read_report, run_row, sort_rows, to_json
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.html_report import comparison_html
 from peftcli.methods import METHODS
@@ -81,7 +81,11 @@ def run_compare(
                 yield Job(entry.label, entry.recipe, entry.overrides, entry.run_dir, overwrite, entry)
 
     def ended(job: Job, reason: str | None) -> None:
-        rows.append(trained_row(job.tag, plan, reason, announce=len(slots) > 1))
+        entry = job.tag
+        row = ended_row(entry.label, job.run_dir, plan.metric, entry.method, reason)
+        if (line := ended_line(row, plan.metric, announce=len(slots) > 1)) is not None:
+            console.print(line)
+        rows.append(row)
 
     run_jobs(to_train(), slots, ended, plan.out / "logs", debug, setup, "peft compare", "the comparison")
     rows = sort_rows(rows, higher_is_better(plan.metric))
@@ -236,23 +240,6 @@ def out_problems(out: Path, entries: list[Entry], overwrite: bool) -> list[str]:
             except PeftcliError as exc:
                 problems.extend(exc.lines)
     return problems
-
-
-def trained_row(entry: Entry, plan: Plan, reason: str | None, announce: bool = False) -> dict[str, Any]:
-    """The row of a run that trained (reason None) or failed; `announce` says which on the terminal
-    (a run whose output went to its log)."""
-    assert entry.run_dir is not None
-    if reason is None:
-        try:
-            row = run_row(entry.label, entry.run_dir, plan.metric, "trained")
-        except PeftcliError as exc:
-            reason = " ".join(exc.lines)
-        else:
-            if announce:
-                console.print(done_line(row, plan.metric), highlight=False, markup=False)
-            return row
-    console.print(f"[bold red]failed[/]: {escape(entry.label)}: {escape(reason)}")
-    return failed_row(entry.label, entry.method, entry.run_dir, reason)
 
 
 def write_comparison(plan: Plan, rows: list[dict[str, Any]]) -> None:

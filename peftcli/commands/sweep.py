@@ -21,7 +21,7 @@ from rich.table import Table
 from peftcli.checkpoint import atomic_write_text, write_json
 from peftcli.commands.own_process import Job, run_jobs
 from peftcli.commands.train import flatten
-from peftcli.comparison import done_line, failed_row, run_row, sort_rows
+from peftcli.comparison import ended_line, ended_row, run_row, sort_rows
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.html_report import sweep_html
 from peftcli.recipe import Recipe, load_recipe
@@ -108,7 +108,7 @@ def run_trials(
 
     def ended(job: Job, reason: str | None) -> None:
         number, params = job.tag
-        told(number, trained_row(plan, job.label, params, reason, announce=len(slots) > 1))
+        told(number, trial_row(plan, job.label, params, reason, announce=len(slots) > 1))
 
     run_jobs(trials(), slots, ended, plan.out / "logs", debug, setup, "peft sweep", "the sweep's table")
     return rows
@@ -174,30 +174,19 @@ def settled_row(plan: Plan, label: str, params: dict[str, Any], overwrite: bool)
         console.print(f"  reading the finished trial {run_dir}")
         return run_row(label, run_dir, plan.metric, "read") | {"params": params}
     reason = stale_trial(run_dir, overwrite)
-    return None if reason is None else failed_trial(plan, label, params, reason)
+    return None if reason is None else trial_row(plan, label, params, reason)
 
 
-def trained_row(
+def trial_row(
     plan: Plan, label: str, params: dict[str, Any], reason: str | None, announce: bool = False
 ) -> dict[str, Any]:
-    """The row of a trial that trained (reason None) or failed; `announce` says which on the terminal
-    (a trial whose output went to its log)."""
-    if reason is None:
-        try:
-            row = run_row(label, plan.out / label, plan.metric, "trained") | {"params": params}
-        except PeftcliError as exc:
-            reason = " ".join(exc.lines)
-        else:
-            if announce:
-                console.print(done_line(row, plan.metric), highlight=False, markup=False)
-            return row
-    return failed_trial(plan, label, params, reason)
-
-
-def failed_trial(plan: Plan, label: str, params: dict[str, Any], reason: str) -> dict[str, Any]:
-    console.print(f"[bold red]failed[/]: {label}: {escape(reason)}")
+    """The row of a trial that ended (reason None: it finished) or could not train, said on the
+    terminal when it failed, or when `announce` (its output went to its log)."""
     method = str(params.get("method.name", plan.method))
-    return failed_row(label, method, plan.out / label, reason) | {"params": params}
+    row = ended_row(label, plan.out / label, plan.metric, method, reason) | {"params": params}
+    if (line := ended_line(row, plan.metric, announce)) is not None:
+        console.print(line)
+    return row
 
 
 def finished_with(run_dir: Path, recipe_path: Path, overrides: list[str]) -> bool:
