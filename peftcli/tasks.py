@@ -44,6 +44,9 @@ class Task:
     metrics: Callable[[float, float, torch.Tensor | None, torch.Tensor | None, list[str]], dict[str, float]]
     # The model's output head may run at the positions that have a target only (`head_at_targets`).
     head_at_targets_only: bool = False
+    # The loss reads one position of the last layer (a pooled token): that layer may run there only
+    # (first_position.first_position_only finds out whether the model allows it).
+    reads_one_position: bool = False
     # The data.columns key whose values name the classes (the head has one output per class, saved in
     # labels.json); None for tasks without a label set.
     label_column: str | None = None
@@ -238,6 +241,7 @@ TASKS: dict[str, Task] = {
         metrics=classification_metrics,
         label_column="label",
         details=classification_details,
+        reads_one_position=True,
     ),
     "causal_lm": Task(
         name="causal_lm",

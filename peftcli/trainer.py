@@ -32,6 +32,7 @@ from transformers import get_scheduler
 
 from peftcli.distributed import accumulating, full_parameters, gather_uneven, partitioned_optimizer
 from peftcli.errors import PeftcliError
+from peftcli.first_position import first_position_only
 from peftcli.methods.base import TrainingHooks, trainable_parameters
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.tasks import Task, head_at_targets, higher_is_better
@@ -194,7 +195,8 @@ def train(
 
     model.train()
     first = result.steps + 1
-    with progress_bar(accelerator, total_steps, first - 1) as (progress, bar):
+    narrowing = first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position)
+    with progress_bar(accelerator, total_steps, first - 1) as (progress, bar), narrowing:
         for step, window in enumerate(
             step_windows(train_data, sampler, spec.grad_accum, total_steps - first + 1, position), start=first
         ):
@@ -527,18 +529,19 @@ def evaluate(
     units = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for batch in loader:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with head_at_targets(head, batch):
-            logits = model(**model_inputs(batch, task)).logits
-        batch_loss, batch_units = task.loss_sum(logits, batch)
-        loss_sum += batch_loss.double()
-        units += batch_units
-        predicted = task.predictions(logits, batch)
-        if predicted is not None:
-            preds.append(predicted[0].cpu())
-            labels.append(predicted[1].cpu())
-        on_batch()
+    with first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position):
+        for batch in loader:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with head_at_targets(head, batch):
+                logits = model(**model_inputs(batch, task)).logits
+            batch_loss, batch_units = task.loss_sum(logits, batch)
+            loss_sum += batch_loss.double()
+            units += batch_units
+            predicted = task.predictions(logits, batch)
+            if predicted is not None:
+                preds.append(predicted[0].cpu())
+                labels.append(predicted[1].cpu())
+            on_batch()
     # Each process evaluated its own share of the examples (data.eval_loader): sums and rows are
     # joined once at the end, so no example counts twice and uneven shares are fine.
     total_loss = accelerator.reduce(loss_sum, reduction="sum").item()
