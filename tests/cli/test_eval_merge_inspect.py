@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from transformers import (
 from peftcli.commands.merge import run_merge
 from peftcli.errors import PeftcliError
 from peftcli.methods import BY_PEFT_TYPE
-from tests.cli.test_cli import files_under, peft, write_recipe
+from tests.cli.test_cli import ROOT, files_under, peft, write_recipe
 from tests.conftest import make_tokenizer, tiny_recipe
 from tests.helpers import randomize_trainable
 
@@ -50,6 +52,7 @@ def test_eval_reproduces_the_training_eval(cls_run: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads((cls_run / "eval.json").read_text())
     trained = json.loads((cls_run / "report.json").read_text())["final_metrics"]
+    assert report["merged"] is True  # LoRA on float32 weights: evaluated folded in, as the training eval did not
     assert report["metrics"] == pytest.approx(trained, rel=1e-6)
     classes = report["classes"]
     assert classes["labels"] == ["negative", "positive"]
@@ -58,12 +61,33 @@ def test_eval_reproduces_the_training_eval(cls_run: Path) -> None:
     assert correct / 32 == pytest.approx(report["metrics"]["accuracy"])
 
 
+def test_eval_keeps_the_adapter_apart_from_16_bit_weights(cls_run: Path, tmp_path: Path) -> None:
+    """Folding a small update into bfloat16 weights would round most of it away."""
+    out = tmp_path / "bf16.json"
+    result = peft("eval", str(cls_run), "model.dtype=bfloat16", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    trained = json.loads((cls_run / "report.json").read_text())["final_metrics"]
+    assert report["merged"] is False
+    assert report["metrics"]["loss"] == pytest.approx(trained["loss"], rel=2e-2)
+
+
+def test_eval_benchmark_gives_the_same_metrics_merged_and_apart(cls_run: Path) -> None:
+    script = ROOT / "benchmarks" / "eval_merged.py"
+    result = subprocess.run([sys.executable, str(script), str(cls_run), "--repeat", "1"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    apart, merged, summary = (json.loads(line) for line in result.stdout.splitlines())
+    assert (apart["adapter"], merged["adapter"]) == ("apart", "merged")
+    assert merged["metrics"] == pytest.approx(apart["metrics"], rel=1e-6)
+    assert summary["merged_vs_apart"] > 0
+
+
 def test_eval_base_model_and_other_split(cls_run: Path, tiny_data, tmp_path: Path) -> None:
     out = tmp_path / "base.json"
     result = peft("eval", str(cls_run), "--base", "--out", str(out), "--max-examples", "10")
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["adapter"] is None and report["examples"] == 10
+    assert report["adapter"] is None and report["examples"] == 10 and report["merged"] is False
     other = peft("eval", str(cls_run), "--split", "extra", f"data.files.extra={tiny_data['sentiment_train']}", "--out", str(tmp_path / "train.json"))
     assert other.returncode == 0, other.stderr
     assert json.loads((tmp_path / "train.json").read_text())["examples"] == 96
