@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from peftcli.distributed import accumulating, full_parameters, gather_uneven, partitioned_optimizer
+from peftcli.dropout_masks import cheaper_dropout
 from peftcli.errors import PeftcliError
 from peftcli.first_position import first_position_only
 from peftcli.methods.base import TrainingHooks, trainable_parameters
@@ -196,7 +197,7 @@ def train(
     model.train()
     first = result.steps + 1
     narrowing = first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position)
-    with progress_bar(accelerator, total_steps, first - 1) as (progress, bar), narrowing:
+    with progress_bar(accelerator, total_steps, first - 1) as (progress, bar), narrowing, cheaper_dropout(model):
         for step, window in enumerate(
             step_windows(train_data, sampler, spec.grad_accum, total_steps - first + 1, position), start=first
         ):
