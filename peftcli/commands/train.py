@@ -190,6 +190,11 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         write_report(run_dir, report)
         write_run_html(run_dir, report, result.history)
         print_summary(report, run_dir)
+    # Every process leaves together, after the main one wrote the run, and the process group is closed
+    # before the interpreter exits: a peer torn down mid-exit aborted gloo's threads ("terminate called
+    # without an active exception") in a run that had trained and saved.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return run_dir
 
 
