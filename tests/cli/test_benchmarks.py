@@ -3,10 +3,12 @@ prose of the doc it writes its table into."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.cli.test_cli import ROOT
 
@@ -43,13 +45,7 @@ def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
 
 
 def test_repeated_rows_are_reported_as_medians_with_every_runs_tokens_per_s() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_vs_hf", ROOT / "benchmarks" / "train_vs_hf.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = load_benchmark_module()
     runs = [
         {key: float(value) for key in bench.MEDIAN_KEYS} | {"tool": "peftcli", "eval": {"accuracy": 0.5}, "round": i}
         for i, value in ((1, 300), (2, 100), (3, 200))
@@ -58,3 +54,40 @@ def test_repeated_rows_are_reported_as_medians_with_every_runs_tokens_per_s() ->
     assert row["real_tokens_per_s"] == 200 and row["peak_rss_mb"] == 200 and row["runs"] == 3
     assert row["real_tokens_per_s_each"] == [300, 100, 200]
     assert bench.median_row(runs[:1]) == runs[0]  # one run: the row as it was
+
+
+def load_benchmark_module() -> Any:
+    spec = importlib.util.spec_from_file_location("train_vs_hf", ROOT / "benchmarks" / "train_vs_hf.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_gpu_workloads_build_their_models_from_a_config_with_smollm2s_tokenizer(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    bench = load_benchmark_module()
+    every = bench.workloads(tmp_path)
+    shape, real = every["smollm2-shape-gsm8k"], every["smollm2-gsm8k"]
+    assert bench.matmul_parameters(shape) == bench.matmul_parameters(real)  # SmolLM2's shape, counted on "meta"
+    with torch.device("meta"):
+        billion = AutoModelForCausalLM.from_config(LlamaConfig(**every["llama-1b-gsm8k"].config))
+    assert 1.0e9 < sum(p.numel() for p in billion.parameters()) < 1.1e9
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+    tiny = bench.replace(shape, config=shape.config | small)
+    built = bench.built_model(tiny, tmp_path / "model", tmp_path / "tokenizer")
+    again = bench.built_model(tiny, tmp_path / "again", tmp_path / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(built.model)
+    assert model.config.hidden_size == 64 and model.config.vocab_size == 49152
+    assert sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) == bench.matmul_parameters(
+        tiny
+    )
+    for name, value in AutoModelForCausalLM.from_pretrained(again.model).state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name  # seeded: both tools' runs see one model
+    gguf = AutoTokenizer.from_pretrained(bench.model_folder(real.model), gguf_file=real.gguf_file)
+    text = "Question: Natalia sold 48 clips.\nAnswer: "
+    assert AutoTokenizer.from_pretrained(built.model)(text)["input_ids"] == gguf(text)["input_ids"]
