@@ -63,6 +63,11 @@ class Workload:
     # GPU machine cannot be sent the 98 MB GGUF file. `model` then names the shape.
     config: dict[str, Any] | None = None
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Both tools evaluate in batches of this many (peftcli's default in training, 2 x batch)."""
+        return 2 * self.batch_size
+
     def recipe(self, steps: int, output_dir: Path) -> dict[str, Any]:
         """The peftcli recipe; HF Trainer gets the same numbers, and the same tokens (`hf_datasets`)."""
         method: dict[str, Any] = {"name": self.method}  # (IA)^3: `auto` targets, HF peft's defaults
@@ -235,7 +240,7 @@ def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dic
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_train(path, overrides)
-    eval_seconds = timed_peft_eval(out / "run")
+    eval_seconds = timed_peft_eval(out / "run", w.eval_batch_size)
     log = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_logged = [r for r in log if "loss" in r]  # one line per step (log_every 1); evals are other lines
     # Every step here is a full batch (steps x batch < one epoch), so a step took batch / examples_per_s.
@@ -254,7 +259,7 @@ def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dic
     }
 
 
-def timed_peft_eval(run_dir: Path) -> float:
+def timed_peft_eval(run_dir: Path, batch_size: int) -> float:
     """`peft eval RUN` as a user runs it; the time of its evaluation loop (loading is not counted, as
     Trainer.evaluate's model is already loaded)."""
     import peftcli.commands.evaluate as command
@@ -270,7 +275,7 @@ def timed_peft_eval(run_dir: Path) -> float:
 
     command.evaluate = timed
     try:
-        command.run_eval(run_dir, [], batch_size=64, out=run_dir / "eval.json")
+        command.run_eval(run_dir, [], batch_size=batch_size, out=run_dir / "eval.json")
     finally:
         command.evaluate = loop
     return loops[0]
@@ -348,7 +353,7 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
             seconds.append(time.perf_counter() - self.started)
 
     args = TrainingArguments(
-        output_dir=str(out / "hf"), per_device_train_batch_size=w.batch_size, per_device_eval_batch_size=2 * w.batch_size,
+        output_dir=str(out / "hf"), per_device_train_batch_size=w.batch_size, per_device_eval_batch_size=w.eval_batch_size,
         max_steps=steps, learning_rate=w.lr, weight_decay=w.weight_decay, lr_scheduler_type="linear",
         warmup_steps=w.warmup_ratio, logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], seed=w.seed,
         train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=device() == "cpu", disable_tqdm=True, bf16=bf16,

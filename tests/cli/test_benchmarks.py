@@ -56,8 +56,8 @@ def test_repeated_rows_are_reported_as_medians_with_every_runs_tokens_per_s() ->
     assert bench.median_row(runs[:1]) == runs[0]  # one run: the row as it was
 
 
-def load_benchmark_module() -> Any:
-    spec = importlib.util.spec_from_file_location("train_vs_hf", ROOT / "benchmarks" / "train_vs_hf.py")
+def load_benchmark_module(name: str = "train_vs_hf") -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclasses look their module up there
@@ -91,3 +91,58 @@ def test_the_gpu_workloads_build_their_models_from_a_config_with_smollm2s_tokeni
     gguf = AutoTokenizer.from_pretrained(bench.model_folder(real.model), gguf_file=real.gguf_file)
     text = "Question: Natalia sold 48 clips.\nAnswer: "
     assert AutoTokenizer.from_pretrained(built.model)(text)["input_ids"] == gguf(text)["input_ids"]
+
+
+def test_the_ceilings_flop_count_is_what_torch_counts_on_a_forward_of_each_tools_batch(tmp_path: Path) -> None:
+    """benchmarks/ceilings.py's arithmetic, against torch's own FLOP counter on a tiny BERT and a tiny
+    Llama: Trainer's side (every position), and peftcli's (the last layer narrowed to the first
+    position; the LM head at the target positions only)."""
+    from contextlib import nullcontext
+    from dataclasses import replace
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from peftcli.first_position import first_position_only
+    from peftcli.tasks import head_at_targets
+    from tests.conftest import TINY, _llama_config, tiny_model
+
+    ceilings = load_benchmark_module("ceilings")
+
+    def counted(model: torch.nn.Module, batch: dict[str, torch.Tensor], context: Any = None) -> int:
+        model.set_attn_implementation("eager")  # torch's counter skips SDPA's CPU kernel, not matmuls
+        counter = FlopCounterMode(display=False)
+        # The counter is entered last: first_position_only runs its probe forwards on entry.
+        with torch.no_grad(), context or nullcontext(), counter:
+            model(**batch)
+        return counter.get_total_flops()
+
+    lengths = [6, 9, 3]
+    mask = torch.tensor([[1] * n + [0] * (9 - n) for n in lengths])
+    ids = torch.randint(4, 20, mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+
+    bert = tiny_model("bert-cls")
+    bert.config.save_pretrained(tmp_path / "bert")
+    w = ceilings.Workload(
+        name="tiny", model=str(tmp_path / "bert"), task="sequence_classification", train_file="", eval_file="",
+        columns={}, max_length=32, batch_size=3, lr=1e-3, target_modules=("query",),
+    )  # fmt: skip
+    shape = ceilings.model_shape(w)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    assert counted(bert, batch) == ceilings.forward_flops(shape, [lengths], None, peftcli=False)
+    narrowing = first_position_only(bert, bert, enabled=True)
+    assert counted(bert, batch, narrowing) == ceilings.forward_flops(shape, [lengths], None, peftcli=True)
+    assert shape.first_only > 0
+
+    llama = tiny_model("llama-lm")
+    assert TINY["llama-lm"][1] == "causal_lm"
+    w = replace(w, task="causal_lm", config=_llama_config().to_dict())
+    shape = ceilings.model_shape(w)
+    labels = ids.clone()
+    labels[:, :2] = -100  # a two-token prompt
+    labels[mask == 0] = -100
+    batch = {"input_ids": ids, "attention_mask": mask}
+    targets = [int((row[1:] != -100).sum()) for row in labels]
+    assert counted(llama, batch) == ceilings.forward_flops(shape, [lengths], targets, peftcli=False)
+    at_targets = head_at_targets(llama.lm_head, batch | {"labels": labels})
+    assert counted(llama, batch, at_targets) == ceilings.forward_flops(shape, [lengths], targets, peftcli=True)
