@@ -102,13 +102,18 @@ def forward_flops(shape: Shape, batches: list[list[int]], targets: list[int] | N
             positions = sum(targets[k : k + len(lengths)]) if peftcli else padded  # type: ignore[index]
             flops += 2 * shape.head * positions
         flops += 2 * shape.per_example * len(lengths)
-        flops += 2 * 2 * shape.attention_width * width * width * len(lengths)
+        flops += attention_flops(shape, lengths)
         k += len(lengths)
     return flops
 
 
+def attention_flops(shape: Shape, lengths: list[int]) -> float:
+    """A batch's two attention products (scores, weighted values) over its padded length squared."""
+    return 2 * 2 * shape.attention_width * max(lengths) ** 2 * len(lengths)
+
+
 def training_flops(shape: Shape, batches: list[list[int]], targets: list[int] | None, peftcli: bool) -> float:
-    attention = sum(2 * 2 * shape.attention_width * max(b) ** 2 * len(b) for b in batches)
+    attention = sum(attention_flops(shape, b) for b in batches)
     forward = forward_flops(shape, batches, targets, peftcli)
     return 2 * (forward - attention) + 3 * attention
 
@@ -139,21 +144,14 @@ def hf_batches(kind: str, lengths: list[int], batch: int, seed: int) -> list[lis
     return [order[s : s + batch] for s in range(0, len(order), batch)]
 
 
-def peftcli_batches(split: str, lengths: list[int], w: Workload) -> list[list[int]]:
-    from peftcli.data import GroupedBatchSampler
-
-    if split == "train":
-        return GroupedBatchSampler(lengths, w.batch_size, 1, True, w.seed).step_batches()
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # peftcli.data.eval_loader
-    return [order[s : s + w.eval_batch_size] for s in range(0, len(order), w.eval_batch_size)]
-
-
-def examples(w: Workload, steps: int) -> dict[str, tuple[list[int], list[int] | None]]:
-    """Each split's example lengths and (causal LM) target counts, as train_vs_hf gives both tools."""
+def examples(w: Workload, steps: int) -> dict[str, tuple[list[int], list[int] | None, list[list[int]]]]:
+    """Each split's example lengths, (causal LM) target counts and peftcli's batches of indices
+    (`peft train`'s grouped steps, `peft eval`'s batches), as train_vs_hf gives both tools the examples."""
     from transformers import AutoTokenizer
 
-    from peftcli.data import lengths_of, prepare_data
+    from peftcli.data import GroupedBatchSampler, eval_loader, lengths_of, prepare_data
     from peftcli.recipe import Recipe
+    from peftcli.tasks import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder(w.model), gguf_file=w.gguf_file)
     spec = Recipe.model_validate(w.recipe(steps, Path("unused"))).data
@@ -161,18 +159,25 @@ def examples(w: Workload, steps: int) -> dict[str, tuple[list[int], list[int] | 
     out = {}
     for split, ds in (("train", data.train), ("eval", data.eval)):
         # peftcli's head runs where the next token is a target (peftcli.tasks.next_token_targets).
-        targets = [sum(t != -100 for t in labels[1:]) for labels in ds["labels"]] if w.task == "causal_lm" else None
-        out[split] = (lengths_of(ds), targets)
+        targets = (
+            [sum(t != IGNORE_INDEX for t in labels[1:]) for labels in ds["labels"]] if w.task == "causal_lm" else None
+        )
+        lengths = lengths_of(ds)
+        if split == "train":
+            batches = GroupedBatchSampler(lengths, w.batch_size, 1, True, w.seed).step_batches()
+        else:
+            batches = list(eval_loader(ds, 0, w.eval_batch_size).batch_sampler)
+        out[split] = (lengths, targets, batches)
     return out
 
 
 def ceilings(w: Workload, steps: int) -> list[dict[str, Any]]:
     shape = model_shape(w)
     rows = []
-    for split, (lengths, targets) in examples(w, steps).items():
+    for split, (lengths, targets, our_batches) in examples(w, steps).items():
         count = training_flops if split == "train" else forward_flops
         batch = w.batch_size if split == "train" else w.eval_batch_size
-        ours_lengths, ours_targets = ordered(peftcli_batches(split, lengths, w), lengths, targets)
+        ours_lengths, ours_targets = ordered(our_batches, lengths, targets)
         ours = count(shape, ours_lengths, ours_targets, peftcli=True)
         for tool, kind in (("hf-defaults", "random" if split == "train" else "file order"), ("hf-grouped", "grouped")):
             seeds = SEEDS if kind != "file order" else [0]

@@ -105,7 +105,7 @@ def test_the_ceilings_flop_count_is_what_torch_counts_on_a_forward_of_each_tools
 
     from peftcli.first_position import first_position_only
     from peftcli.tasks import head_at_targets
-    from tests.conftest import TINY, _llama_config, tiny_model
+    from tests.conftest import _llama_config, tiny_model
 
     ceilings = load_benchmark_module("ceilings")
 
@@ -135,13 +135,11 @@ def test_the_ceilings_flop_count_is_what_torch_counts_on_a_forward_of_each_tools
     assert shape.first_only > 0
 
     llama = tiny_model("llama-lm")
-    assert TINY["llama-lm"][1] == "causal_lm"
     w = replace(w, task="causal_lm", config=_llama_config().to_dict())
     shape = ceilings.model_shape(w)
     labels = ids.clone()
     labels[:, :2] = -100  # a two-token prompt
     labels[mask == 0] = -100
-    batch = {"input_ids": ids, "attention_mask": mask}
     targets = [int((row[1:] != -100).sum()) for row in labels]
     assert counted(llama, batch) == ceilings.forward_flops(shape, [lengths], targets, peftcli=False)
     at_targets = head_at_targets(llama.lm_head, batch | {"labels": labels})
