@@ -95,3 +95,12 @@ def gather_uneven(accelerator: Accelerator, local: torch.Tensor) -> torch.Tensor
     padded = accelerator.pad_across_processes(local.to(accelerator.device), dim=0)
     rows = accelerator.gather(padded).view(accelerator.num_processes, -1, *local.shape[1:])
     return torch.cat([rows[i, :n] for i, n in enumerate(sizes)]).cpu()
+
+
+def all_ok(accelerator: Accelerator, ok: bool) -> bool:
+    """Whether `ok` holds on every process: a step that failed on one (a full disk, a lock taken by
+    another run) fails on all, instead of leaving the others waiting at the next collective."""
+    if accelerator.num_processes == 1:
+        return ok
+    failed = accelerator.reduce(torch.tensor([0 if ok else 1], device=accelerator.device), reduction="sum")
+    return int(failed.item()) == 0

@@ -16,18 +16,23 @@ Nothing is unpickled on the way back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from peftcli.checkpoint import atomic_rename_dir, read_state
+from peftcli.distributed import all_ok
 from peftcli.errors import CheckpointError
 from peftcli.trainer import LoopState, Position
 
@@ -43,8 +48,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def checkpoint_steps(run_dir: Path) -> list[Path]:
     """The complete step checkpoints of a run, oldest first (temporary folders start with a dot)."""
-    folders = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name.split("-", 1)[1].isdigit()]
-    return sorted(folders, key=lambda p: int(p.name.split("-", 1)[1]))
+    folders = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name.split("-", 1)[1].isdigit() and p.is_dir()]
+    return sorted(folders, key=step_of)
 
 
 def save_checkpoint(
@@ -55,29 +60,60 @@ def save_checkpoint(
     keep: int,
 ) -> None:
     """Writes `folder` from all processes at once: the main process what `write_main` writes (the
-    adapters and the loop state), each process its generators. Then keeps the last `keep` checkpoints."""
+    adapters and the loop state), each process its generators. Then keeps the last `keep` checkpoints,
+    this one always among them. A write that fails on any process (a full disk) leaves the earlier
+    checkpoints as they were and raises OSError on every process."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
         for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if state is not None:
-        write_rng(tmp, state.rng, accelerator.process_index)
-    if accelerator.is_main_process:
-        write_main(tmp)
-    accelerator.wait_for_everyone()
+    error: OSError | None = None
+    try:
+        if state is not None:
+            write_rng(tmp, state.rng, accelerator.process_index)
+        if accelerator.is_main_process:
+            write_main(tmp)
+    except OSError as exc:
+        error = exc
+    if not all_ok(accelerator, error is None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error or OSError(f"another process could not write {tmp}")
     if accelerator.is_main_process:
         atomic_rename_dir(tmp, folder)
-        for old in checkpoint_steps(folder.parent.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(folder, keep)
     accelerator.wait_for_everyone()
+
+
+def prune(written: Path, keep: int) -> None:
+    """Keeps `written` and the newest `keep - 1` checkpoints older than it; a newer one (from a run
+    that later resumed from an earlier checkpoint) is never kept in its place."""
+    step = step_of(written)
+    older = [p for p in checkpoint_steps(written.parent.parent) if step_of(p) < step]
+    newer = [p for p in checkpoint_steps(written.parent.parent) if step_of(p) > step]
+    for old in older[: max(len(older) - (keep - 1), 0)] + newer:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("-", 1)[1])
+
+
+def abandon_after(run_dir: Path, step: int) -> list[Path]:
+    """Resuming from step N: the checkpoints after N belong to the run being replaced, so `latest`
+    must not find them; they are deleted. Returns what was."""
+    newer = [p for p in checkpoint_steps(run_dir) if step_of(p) > step]
+    for p in newer:
+        shutil.rmtree(p)
+    return newer
 
 
 # -- write -------------------------------------------------------------------------------------
 
 
-def write_loop_state(folder: Path, state: LoopState, num_processes: int) -> None:
+def write_loop_state(folder: Path, state: LoopState, num_processes: int, data_fingerprint: str | None = None) -> None:
     tensors = {f"param.{name}": t for name, t in state.params.items()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, slots in state.optimizer["state"].items():
@@ -104,6 +140,7 @@ def write_loop_state(folder: Path, state: LoopState, num_processes: int) -> None
         "method": method_extras,
         "has_method_state": state.method is not None,
         "result": state.result,
+        "data_fingerprint": data_fingerprint,
     }
     (folder / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
@@ -118,16 +155,42 @@ def write_rng(folder: Path, rng: dict[str, Any], rank: int) -> None:
     (folder / f"rng-{rank}.json").write_text(json.dumps({"python": python, "numpy": numpy}) + "\n", encoding="utf-8")
 
 
+def data_fingerprint(*splits: datasets.Dataset | None) -> str:
+    """A hash of the tokenized examples, in order: what the run trains and evaluates on, wherever it
+    was read from. Column by column over Arrow's buffers, so it costs about a pass over the token ids."""
+    digest = hashlib.sha256()
+    for ds in splits:
+        digest.update(b"split" if ds is not None else b"none")
+        table = ds.with_format("arrow")[:] if ds is not None else pa.table({})
+        for name in sorted(table.column_names):
+            column = table.column(name).combine_chunks()
+            digest.update(name.encode() + b"\0" + str(column.type).encode())
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+                column = pc.list_flatten(column)
+            if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+                digest.update(column.to_numpy(zero_copy_only=False).tobytes())
+            else:
+                digest.update(json.dumps(column.to_pylist()).encode())
+    return digest.hexdigest()
+
+
 # -- read --------------------------------------------------------------------------------------
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """`latest` (the newest complete step checkpoint of the run) or a checkpoint folder."""
+    """`latest` (the newest complete step checkpoint of the run) or a step checkpoint of this run."""
     if resume != "latest":
         folder = Path(resume)
         if not folder.is_dir():
             raise CheckpointError(
                 f"--resume {resume}: no such checkpoint folder. Give a run's checkpoints/step-N folder, or --resume alone for the latest."
+            )
+        steps = checkpoint_steps(run_dir)
+        if not any(folder.resolve() == s.resolve() for s in steps):
+            raise CheckpointError(
+                f"--resume {resume}: not a step checkpoint of this run ({run_dir / 'checkpoints'}: "
+                f"{', '.join(s.name for s in steps) or 'none'}). Give one of its checkpoints/step-N folders, or --resume alone for the latest."
             )
         return folder
     steps = checkpoint_steps(run_dir)
@@ -137,6 +200,17 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
             "Set train.save_every, or stop a run with Ctrl-C: it saves one on the way out."
         )
     return steps[-1]
+
+
+def check_data(folder: Path, fingerprint: str) -> None:
+    """The run resumes on the data it started with: the tokenized examples' fingerprint is the one
+    its checkpoint recorded (checkpoints written before fingerprints were kept are not checked)."""
+    saved = json.loads((folder / STATE_JSON).read_text(encoding="utf-8")).get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise CheckpointError(
+            f"--resume: the training data differs from the data {folder} was trained on (fingerprint {fingerprint[:12]}, "
+            f"was {saved[:12]}): a data file changed since the run started. Resume with the original data, or start a new run."
+        )
 
 
 def read_loop_state(folder: Path, rank: int, num_processes: int) -> LoopState:

@@ -99,6 +99,29 @@ class NonFiniteLoss(Exception):
         self.step, self.loss = step, loss
 
 
+class OutOfMemory(Exception):
+    """The device (or the host) ran out of memory on a batch: which step and what the batch held."""
+
+    def __init__(self, phase: str, step: int, examples: int, length: int, detail: str) -> None:
+        super().__init__(f"out of memory in {phase} at step {step}")
+        self.phase, self.step, self.examples, self.length, self.detail = phase, step, examples, length, detail
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's refusal (a RuntimeError that says so)."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+    )
+
+
+def out_of_memory(exc: BaseException, phase: str, step: int, batches: list[dict[str, torch.Tensor]]) -> OutOfMemory:
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    examples = max(b["input_ids"].shape[0] for b in batches) if batches else 0
+    length = max(b["input_ids"].shape[1] for b in batches) if batches else 0
+    return OutOfMemory(phase, step, examples, length, first)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -202,9 +225,14 @@ def train(
             step_windows(train_data, sampler, spec.grad_accum, total_steps - first + 1, position), start=first
         ):
             started = time.perf_counter()
-            loss, tokens, examples = train_step(
-                model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, attention, head
-            )
+            try:
+                loss, tokens, examples = train_step(
+                    model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, attention, head
+                )
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise out_of_memory(exc, "train", step, window) from None
             seconds = time.perf_counter() - started
             result.add_step(tokens, examples, seconds)
             if not math.isfinite(loss):
@@ -226,7 +254,11 @@ def train(
             progress.update(bar, completed=step)
 
             if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
-                metrics = evaluate(model, eval_data, task, accelerator, label_names).metrics
+                try:
+                    metrics = evaluate(model, eval_data, task, accelerator, label_names).metrics
+                except OutOfMemory as exc:
+                    exc.step = step
+                    raise
                 improved = result.track_eval(step, metrics, spec.best_metric or task.best_metric)
                 log(
                     {"step": step, "epoch": round(step / steps_per_epoch, 4)}
@@ -498,8 +530,18 @@ def train_step(
     # With fp16 the grad scaler handles overflowing gradients itself (it skips and lowers the scale).
     if norm is not None and accelerator.scaler is None and math.isfinite(loss) and not math.isfinite(float(norm)):
         loss = float(norm)  # a finite loss with non-finite gradients: the step is as bad
-    if math.isfinite(loss):
+    finite = math.isfinite(loss)
+    if accelerator.scaler is not None:
+        # fp16: the grad scaler updates only when every gradient is finite, and lowers its scale when
+        # not. It must see every step, skipped or not: clipping has unscaled this step's gradients, and
+        # without the scaler's update the next step's unscale fails ("unscale_() has already been called").
         optimizer.step()
+        stepped = finite and not accelerator.optimizer_step_was_skipped
+    else:
+        if finite:
+            optimizer.step()
+        stepped = finite
+    if stepped:  # a method's hooks (AdaLoRA's importance averages) see only steps that updated
         method_hooks.after_optimizer_step(step)
     # A skipped step (non-finite loss) leaves the weights and the optimizer untouched; the schedule
     # still advances, so the learning rate stays tied to the step number.
@@ -533,8 +575,13 @@ def evaluate(
     with first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position):
         for batch in loader:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with head_at_targets(head, batch):
-                logits = model(**model_inputs(batch, task)).logits
+            try:
+                with head_at_targets(head, batch):
+                    logits = model(**model_inputs(batch, task)).logits
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise out_of_memory(exc, "eval", 0, [batch]) from None
             batch_loss, batch_units = task.loss_sum(logits, batch)
             loss_sum += batch_loss.double()
             units += batch_units

@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from peftcli.checkpoint import atomic_write_text, write_json
 from peftcli.commands.own_process import Job, run_jobs
-from peftcli.commands.train import check_run_dir
+from peftcli.run_dir import check_run_dir, kept_paths
 from peftcli.comparison import ended_line, ended_row, markdown, read_report, run_row, sort_rows, to_json
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.html_report import comparison_html
@@ -236,7 +236,7 @@ def out_problems(out: Path, entries: list[Entry], overwrite: bool) -> list[str]:
             )
         else:
             try:
-                check_run_dir(e.run_dir, overwrite, e.recipe)
+                check_run_dir(e.run_dir, overwrite, kept_paths(None, e.recipe))
             except PeftcliError as exc:
                 problems.extend(exc.lines)
     return problems

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peftcli.commands.train import check_run_dir
+from peftcli.run_dir import check_run_dir, kept_paths
 from peftcli.errors import PeftcliError
 from peftcli.recipe import load_recipe
 
@@ -35,7 +35,7 @@ def run_launch(
         )
     recipe = load_recipe(recipe_path, overrides)
     if resume is None:
-        check_run_dir(recipe.run_dir(), overwrite, recipe_path)
+        check_run_dir(recipe.run_dir(), overwrite, kept_paths(recipe, recipe_path))
     flags = ["--overwrite"] * overwrite + (["--resume", resume] if resume else []) + ["--debug"] * debug
     process = subprocess.Popen(launch_command(recipe_path, overrides, num_processes, flags))
     while True:

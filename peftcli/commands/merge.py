@@ -12,7 +12,8 @@ from rich.console import Console
 
 from peftcli.checkpoint import atomic_dir
 from peftcli.errors import PeftcliError
-from peftcli.models import DTYPES
+from peftcli.models import DTYPES, model_location
+from peftcli.run_dir import within
 from peftcli.target import build, resolve_target
 
 console = Console(stderr=True, soft_wrap=True)
@@ -39,6 +40,8 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
         raise PeftcliError(f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite).")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
+    if out.exists() and any(out.iterdir()):
+        check_replaceable_model(out, target)
     built = build(target)
     method = built.method
     assert method is not None
@@ -69,6 +72,24 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
         + f". Wrote {out}; load it with {type(model).__name__}.from_pretrained('{out}')."
     )
     return {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
+
+
+def check_replaceable_model(out: Path, target: Any) -> None:
+    """--overwrite replaces only a model folder (config.json and files, no subfolders, as `peft merge`
+    writes one), and never one that holds the base model, the adapter or the current folder."""
+    keep = [(Path.cwd(), "the folder you run from"), (target.path, "the adapter being merged")]
+    if Path(model_location(target.model)).exists():
+        keep.append((Path(model_location(target.model)), "the base model"))
+    if out.is_symlink():
+        raise PeftcliError(f"{out}: a symbolic link; --overwrite replaces only a merged model folder itself. Give --out the real folder, or another one.")
+    for path, what in keep:
+        if within(path, out):
+            raise PeftcliError(f"{out}: --overwrite would delete {what} ({path}), which is inside it. Choose another --out.")
+    if not (out / "config.json").is_file() or any(p.is_dir() for p in out.iterdir()):
+        raise PeftcliError(
+            f"{out}: not a model folder peft merge wrote (config.json and files only), so --overwrite will not delete it. "
+            "Choose another --out, or empty the folder yourself."
+        )
 
 
 def parameter_names(model: torch.nn.Module) -> list[str]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import platform
 import shlex
-import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import transformers
 import yaml
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 
 import peftcli
 from peftcli.checkpoint import (
@@ -34,7 +34,7 @@ from peftcli.checkpoint import (
     write_adapter,
 )
 from peftcli.data import eval_loader, prepare_data, train_loader
-from peftcli.distributed import partitioned_optimizer
+from peftcli.distributed import all_ok, partitioned_optimizer
 from peftcli.errors import CheckpointError, PeftcliError, RunInterrupted, TrainingDiverged
 from peftcli.html_report import write_run_html
 from peftcli.methods import context_for, get_method
@@ -42,9 +42,30 @@ from peftcli.methods.base import Calibration, count_parameters, trainable_parame
 from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, write_report
-from peftcli.resume import BEST, checkpoint_dir, find_checkpoint, read_loop_state, save_checkpoint, write_loop_state
+from peftcli.resume import (
+    BEST,
+    abandon_after,
+    check_data,
+    checkpoint_dir,
+    data_fingerprint,
+    find_checkpoint,
+    read_loop_state,
+    save_checkpoint,
+    write_loop_state,
+)
+from peftcli.run_dir import Replacement, RunLock, busy, check_run_dir, kept_paths, locked_by_another, settle_replacement
 from peftcli.tasks import TASKS, Task
-from peftcli.trainer import Hooks, LoopState, NonFiniteLoss, Stop, Stopped, make_accelerator, model_inputs, train
+from peftcli.trainer import (
+    Hooks,
+    LoopState,
+    NonFiniteLoss,
+    OutOfMemory,
+    Stop,
+    Stopped,
+    make_accelerator,
+    model_inputs,
+    train,
+)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -54,8 +75,11 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     recipe = load_recipe(recipe_path, overrides)
     run_dir = recipe.run_dir()
     accelerator = make_accelerator(recipe.train)
+    keep = kept_paths(recipe, recipe_path)
+    if accelerator.is_main_process:
+        settle_replacement(run_dir)
     if resume is None:
-        check_run_dir(run_dir, overwrite, recipe_path)
+        check_run_dir(run_dir, overwrite, keep)
         loop, resumed_from = None, None
     else:
         if partitioned_optimizer(accelerator):
@@ -63,15 +87,20 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
                 "--resume: runs under FSDP or DeepSpeed cannot resume yet (their optimizer state is partitioned "
                 "across processes and peftcli saves the adapter only). Start a new run, or resume under DDP."
             )
+        if locked_by_another(run_dir):
+            raise busy(run_dir)
         check_same_recipe(run_dir, recipe)
         resumed_from = find_checkpoint(run_dir, resume)
         loop = read_loop_state(resumed_from, accelerator.process_index, accelerator.num_processes)
     task, method = TASKS[recipe.task], get_method(recipe.method.name)
     console.quiet = not accelerator.is_main_process
 
-    console.print(f"[bold]{recipe.name}[/]: {method.name} on {recipe.model.name} ({recipe.task})")
+    console.print(f"[bold]{escape(str(recipe.name))}[/]: {method.name} on {escape(recipe.model.name)} ({recipe.task})")
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
+    fingerprint = data_fingerprint(data.train, data.eval)
+    if resumed_from is not None:
+        check_data(resumed_from, fingerprint)
     set_seed(recipe.train.seed)  # a new classification head is initialized randomly as the model loads
     model = load_base_model(recipe.model, task, **head_kwargs(task, data.label_names, tokenizer))
     t = recipe.train
@@ -95,107 +124,170 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     is_main = accelerator.is_main_process
-    accelerator.wait_for_everyone()  # every process has checked the run directory before it changes
-    if is_main and loop is None:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # only reached with --overwrite, after everything loaded
-        run_dir.mkdir(parents=True)
-        atomic_write_text(run_dir / "recipe.yaml", resolved_recipe_text(recipe, recipe_path, overrides))
-    accelerator.wait_for_everyone()
-    best: dict[str, Any] = {}
-    if loop is not None and resumed_from is not None:
-        console.print(f"resuming from {resumed_from} (step {loop.step})")
-        if (resumed_from / BEST).is_dir():
-            best["snapshot"] = (
-                read_state(resumed_from / BEST / WEIGHTS_NAME),
-                read_adapter_config(resumed_from / BEST),
+    # From here on this process is the run directory's one writer, until it ends (run_dir.py).
+    lock, replacement = RunLock(run_dir), Replacement(run_dir)
+
+    def take_run_dir() -> None:
+        lock.acquire()
+        if loop is None:
+            replacement.begin(overwrite, keep)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "recipe.yaml", resolved_recipe_text(recipe, recipe_path, overrides))
+        else:
+            for abandoned in abandon_after(run_dir, loop.step):
+                console.print(f"deleted {escape(str(abandoned))}: newer than the checkpoint this run resumes from")
+
+    try:
+        on_main(accelerator, take_run_dir)
+        best: dict[str, Any] = {}
+        if loop is not None and resumed_from is not None:
+            console.print(f"resuming from {escape(str(resumed_from))} (step {loop.step})")
+            if (resumed_from / BEST).is_dir():
+                best["snapshot"] = (
+                    read_state(resumed_from / BEST / WEIGHTS_NAME),
+                    read_adapter_config(resumed_from / BEST),
+                )
+
+        # Before any sharding: the shapes every trainable tensor must have when it is saved.
+        whole = {PREFIX + n: tuple(p.shape) for n, p in trainable_parameters(model).items()}
+        resume_hint = resume_command(recipe_path, overrides, accelerator)
+
+        def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+            # The config is taken with the weights: training may change it (AdaLoRA's rank pattern).
+            config = adapter_config(
+                method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision
             )
+            state = method_state(method, model, adapted)
+            if method.state is None:  # a method's own export may reshape (AdaLoRA drops pruned ranks)
+                check_whole(state, whole)
+            return state, config
 
-    # Before any sharding: the shapes every trainable tensor must have when it is saved.
-    whole = {PREFIX + n: tuple(p.shape) for n, p in trainable_parameters(model).items()}
+        def on_eval(step: int, metrics: dict[str, float], improved: bool) -> None:
+            if improved:
+                best["snapshot"] = snapshot()
 
-    def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        # The config is taken with the weights: training may change it (AdaLoRA's rank pattern).
-        config = adapter_config(
-            method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision
-        )
-        state = method_state(method, model, adapted)
-        if method.state is None:  # a method's own export may reshape (AdaLoRA drops pruned ranks)
-            check_whole(state, whole)
-        return state, config
+        def on_save(step: int, state: LoopState | None) -> None:
+            def write(folder: Path) -> None:
+                write_adapter(folder, *snapshot(), data.label_names)
+                if "snapshot" in best:
+                    write_adapter(folder / BEST, *best["snapshot"])
+                if state is not None:
+                    write_loop_state(folder, state, accelerator.num_processes, fingerprint)
 
-    def on_eval(step: int, metrics: dict[str, float], improved: bool) -> None:
-        if improved:
-            best["snapshot"] = snapshot()
+            try:
+                save_checkpoint(checkpoint_dir(run_dir, step), state, accelerator, write, t.save_total_limit)
+            except OSError as exc:
+                raise CheckpointError(save_failed(checkpoint_dir(run_dir, step), "checkpoint", exc, run_dir, saved, resume_hint)) from None
+            saved["step"] = step
+            if is_main:
+                replacement.saved()
 
-    def on_save(step: int, state: LoopState | None) -> None:
-        def write(folder: Path) -> None:
-            write_adapter(folder, *snapshot(), data.label_names)
-            if "snapshot" in best:
-                write_adapter(folder / BEST, *best["snapshot"])
-            if state is not None:
-                write_loop_state(folder, state, accelerator.num_processes)
+        def on_end() -> None:
+            final["snapshot"] = best.get("snapshot") or snapshot()
 
-        save_checkpoint(checkpoint_dir(run_dir, step), state, accelerator, write, t.save_total_limit)
-        saved["step"] = step
+        saved: dict[str, int] = {"step": loop.step} if loop is not None else {}
+        final: dict[str, Any] = {}
+        history = loop.result["history"] if loop is not None else []
+        on_log = MetricsLog(run_dir / "metrics.jsonl", history) if is_main else Hooks().on_log
+        hooks = Hooks(on_log=on_log, on_eval=on_eval, on_save=on_save, on_end=on_end)
+        method_hooks = method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
+        with stop_on_signals() as stop:
+            try:
+                result = train(
+                    model,
+                    task,
+                    loader,
+                    evals,
+                    t,
+                    recipe.optimizer,
+                    recipe.schedule,
+                    data.label_names,
+                    hooks,
+                    accelerator,
+                    method_hooks,
+                    loop,
+                    stop,
+                )
+            except Stopped as exc:
+                raise RunInterrupted(
+                    exc.signal,
+                    f"{signal.Signals(exc.signal).name} at step {exc.step}: saved {checkpoint_dir(run_dir, exc.step)}. "
+                    f"Resume with: {resume_hint}",
+                ) from None
+            except NonFiniteLoss as exc:
+                raise TrainingDiverged(
+                    f"train: the loss or its gradient became {exc.loss} at step {exc.step}; {last_checkpoint(run_dir, saved)}. "
+                    "Lower optimizer.lr, set train.max_grad_norm, or let a few bad steps pass with train.skip_nonfinite_steps."
+                ) from None
+            except OutOfMemory as exc:
+                raise PeftcliError(out_of_memory_line(exc, t)) from None
 
-    def on_end() -> None:
-        final["snapshot"] = best.get("snapshot") or snapshot()
-
-    saved: dict[str, int] = {"step": loop.step} if loop is not None else {}
-    final: dict[str, Any] = {}
-    history = loop.result["history"] if loop is not None else []
-    on_log = MetricsLog(run_dir / "metrics.jsonl", history) if is_main else Hooks().on_log
-    hooks = Hooks(on_log=on_log, on_eval=on_eval, on_save=on_save, on_end=on_end)
-    method_hooks = method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
-    with stop_on_signals() as stop:
-        try:
-            result = train(
-                model,
-                task,
-                loader,
-                evals,
-                t,
-                recipe.optimizer,
-                recipe.schedule,
-                data.label_names,
-                hooks,
-                accelerator,
-                method_hooks,
-                loop,
-                stop,
+        def finish() -> None:
+            try:
+                save_adapter(run_dir / "adapter", *final["snapshot"], data.label_names, tokenizer)
+            except OSError as exc:
+                raise CheckpointError(save_failed(run_dir / "adapter", "adapter", exc, run_dir, saved, resume_hint)) from None
+            replacement.saved()
+            report = build_report(
+                recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator
             )
-        except Stopped as exc:
-            raise RunInterrupted(
-                exc.signal,
-                f"{signal.Signals(exc.signal).name} at step {exc.step}: saved {checkpoint_dir(run_dir, exc.step)}. "
-                f"Resume with: {resume_command(recipe_path, overrides)}",
-            ) from None
-        except NonFiniteLoss as exc:
-            last = (
-                f"the last good checkpoint is {checkpoint_dir(run_dir, saved['step'])}"
-                if saved
-                else "no checkpoint was saved"
-            )
-            raise TrainingDiverged(
-                f"train: the loss or its gradient became {exc.loss} at step {exc.step}; {last}. Lower optimizer.lr, set train.max_grad_norm, "
-                "or let a few bad steps pass with train.skip_nonfinite_steps."
-            ) from None
+            write_report(run_dir, report)
+            write_run_html(run_dir, report, result.history)
+            print_summary(report, run_dir)
 
-    if is_main:
-        save_adapter(run_dir / "adapter", *final["snapshot"], data.label_names, tokenizer)
-        report = build_report(
-            recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator
-        )
-        write_report(run_dir, report)
-        write_run_html(run_dir, report, result.history)
-        print_summary(report, run_dir)
+        on_main(accelerator, finish)
+    except BaseException:
+        if is_main:
+            replacement.failed()
+        raise
+    finally:
+        lock.release()
     # Every process leaves together, after the main one wrote the run, and the process group is closed
     # before the interpreter exits: a peer torn down mid-exit aborted gloo's threads ("terminate called
     # without an active exception") in a run that had trained and saved.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def on_main(accelerator: Any, action: Callable[[], None]) -> None:
+    """Runs `action` on the main process; when it fails there, every process stops with it (the
+    others raise an error of the same exit code, which the CLI does not print twice)."""
+    error: PeftcliError | None = None
+    if accelerator.is_main_process:
+        try:
+            action()
+        except PeftcliError as exc:
+            error = exc
+    if not all_ok(accelerator, error is None):
+        raise error or PeftcliError("the main process stopped the run")
+
+
+def last_checkpoint(run_dir: Path, saved: dict[str, int]) -> str:
+    return f"the last good checkpoint is {checkpoint_dir(run_dir, saved['step'])}" if saved else "no checkpoint was saved"
+
+
+def save_failed(where: Path, what: str, exc: OSError, run_dir: Path, saved: dict[str, int], resume_hint: str) -> str:
+    """A save that failed (a full disk): what is kept, and how to go on from it."""
+    reason = exc.strerror or str(exc)
+    if not saved:
+        return f"{where}: could not save the {what} ({reason}); no checkpoint was saved before it. Free disk space, then train again."
+    return (
+        f"{where}: could not save the {what} ({reason}); the checkpoint before it, {checkpoint_dir(run_dir, saved['step'])}, "
+        f"is kept. Free disk space, then resume with: {resume_hint}"
+    )
+
+
+def out_of_memory_line(exc: OutOfMemory, t: Any) -> str:
+    batch = "train.eval_batch_size" if exc.phase == "eval" else "train.batch_size"
+    fix = (
+        f"Lower {batch}" + (" (raise train.grad_accum to keep the step's batch)" if exc.phase == "train" else "")
+        + ", lower data.max_length" + (", or set train.gradient_checkpointing: true" if exc.phase == "train" and not t.gradient_checkpointing else "")
+    )
+    return (
+        f"{exc.phase}: out of memory at step {exc.step}, on a batch of {exc.examples} examples {exc.length} tokens long "
+        f"({exc.detail}). {fix}."
+    )
 
 
 @contextmanager
@@ -218,8 +310,11 @@ def stop_on_signals() -> Iterator[Stop]:
             signal.signal(s, h)
 
 
-def resume_command(recipe_path: Path, overrides: list[str]) -> str:
-    return " ".join(["peft train", shlex.quote(str(recipe_path)), *map(shlex.quote, overrides), "--resume"])
+def resume_command(recipe_path: Path, overrides: list[str], accelerator: Any = None) -> str:
+    """The command that resumes this run from its latest checkpoint, with as many processes."""
+    processes = accelerator.num_processes if accelerator is not None else 1
+    launch = ["--num-processes", str(processes)] if processes > 1 else []
+    return " ".join(["peft train", shlex.quote(str(recipe_path)), *map(shlex.quote, overrides), "--resume", *launch])
 
 
 def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
@@ -253,21 +348,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
     return flat
-
-
-def check_run_dir(run_dir: Path, overwrite: bool, recipe_path: Path | None = None) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise PeftcliError(
-            f"{run_dir}: run directory already exists. Pass --overwrite to replace it, "
-            "or give the run another name (name=NEW or output_dir=DIR)."
-        )
-    if overwrite and run_dir.exists():
-        replaced = run_dir.resolve()
-        for kept, what in ((Path.cwd(), "the folder you run from"), (recipe_path, "the recipe")):
-            if kept is not None and (kept.resolve() == replaced or replaced in kept.resolve().parents):
-                raise PeftcliError(
-                    f"{run_dir}: --overwrite would delete {what} ({kept}), which is inside it. Choose another output_dir."
-                )
 
 
 def resolved_recipe_text(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> str:

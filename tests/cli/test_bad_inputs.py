@@ -892,6 +892,55 @@ def test_merge_onto_the_run_itself(out: str, run: Path, work: Path) -> None:
     )
 
 
+def test_merge_overwrite_replaces_only_a_model_folder(run: Path, work: Path) -> None:
+    (work / "docs" / "notes").mkdir(parents=True)
+    (work / "docs" / "config.json").write_text("{}")
+    (work / "docs" / "notes" / "thesis.tex").write_text("years of work")
+    refused(
+        work,
+        "merge",
+        str(run),
+        "--out",
+        "docs",
+        "--overwrite",
+        lines=[
+            "docs: not a model folder peft merge wrote (config.json and files only), so --overwrite will not delete it. "
+            "Choose another --out, or empty the folder yourself."
+        ],
+    )
+
+
+def test_merge_overwrite_never_deletes_the_base_model(run: Path, work: Path, tiny_dirs) -> None:
+    base = tiny_dirs["bert-cls"]
+    before = snapshot(base)
+    for out in (base, base.parent, Path(f"{base}/../{base.name}/")):
+        refused(
+            work,
+            "merge",
+            str(run),
+            "--out",
+            str(out),
+            "--overwrite",
+            lines=[f"{out}: --overwrite would delete the base model ({base}), which is inside it. Choose another --out."],
+        )
+    assert snapshot(base) == before
+
+
+def test_merge_overwrite_never_deletes_the_working_folder(run: Path, work: Path) -> None:
+    (work / "sub").mkdir()
+    (work / "sub" / "config.json").write_text("{}")
+    os.chdir(work / "sub")
+    refused(
+        work,
+        "merge",
+        str(run),
+        "--out",
+        ".",
+        "--overwrite",
+        lines=[f".: --overwrite would delete the folder you run from ({work / 'sub'}), which is inside it. Choose another --out."],
+    )
+
+
 def test_eval_report_onto_a_folder(run: Path, work: Path) -> None:
     (work / "reports").mkdir()
     refused(
