@@ -75,7 +75,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: escape() leaves `:name:` codes, and an error line echoes what the user wrote.
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 T = TypeVar("T")
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]

@@ -14,6 +14,7 @@ from rich.markup import escape
 from peftcli.errors import PeftcliError
 
 REPORT_KEYS = ("name", "method", "summary", "final_metrics", "best_metrics", "best_metric")
+MAPPING_KEYS = ("summary", "final_metrics", "best_metrics")
 # Right-aligned: the columns of numbers.
 NUMERIC_COLUMNS = frozenset(range(2, 10))
 
@@ -29,6 +30,11 @@ def read_report(run_dir: Path) -> dict[str, Any]:
     missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
     if missing:
         raise PeftcliError(f"{path}: not a run report of peftcli (missing {', '.join(missing)}). Leave it out.")
+    for key in MAPPING_KEYS:  # read with .get() below: a hand-edited list or number would be a traceback
+        if not isinstance(report[key], dict) and (key == "summary" or report[key] is not None):
+            raise PeftcliError(
+                f"{path}: {key}: not a mapping (got {report[key]!r}). Train the run again, or leave it out."
+            )
     return report
 
 
@@ -44,7 +50,7 @@ def run_row(label: str, run_dir: Path, metric: str, status: str) -> dict[str, An
     best, final = report.get("best_metrics") or {}, report.get("final_metrics") or {}
     return {
         "run": label,
-        "method": report["method"],
+        "method": str(report["method"]),
         "status": status,
         "error": None,
         "run_dir": str(run_dir),

@@ -1,7 +1,8 @@
 """report.html for a run and for a comparison, and a run's curves.svg: one self-contained page each, its plots drawn here as
 inline SVG (no plotting or JavaScript library, no network, no external font or stylesheet), so the
 file opens anywhere, offline, years later. Every string a user chose (run and model names, the
-recipe's text, error messages) is escaped."""
+recipe's text, error messages) is escaped, and a link is a relative path with each part
+percent-encoded: a run named `javascript:alert(1)` links to its folder, never runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from peftcli.checkpoint import atomic_write_text
 from peftcli.comparison import NUMERIC_COLUMNS, cells, headers, plot_points
@@ -323,9 +325,13 @@ def comparison_html(title: str, metric: str, higher_is_better: bool, rows: list[
 
 
 def link_from(out: Path, run_dir: str | None) -> str | None:
+    """The run's report.html relative to the page in `out`. Each part is percent-encoded, `:` too: a
+    folder named `javascript:alert(1)` would otherwise be read as a scheme, and `#`, `?` or `%` in a
+    name would cut or change the path."""
     if run_dir is None or not (Path(run_dir) / "report.html").is_file():
         return None
-    return Path(os.path.relpath(Path(run_dir) / "report.html", out)).as_posix()
+    relative = Path(os.path.relpath(Path(run_dir) / "report.html", out)).as_posix()
+    return "/".join(quote(part, safe="") for part in relative.split("/"))
 
 
 def sweep_html(summary: dict[str, Any], out: Path) -> str:

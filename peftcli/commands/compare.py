@@ -22,16 +22,17 @@ from rich.markup import escape
 
 from peftcli.checkpoint import atomic_write_text, write_json
 from peftcli.commands.own_process import Job, run_jobs
-from peftcli.run_dir import check_run_dir, kept_paths
 from peftcli.comparison import ended_line, ended_row, markdown, read_report, run_row, sort_rows, to_json
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.html_report import comparison_html
 from peftcli.methods import METHODS
 from peftcli.recipe import load_recipe, read_yaml
+from peftcli.run_dir import check_run_dir, kept_paths
 from peftcli.slots import Slot, machine_slots
 from peftcli.tasks import TASKS, higher_is_better
 
-console = Console(stderr=True, soft_wrap=True)
+# emoji=False: a run named `a:fire:b` is printed as it is written (escape() leaves emoji codes).
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def run_compare(
         for i, entry in enumerate(plan.entries, 1):
             assert entry.run_dir is not None
             what = "training" if entry.recipe is not None else f"reading the finished run {entry.run_dir}"
-            console.print(f"[bold]compare {i}/{len(plan.entries)}[/]: {escape(entry.label)} ({what})")
+            console.print(f"[bold]compare {i}/{len(plan.entries)}[/]: {escape(entry.label)} ({escape(what)})")
             if entry.recipe is None:
                 rows.append(run_row(entry.label, entry.run_dir, plan.metric, "read"))
             else:
@@ -91,7 +92,7 @@ def run_compare(
     rows = sort_rows(rows, higher_is_better(plan.metric))
     write_comparison(plan, rows)
     print(markdown(plan.title, plan.metric, higher_is_better(plan.metric), rows))
-    console.print(f"comparison: {plan.out / 'report.html'} (and comparison.md, comparison.json)")
+    console.print(f"comparison: {plan.out / 'report.html'} (and comparison.md, comparison.json)", markup=False)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
@@ -210,8 +211,23 @@ def finished_entry(run_dir: Path, problems: list[str]) -> Entry | None:
     except PeftcliError as exc:
         problems.extend(exc.lines)
         return None
+    if (problem := name_problem(run_dir / "report.json", report["name"])) is not None:
+        problems.append(problem)
+        return None
     label = run_dir.resolve().name
-    return Entry(label, str(report["name"]), str(report["method"]), str(report["best_metric"]), run_dir=run_dir)
+    return Entry(label, report["name"], str(report["method"]), str(report["best_metric"]), run_dir=run_dir)
+
+
+def name_problem(path: Path, name: Any) -> str | None:
+    """A finished run's name, read from its report.json, names the default --out (compare/<name>): it
+    is held to the recipe's rule for `name` (one folder name), so that an edited file cannot send the
+    comparison's files elsewhere."""
+    if isinstance(name, str) and name.strip() not in ("", ".", "..") and not any(c in name for c in "/\\\0"):
+        return None
+    return (
+        f"{path}: name: not a run name, one folder name without / or \\ (got {name!r}). "
+        "Write the run's name there, or give the run's recipe to train it here."
+    )
 
 
 def out_problems(out: Path, entries: list[Entry], overwrite: bool) -> list[str]:

@@ -18,7 +18,8 @@ from peftcli.models import load_tokenizer
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.tasks import IGNORE_INDEX, TASKS
 
-console = Console(soft_wrap=True, highlight=False)
+# emoji=False: an example's text or a name with `:fire:` in it is printed as written.
+console = Console(soft_wrap=True, highlight=False, emoji=False)
 
 
 def run_dry_run(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -25,7 +26,7 @@ from peftcli.tasks import IGNORE_INDEX
 from peftcli.text_metrics import generation_scores
 from peftcli.trainer import evaluate
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def run_eval(
@@ -182,19 +183,23 @@ def tracked(items: Any, advance: Any) -> Any:
 
 
 def print_report(report: dict[str, Any], out: Path) -> None:
-    table = Table(title=f"{report['task']} on {report['split']} ({report['examples']} examples)" + (" - base model" if report["adapter"] is None else ""))
+    """The split, the labels (labels.json, --labels) and the paths are the user's text: escaped, never markup."""
+    title = f"{report['task']} on {report['split']} ({report['examples']} examples)" + (" - base model" if report["adapter"] is None else "")
+    table = Table(title=escape(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report["metrics"].items():
-        table.add_row(key, f"{value:.4f}")
+        table.add_row(escape(key), f"{value:.4f}")
     for name, c in report.get("classes", {}).get("per_class", {}).items():
         if "f1" in c:  # entity types
-            table.add_row(f"{name} ({c['support']}): precision / recall / f1", f"{c['precision']:.4f} / {c['recall']:.4f} / {c['f1']:.4f}")
+            scores = f"{c['precision']:.4f} / {c['recall']:.4f} / {c['f1']:.4f}"
+            table.add_row(escape(f"{name} ({c['support']}): precision / recall / f1"), scores)
         else:
-            table.add_row(f"{name}: precision / recall", f"{c['precision']:.4f} / {c['recall']:.4f}")
+            table.add_row(escape(f"{name}: precision / recall"), f"{c['precision']:.4f} / {c['recall']:.4f}")
     console.print(table)
     if report.get("words_cut"):
         console.print(f"{report['words_cut']} words past data.max_length were cut: not predicted, and their entities not counted.")
     if "confusion_matrix" in report.get("classes", {}):
-        console.print(f"confusion matrix (rows true, columns predicted; {', '.join(report['classes']['labels'])}): {report['classes']['confusion_matrix']}")
-    console.print(f"wrote {out}" + (f" and {report['generations']}" if "generations" in report else ""))
+        classes = report["classes"]
+        console.print(f"confusion matrix (rows true, columns predicted; {', '.join(classes['labels'])}): {classes['confusion_matrix']}", markup=False)
+    console.print(f"wrote {out}" + (f" and {report['generations']}" if "generations" in report else ""), markup=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from transformers.pytorch_utils import Conv1D
 
@@ -18,7 +19,7 @@ from peftcli.checkpoint import WEIGHTS_NAME
 from peftcli.methods.base import LINEAR_TYPES, count_parameters, name_matches
 from peftcli.target import build, resolve_target
 
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)
 
 
 def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) -> dict[str, Any]:
@@ -95,11 +96,13 @@ def linear_layers(model: torch.nn.Module) -> list[dict[str, Any]]:
 
 
 def print_layers(rows: list[dict[str, Any]], model_name: str) -> None:
-    table = Table(title=f"linear layers of {model_name} (use the last part, or a dotted suffix, in target_modules)")
+    title = f"linear layers of {model_name} (use the last part, or a dotted suffix, in target_modules)"
+    table = Table(title=escape(title))
     for col in ("name pattern", "type", "in -> out", "count"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["pattern"], r["type"], f"{r['in_features']} -> {r['out_features']}", str(r["count"]))
+    for r in rows:  # module and class names come from the model's code: text, not markup
+        shape = f"{r['in_features']} -> {r['out_features']}"
+        table.add_row(escape(r["pattern"]), escape(r["type"]), shape, str(r["count"]))
     console.print(table)
 
 
@@ -108,14 +111,14 @@ def _mb(n: int) -> str:
 
 
 def print_info(info: dict[str, Any]) -> None:
-    table = Table(title=f"{info['method']} on {info['model']} ({info['task']})")
+    table = Table(title=escape(f"{info['method']} on {info['model']} ({info['task']})"))  # model: a path or hub id
     table.add_column("adapted modules")
     table.add_column("count", justify="right")
     table.add_column("trainable parameters", justify="right")
     for g in info["module_groups"]:
-        table.add_row(g["pattern"], str(g["count"]), f"{g['trainable_parameters']:,}")
+        table.add_row(escape(g["pattern"]), str(g["count"]), f"{g['trainable_parameters']:,}")
     for m in info["modules_to_save"]:
-        table.add_row(f"{m['name']} (trained in full)", "1", f"{m['trainable_parameters']:,}")
+        table.add_row(escape(f"{m['name']} (trained in full)"), "1", f"{m['trainable_parameters']:,}")
     console.print(table)
     m = info["memory_bytes"]
     size = _mb(info["adapter_bytes"]) + ("" if info["adapter_bytes_measured"] else " (estimated, float32)")

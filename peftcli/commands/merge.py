@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from peftcli.checkpoint import atomic_dir
 from peftcli.errors import PeftcliError
@@ -16,7 +17,7 @@ from peftcli.models import DTYPES, model_location
 from peftcli.run_dir import within
 from peftcli.target import build, resolve_target
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 PROBE_TEXTS = [
     "The film was a delight from start to finish.",
@@ -67,9 +68,9 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
         model.save_pretrained(tmp, safe_serialization=True)
         built.tokenizer.save_pretrained(tmp)
     console.print(
-        f"merged {method.name} into {target.model.name}: largest logit difference {difference:.2e} (float32)"
+        f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
         + (f", {cast_difference:.2e} after casting to {dtype}" if dtype != "float32" else "")
-        + f". Wrote {out}; load it with {type(model).__name__}.from_pretrained('{out}')."
+        + f". Wrote {escape(str(out))}; load it with {type(model).__name__}.from_pretrained('{escape(str(out))}')."
     )
     return {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
 

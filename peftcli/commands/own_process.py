@@ -30,7 +30,7 @@ from peftcli.slots import Slot
 
 MAX_REASON = 400  # characters of a failed run's reason kept in a table
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def run_jobs(
                 slot = free.pop(0)
                 where = slot if len(slots) == 1 else slot.with_log(log_dir / f"{job.label}.log")
                 if where.log is not None:
-                    console.print(f"  training on {where.describe()}; its output: {where.log}", highlight=False)
+                    said = f"  training on {where.describe()}; its output: {where.log}"
+                    console.print(said, markup=False, highlight=False)
                 run = start_run(
                     job.recipe, job.overrides, job.run_dir, job.label, job.overwrite, debug, setup, where, command
                 )
@@ -202,11 +203,13 @@ def take_slot(slot: Slot) -> None:
 
 def remake_consoles() -> None:
     """peftcli's module consoles were made in the fork server, which may have had a terminal: rich
-    chose colours then, once. Made again, they see the log file and write plain text."""
+    chose colours then, once. Made again, they see the log file and write plain text; their other
+    settings (no emoji codes, no highlighting) are kept."""
     for name, module in list(sys.modules.items()):
         made = getattr(module, "console", None) if name.startswith("peftcli.") else None
         if isinstance(made, Console):
-            module.console = Console(stderr=made.stderr, soft_wrap=made.soft_wrap)  # type: ignore[attr-defined]
+            kept = {"emoji": made._emoji, "highlight": made._highlight, "markup": made._markup}
+            module.console = Console(stderr=made.stderr, soft_wrap=made.soft_wrap, **kept)  # type: ignore[attr-defined]
 
 
 def one_line(lines: list[str]) -> str:

@@ -40,7 +40,7 @@ from peftcli.sweep import (
 )
 from peftcli.tasks import TASKS, higher_is_better
 
-console = Console(stderr=True, soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def settled_row(plan: Plan, label: str, params: dict[str, Any], overwrite: bool)
     (replacing a trial of this sweep that failed or stopped, or with --overwrite any trial before)."""
     run_dir = plan.out / label
     if not overwrite and finished_with(run_dir, plan.recipe, trial_overrides(plan, params)):
-        console.print(f"  reading the finished trial {run_dir}")
+        console.print(f"  reading the finished trial {run_dir}", markup=False)
         return run_row(label, run_dir, plan.metric, "read") | {"params": params}
     reason = stale_trial(run_dir, overwrite)
     return None if reason is None else trial_row(plan, label, params, reason)
@@ -197,7 +197,10 @@ def finished_with(run_dir: Path, recipe_path: Path, overrides: list[str]) -> boo
         now = load_recipe(recipe_path, [*overrides, override("output_dir", str(run_dir))])
     except RecipeError:  # a drawn value the recipe refuses: training it says why, as a failed row
         return False
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    try:
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # not the recipe peft train saved: not this trial
+        return False
     return flatten(saved) == flatten(now.model_dump(mode="json"))
 
 
@@ -262,14 +265,14 @@ def best_yaml(plan: Plan, best: dict[str, Any]) -> str:
 
 def show(summary: dict[str, Any], out_dir: Path) -> None:
     keys = list(summary["params"])
-    table = Table(title=summary["title"])
+    table = Table(title=escape(summary["title"]))  # the title names --out: text, not markup
     for h in table_headers(keys, summary["metric"]):
-        table.add_column(h)
+        table.add_column(escape(h))
     for row in summary["rows"]:
         table.add_row(*map(escape, table_cells(row, keys)))
-    out = Console(soft_wrap=True)
+    out = Console(soft_wrap=True, emoji=False)
     if not out.is_terminal:  # a pipe or a file: the whole table, not squeezed to 80 columns
-        out = Console(soft_wrap=True, width=200)
+        out = Console(soft_wrap=True, emoji=False, width=200)
     out.print(table)
-    out.print(escape(best_sentence(summary)), highlight=False)
-    console.print(f"sweep: {out_dir / 'report.html'} (and sweep.md, sweep.json, best.yaml)")
+    out.print(best_sentence(summary), markup=False, highlight=False)
+    console.print(f"sweep: {out_dir / 'report.html'} (and sweep.md, sweep.json, best.yaml)", markup=False)

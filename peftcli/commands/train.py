@@ -67,7 +67,8 @@ from peftcli.trainer import (
     train,
 )
 
-console = Console(stderr=True, soft_wrap=True)
+# emoji=False: a run named `a:fire:b` is printed as written (escape() leaves emoji codes).
+console = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, resume: str | None = None) -> Path:
@@ -413,7 +414,7 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
         f"[bold green]done[/] in {s['wall_seconds']:.1f}s: {s['steps']} steps, "
         f"{s['tokens_per_s']:,.0f} tok/s, peak {s['peak_memory_mb']:,.0f} MB. {metrics}"
     )
-    console.print(f"run directory: {run_dir}  (adapter in {run_dir / 'adapter'})")
+    console.print(f"run directory: {escape(str(run_dir))}  (adapter in {escape(str(run_dir / 'adapter'))})")
 
 
 def calibration(loader: Any, task: Task, accelerator: Any) -> Calibration:
