@@ -8,7 +8,9 @@ Only safetensors and JSON are read back: nothing a user supplies is unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -62,8 +64,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def finite(value: Any) -> Any:
+    """`value` with every NaN and infinity replaced by None: json.dumps writes them as NaN and
+    Infinity, which are not JSON (jq, JavaScript and most parsers refuse the whole file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON, atomically: a non-finite float is written as null."""
+    atomic_write_text(path, json.dumps(finite(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 @contextmanager
@@ -91,6 +106,18 @@ def atomic_rename_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, whose I/O failures (a full disk) come as OSError like every other write's:
+    safetensors raises its own SafetensorError, which names the OS error only inside its text."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"I/O error: (.+?) \(os error (\d+)\)", str(exc))
+        if found is None:
+            raise OSError(str(exc)) from None
+        raise OSError(int(found.group(2)), found.group(1)) from None
 
 
 # -- save --------------------------------------------------------------------------------------
@@ -137,7 +164,7 @@ def write_adapter(
 ) -> None:
     """The adapter's files, into a folder that is not yet in place (see `atomic_dir`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_tensors(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     check_saved(folder / WEIGHTS_NAME, {k: tuple(v.shape) for k, v in state.items()})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if label_names is not None:

@@ -7,6 +7,7 @@ grouping examples of similar length (random across groups) removes most of it.
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow
 import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +27,7 @@ from peftcli.recipe import DataSpec
 from peftcli.tasks import IGNORE_INDEX, TASKS
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SAVE_AS_UTF8 = "Save the file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)."
 
 
 @dataclass
@@ -58,16 +61,20 @@ def _load_split(spec: DataSpec, split: str) -> datasets.Dataset:
         return _load_files(spec.files[split], split)
     try:
         with _quiet_datasets():
-            return datasets.load_dataset(spec.dataset, spec.subset, split=split)
+            ds = datasets.load_dataset(spec.dataset, spec.subset, split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data: cannot load split {split!r} from {spec.dataset}: {first}. Check the dataset id, split and files.") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow/csv parse errors have many types; name the file and the cause
+        if isinstance(exc.__cause__, UnicodeDecodeError) and (where := first_non_utf8(_text_files(spec))):
+            raise DataError(f"data.dataset: {where}. {SAVE_AS_UTF8}") from None
         detail = str(exc).strip().splitlines()[0][:300].rstrip(".") if str(exc).strip() else ""
         raise DataError(
             f"data: cannot read split {split!r} from {spec.dataset}: {type(exc).__name__}: {detail}. "
             "Check the dataset id and your connection, or point data.dataset / data.files at local files."
         ) from None
+    require_utf8(ds, _text_files(spec), "data.dataset")
+    return ds
 
 
 def _load_files(files: list[str], split: str) -> datasets.Dataset:
@@ -82,15 +89,54 @@ def _load_files(files: list[str], split: str) -> datasets.Dataset:
     kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
     try:
         with _quiet_datasets():
-            return datasets.load_dataset(BUILDERS[suffix], data_files=files, split="train", **kwargs)
+            ds = datasets.load_dataset(BUILDERS[suffix], data_files=files, split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - pyarrow/csv parse errors have many types; name the file and the cause
         # datasets wraps a parse error in a DatasetGenerationError whose own message says nothing.
         cause = exc.__cause__ if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__ else exc
+        if isinstance(cause, UnicodeDecodeError) and (where := first_non_utf8([Path(f) for f in files])):
+            raise DataError(f"data.files.{split}: {where}. {SAVE_AS_UTF8}") from None
         detail = str(cause).strip().splitlines()[0][:300].rstrip(".") if str(cause).strip() else ""
         raise DataError(
             f"data.files.{split}: cannot read {files} as {suffix.lstrip('.')} ({type(cause).__name__}: {detail}). "
             f"Check that it is valid {suffix.lstrip('.')}."
         ) from None
+    require_utf8(ds, [Path(f) for f in files], f"data.files.{split}")
+    return ds
+
+
+def require_utf8(ds: datasets.Dataset, paths: list[Path], key: str) -> None:
+    """The json reader copies a string's bytes without decoding them: a Latin-1 file loads, and fails
+    with a UnicodeDecodeError wherever its text is first read. Arrow's full validation checks every
+    string is UTF-8 (a pass over the bytes, in C++). Local text files only: a hub dataset was converted
+    by its own builder."""
+    if not any(p.suffix.lower() in (".json", ".jsonl") for p in paths):
+        return
+    try:
+        ds.data.validate(full=True)
+    except pyarrow.ArrowInvalid:
+        if where := first_non_utf8(paths):
+            raise DataError(f"{key}: {where}. {SAVE_AS_UTF8}") from None
+
+
+def _text_files(spec: DataSpec) -> list[Path]:
+    """The text files of a local dataset folder (none for a hub dataset)."""
+    folder = Path(str(spec.dataset))
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".txt")) if folder.is_dir() else []
+
+
+def first_non_utf8(paths: list[Path]) -> str | None:
+    """Where the first byte that is not UTF-8 is, as `<file>: line N: not UTF-8 text (got ...)`; None
+    if every file decodes. Line by line: a newline byte never occurs inside a UTF-8 character."""
+    for path in paths:
+        offset = 0
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f"{path}: line {number}: not UTF-8 text (got byte 0x{line[exc.start]:02x} at byte offset {offset + exc.start})"
+                offset += len(line)
+    return None
 
 
 @contextmanager
@@ -113,26 +159,82 @@ def _require_columns(ds: datasets.Dataset, split: str, wanted: dict[str, str | N
             )
 
 
+def _source(spec: DataSpec, split: str) -> str:
+    """The file(s) or dataset a split is read from, for error messages."""
+    if spec.files is not None:
+        files = spec.files.get(split, [])
+        return files[0] if len(files) == 1 else str(files)
+    return f"{spec.dataset} split {split!r}"
+
+
 # -- classification -----------------------------------------------------------------------------
 
 
-def label_names_for(ds: datasets.Dataset, column: str) -> list[str]:
+def class_key(value: Any, key: str, where: str) -> str:
+    """A label (or tag) as the name of its class: an integer as its digits (bools and whole floats
+    too: a CSV label column with a blank cell is read as floats, 1.0), a string as it is. Anything
+    else is refused, not turned into a class of its own by str() ("None", "nan", "0.5", "[1]")."""
+    what, unit = ("label", "row") if key == "label" else ("tag", "word")
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        shown = "null" if value is None else "NaN" if isinstance(value, float) else repr(value)
+        raise DataError(f"data.columns.{key}: {where}: the {what} is missing (got {shown}). Give every {unit} a {what}, or remove the rows without one.")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (bool, int)):
+        return str(int(value))
+    if isinstance(value, str):
+        return value
+    raise DataError(
+        f"data.columns.{key}: {where}: a {what} is one string or one integer 0..N-1 per {unit} (got {_shown(value)}). "
+        f"Map the values to class names or ids; {'regression and multi-label classification are' if key == 'label' else 'nested tags are'} not supported."
+    )
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (bool, int, float))
+
+
+def class_names(keyed: list[tuple[Any, str, str]], key: str, source: str) -> list[str]:
+    """The classes of (value, class key, where) triples: 0..N-1 when every value is a number, else the
+    strings, sorted. Numbers and strings mixed in one split are refused: 1, True and "1" would be one
+    class, and "neg" another, whatever the data meant."""
+    numbers = [k for v, k, _ in keyed if _is_number(v)]
+    if numbers and len(numbers) < len(keyed):
+        number, _, number_at = next(x for x in keyed if _is_number(x[0]))
+        text, _, text_at = next(x for x in keyed if not _is_number(x[0]))
+        what = "labels" if key == "label" else "tags"
+        raise DataError(
+            f"data.columns.{key}: {source}: {what} mix numbers and strings (got {number!r} at {number_at}, {text!r} at {text_at}). "
+            f"Write every {what[:-1]} as a string, or every {what[:-1]} as an integer 0..N-1."
+        )
+    if numbers:
+        ids = {int(k) for k in numbers}
+        if min(ids) < 0:
+            raise DataError(f"data.columns.{key}: integer {'labels' if key == 'label' else 'tags'} must be 0..N-1 (got {min(ids)}).")
+        return [str(i) for i in range(max(ids) + 1)]
+    return sorted({k for _, k, _ in keyed})
+
+
+def label_names_for(ds: datasets.Dataset, column: str, source: str = "the training split") -> list[str]:
+    """The label set of a split: a ClassLabel's names, 0..N-1 for integer labels, else the strings
+    found, sorted. `source` (the file) names where a bad label is."""
     feature = ds.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    values = set(ds.unique(column))
-    if all(isinstance(v, (bool, int)) for v in values):
-        if min(values) < 0:
-            raise DataError(f"data.columns.label: integer labels must be 0..N-1 (got {min(values)}).")
-        return [str(i) for i in range(max(values) + 1)]
-    return sorted(str(v) for v in values)
+    keyed = [(v, class_key(v, "label", f"{source}: row {i + 1}"), f"row {i + 1}") for i, v in enumerate(ds[column])]
+    return class_names(keyed, "label", source)
 
 
-def _label_ids(values: list[Any], label_names: list[str], split: str, known_from: str) -> list[int]:
+def _label_ids(values: list[Any], label_names: list[str], split: str, known_from: str, where: list[str]) -> list[int]:
     index = {name: i for i, name in enumerate(label_names)}
     ids = []
-    for v in values:
-        key = str(int(v)) if isinstance(v, (bool, int)) else str(v)
+    for v, at in zip(values, where):
+        key = class_key(v, "label", at)
         if key not in index:
             raise DataError(
                 f"data.columns.label: label {v!r} in split {split!r} is not one of {known_from} "
@@ -140,6 +242,18 @@ def _label_ids(values: list[Any], label_names: list[str], split: str, known_from
             )
         ids.append(index[key])
     return ids
+
+
+def texts(rows: dict[str, list[Any]], column: str, key: str, where: list[str]) -> list[str]:
+    """A text column's values as strings (numbers are written out); a missing or nested value is
+    refused, not tokenized as "None" or "['a', 'b']"."""
+    out = []
+    for value, at in zip(rows[column], where):
+        if value is None or isinstance(value, (list, dict)) or (isinstance(value, float) and math.isnan(value)):
+            got = "null" if value is None else "NaN" if isinstance(value, float) else _shown(value)
+            raise DataError(f"data.columns.{key}: {at}: expected text in column {column!r} (got {got}). Fill it in, or remove the row.")
+        out.append(str(value))
+    return out
 
 
 def tokenize_classification(
@@ -151,45 +265,43 @@ def tokenize_classification(
     known_from: str = "the training split's labels",
 ) -> datasets.Dataset:
     c = spec.columns
+    source = _source(spec, split)
 
-    def encode(rows: dict[str, list[Any]]) -> dict[str, Any]:
-        pair = [str(t) for t in rows[c.text_pair]] if c.text_pair else None
-        enc = tokenizer([str(t) for t in rows[c.text]], pair, truncation=True, max_length=spec.max_length)
-        enc["labels"] = _label_ids(rows[c.label], label_names, split, known_from)
+    def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        where = [f"{source}: row {i + 1}" for i in indices]
+        pair = texts(rows, c.text_pair, "text_pair", where) if c.text_pair else None
+        enc = tokenizer(texts(rows, str(c.text), "text", where), pair, truncation=True, max_length=spec.max_length)
+        enc["labels"] = _label_ids(rows[c.label], label_names, split, known_from, where)
         return enc
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
 
 
 # -- token classification ----------------------------------------------------------------------
 
 
-def _source(spec: DataSpec, split: str) -> str:
-    """The file(s) or dataset a split is read from, for error messages."""
-    if spec.files is not None:
-        files = spec.files.get(split, [])
-        return files[0] if len(files) == 1 else str(files)
-    return f"{spec.dataset} split {split!r}"
-
-
-def tag_names_for(ds: datasets.Dataset, column: str) -> list[str]:
+def tag_names_for(ds: datasets.Dataset, column: str, source: str = "the training split") -> list[str]:
     """The tag set of a split: a ClassLabel's names (hub datasets such as conll2003), 0..N-1 for plain
     ints, else the strings found (with B-X and I-X for every type X), sorted with O first and each
     type's B- before its I-, so the ids do not depend on the order the data happens to be in."""
     inner = getattr(ds.features[column], "feature", None)
     if isinstance(inner, datasets.ClassLabel):
         return list(inner.names)
-    values = {v for row in ds[column] if isinstance(row, list) for v in row}
-    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        if min(values) < 0:
-            raise DataError(f"data.columns.tags: integer tags must be 0..N-1 (got {min(values)}).")
-        return [str(i) for i in range(max(values) + 1)]
+    keyed = [
+        (v, class_key(v, "tags", f"{source}: row {i + 1}, word {k + 1}"), f"row {i + 1}")
+        for i, row in enumerate(ds[column])
+        if isinstance(row, list)
+        for k, v in enumerate(row)
+    ]
+    names = class_names(keyed, "tags", source)
+    if keyed and _is_number(keyed[0][0]):
+        return names
 
     def order(tag: str) -> tuple[int, str, str]:
         prefix, dash, kind = tag.partition("-")
         return (0, "", "") if tag == "O" else (1, kind, prefix) if dash else (1, tag, "")
 
-    tags = {str(v) for v in values}
+    tags = set(names)
     # Each entity type gets both its B- and I- tag even where the training split lacks one (one-word
     # entities only, say): another split or a prediction may hold it, and the set stays the same.
     tags |= {f"{p}-{t[2:]}" for t in tags if t[:2] in ("B-", "I-") for p in ("B", "I")}
@@ -208,7 +320,7 @@ def _word_rows(rows: dict[str, list[Any]], c: Any, spec: DataSpec, split: str, i
             raise DataError(
                 f"data.columns.tags: {where}: {len(words)} tokens but {len(tags)} tags. Give exactly one tag per word."
             )
-        out.append(([str(w) for w in words], tags))
+        out.append((texts({c.tokens: words}, c.tokens, "tokens", [f"{where}, word {k + 1}" for k in range(len(words))]), tags))
     return out
 
 
@@ -238,7 +350,7 @@ def tokenize_tokens(
     index = {name: i for i, name in enumerate(tag_names)}
 
     def tag_id(tag: Any, where: str) -> int:
-        key = str(int(tag)) if isinstance(tag, int) and not isinstance(tag, bool) else str(tag)
+        key = class_key(tag, "tags", where)
         if key not in index:
             raise DataError(f"data.columns.tags: {where}: tag {tag!r} is not one of {known_from} ({', '.join(tag_names)}). Fix the data or the tags column.")
         return index[key]
@@ -248,7 +360,7 @@ def tokenize_tokens(
         enc = tokenizer([w for w, _ in checked], is_split_into_words=True, truncation=True, max_length=spec.max_length)
         labels = []
         for i, ((_, tags), row) in enumerate(zip(checked, indices)):
-            ids = [tag_id(t, f"{_source(spec, split)}: row {row + 1}") for t in tags]
+            ids = [tag_id(t, f"{_source(spec, split)}: row {row + 1}, word {k + 1}") for k, t in enumerate(tags)]
             labels.append(word_labels(enc.word_ids(i), ids))
         enc["labels"] = labels
         enc["num_words"] = [len(w) for w, _ in checked]
@@ -312,10 +424,12 @@ def tokenize_columns(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
     if eos is None:
         raise DataError("model: the tokenizer has no end-of-sequence token, which causal_lm training appends.")
 
-    def encode(rows: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        n = len(next(iter(rows.values())))
+    source = _source(spec, split)
+
+    def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
+        require_texts(rows, spec, [f"{source}: row {i + 1}" for i in indices])
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-        for i in range(n):
+        for i in range(len(indices)):
             if c.text:
                 ids = tokenizer(str(rows[c.text][i]), add_special_tokens=True)["input_ids"] + [eos]
                 labels = list(ids)
@@ -328,7 +442,21 @@ def tokenize_columns(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
             out["labels"].append(labels[: spec.max_length])
         return out
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+
+
+def require_texts(rows: dict[str, list[Any]], spec: DataSpec, where: list[str]) -> None:
+    """The text columns a causal_lm or seq2seq_lm example is built from hold a value in every row: a
+    null would be tokenized as the word "None"."""
+    c = spec.columns
+    for key in ("text", "prompt", "response"):
+        column = getattr(c, key)
+        if column is not None and not (key == "response" and c.response_names is not None):
+            texts(rows, column, key, where)
+    for name in _template_fields(c.prompt_template) if c.prompt_template else []:
+        for value, at in zip(rows[name], where):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                raise DataError(f"data.columns.prompt_template: {at}: column {name!r} has no value (got {'null' if value is None else 'NaN'}). Fill it in, or remove the row.")
 
 
 def prompt_of(spec: DataSpec, rows: dict[str, list[Any]], i: int) -> str:
@@ -369,16 +497,17 @@ def tokenize_seq2seq(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
     builds the decoder's input."""
     end = target_end_id(tokenizer)
     response = str(spec.columns.response)
+    source = _source(spec, split)
 
-    def encode(rows: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        n = len(next(iter(rows.values())))
-        sources = [prompt_of(spec, rows, i) for i in range(n)]
+    def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[list[int]]]:
+        require_texts(rows, spec, [f"{source}: row {i + 1}" for i in indices])
+        sources = [prompt_of(spec, rows, i) for i in range(len(indices))]
         enc = tokenizer(sources, truncation=True, max_length=spec.max_length)
         targets = tokenizer([target_text(spec, t, split) for t in rows[response]], add_special_tokens=False)["input_ids"]
         labels = [(t[: spec.max_target_length - 1] + [end]) for t in targets]
         return {"input_ids": enc["input_ids"], "labels": labels}
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -407,13 +536,30 @@ def prepare_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase) 
         ev = tokenize_seq2seq(eval_raw, spec, tokenizer, str(spec.eval_split)) if eval_raw is not None else None
         return PreparedData(train, ev)
     train = tokenize_causal_lm(train_raw, spec, tokenizer, spec.train_split)
+    require_targets(train, len(train_raw), spec, spec.train_split, "train on")
     ev = tokenize_causal_lm(eval_raw, spec, tokenizer, str(spec.eval_split)) if eval_raw is not None else None
+    if ev is not None and eval_raw is not None:
+        require_targets(ev, len(eval_raw), spec, str(spec.eval_split), "evaluate")
     dropped = {spec.train_split: len(train_raw) - len(train)}
-    if len(train) == 0 and spec.columns.messages:
-        raise DataError(f"data.columns.messages: no conversation has an assistant turn within its first {spec.max_length} tokens. Check the roles (only assistant turns are trained) or raise data.max_length.")
-    if len(train) == 0:
-        raise DataError(f"data.max_length: every training example's prompt fills all {spec.max_length} tokens; raise max_length.")
     return PreparedData(train, ev, None, dropped)
+
+
+def require_targets(ds: datasets.Dataset, rows: int, spec: DataSpec, split: str, verb: str) -> None:
+    """A split left without a single target once tokenized is an error: training would take no step,
+    and an eval would report loss 0 and perplexity 1 (or accuracy 0) from nothing."""
+    c = spec.columns
+    if "num_words" in ds.column_names:  # token classification keeps every row; a word may be cut
+        if any(t != IGNORE_INDEX for labels in ds["labels"] for t in labels):
+            return
+        raise DataError(f"data.columns.tokens: split {split!r} has no word within data.max_length {spec.max_length}, nothing to {verb} (got {rows} rows). Give rows with words, or raise data.max_length.")
+    if len(ds) > 0:
+        return
+    if c.messages:
+        raise DataError(f"data.columns.messages: split {split!r} has no conversation with an assistant turn within its first {spec.max_length} tokens, nothing to {verb} (got {rows} conversations). Check the roles (only assistant turns are trained and scored) or raise data.max_length.")
+    if c.text:
+        raise DataError(f"data.columns.text: split {split!r} has no example of two tokens or more within data.max_length {spec.max_length}, nothing to {verb} (got {rows} examples). Give examples with text, or raise data.max_length.")
+    trimmed = f", or data.max_eval_examples (it keeps the first {spec.max_eval_examples})" if verb == "evaluate" and spec.max_eval_examples else ""
+    raise DataError(f"data.max_length: every prompt of split {split!r} fills all {spec.max_length} tokens, leaving no response to {verb} (got {rows} examples). Raise data.max_length{trimmed}.")
 
 
 def prepare_labelled(
@@ -421,12 +567,15 @@ def prepare_labelled(
 ) -> PreparedData:
     """Classification, of rows (`label`) or of words (`tags`): the label set from the training split,
     then both splits tokenized with its ids."""
-    names = LABEL_SETS[key](train_raw, getattr(spec.columns, key))
+    names = LABEL_SETS[key](train_raw, getattr(spec.columns, key), _source(spec, spec.train_split))
     if len(names) < 2:
         raise DataError(f"data.columns.{key}: the training split has a single {key.rstrip('s')} ({names}); classification needs two or more.")
     tokenize = TOKENIZE[key]
     train = tokenize(train_raw, spec, tokenizer, names, spec.train_split)
+    require_targets(train, len(train_raw), spec, spec.train_split, "train on")
     ev = tokenize(eval_raw, spec, tokenizer, names, str(spec.eval_split)) if eval_raw is not None else None
+    if ev is not None and eval_raw is not None:
+        require_targets(ev, len(eval_raw), spec, str(spec.eval_split), "evaluate")
     return PreparedData(train, ev, names)
 
 
@@ -437,10 +586,13 @@ def prepare_eval_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerB
     check_columns(ds, split, spec, task)
     if (key := TASKS[task].label_column) is not None:
         assert label_names is not None
-        return TOKENIZE[key](ds, spec, tokenizer, label_names, split, f"the adapter's {key.rstrip('s')}s (adapter/labels.json, or --labels)")
-    if TASKS[task].encoder_decoder:
-        return tokenize_seq2seq(ds, spec, tokenizer, split)
-    return tokenize_causal_lm(ds, spec, tokenizer, split)
+        data = TOKENIZE[key](ds, spec, tokenizer, label_names, split, f"the adapter's {key.rstrip('s')}s (adapter/labels.json, or --labels)")
+    elif TASKS[task].encoder_decoder:
+        data = tokenize_seq2seq(ds, spec, tokenizer, split)
+    else:
+        data = tokenize_causal_lm(ds, spec, tokenizer, split)
+    require_targets(data, len(ds), spec, split, "evaluate")
+    return data
 
 
 # -- batching ----------------------------------------------------------------------------------

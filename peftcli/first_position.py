@@ -60,7 +60,7 @@ def _narrowed(point: nn.Module) -> Iterator[None]:
         _NARROWED.discard(point)
 
 
-def _same_logits(model: nn.Module, point: nn.Module, vocab_size: int) -> bool:
+def _same_logits(model: nn.Module, point: nn.Module, vocab_size: int, low_precision: bool = False) -> bool:
     """One small forward with and without the narrowing (eval mode, so dropout draws nothing)."""
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab_size, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
@@ -77,13 +77,14 @@ def _same_logits(model: nn.Module, point: nn.Module, vocab_size: int) -> bool:
         return False
     finally:
         model.train(training)
-    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    # 16-bit arithmetic (16-bit weights, or autocast over fp32 weights) rounds the two forwards apart.
+    half = low_precision or any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
     tolerance = (2e-2 if half else 1e-4) * max(1.0, float(full.abs().max()))
     return narrow.shape == full.shape and bool((narrow - full).abs().max() <= tolerance)
 
 
 @contextmanager
-def first_position_only(model: nn.Module, inner: nn.Module, enabled: bool) -> Iterator[bool]:
+def first_position_only(model: nn.Module, inner: nn.Module, enabled: bool, low_precision: bool = False) -> Iterator[bool]:
     """Within the block, the last layer of `inner` (the unwrapped `model`) runs its residual output
     and feed-forward at the first position only, when `enabled` (the task reads one position) and the
     probe shows the logits unchanged. Yields whether it does."""
@@ -94,7 +95,7 @@ def first_position_only(model: nn.Module, inner: nn.Module, enabled: bool) -> It
         yield False
     elif point in _NARROWED:
         yield True
-    elif not _same_logits(model, point, vocab_size):
+    elif not _same_logits(model, point, vocab_size, low_precision):
         yield False
     else:
         with _narrowed(point):

@@ -39,6 +39,11 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as exc:
         raise ModelError(_load_failure("tokenizer", spec, exc)) from None
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                f"model.name: the tokenizer of {spec.name!r} has neither a pad token nor an end-of-sequence token, "
+                "and batches are padded (got pad_token null, eos_token null). Set pad_token (or eos_token) in its tokenizer_config.json."
+            )
         # Decoders often ship without a pad token; padding is masked out, so EOS is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

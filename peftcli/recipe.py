@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from transformers import AutoConfig
 
 from peftcli.errors import RecipeError
 from peftcli.methods import METHODS
@@ -28,10 +30,14 @@ MAX_RECIPE_BYTES = 1_000_000
 # values. A "billion laughs" file is a few lines of aliases that expand to billions of values.
 MAX_YAML_DEPTH = 20
 MAX_ALIAS_VALUES = 10_000
+# The tokenizers library truncates to a 64-bit length and raises past it; no model reads 2**31 tokens.
+MAX_TOKENS = 2**31 - 1
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan parse as floats (YAML .inf, an override lr=inf) and pass gt/ge bounds or fail them
+    # with a misleading message; no setting of a recipe means either.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -102,10 +108,11 @@ class DataSpec(Strict):
     max_length: int = Field(
         128,
         gt=0,
+        le=MAX_TOKENS,
         description="longer examples are truncated (seq2seq: the source; token classification: words past it are not trained or scored)",
     )
     max_target_length: int = Field(
-        64, gt=0, description="seq2seq_lm: targets are cut to this many tokens, EOS included; also the generation limit in eval"
+        64, gt=0, le=MAX_TOKENS, description="seq2seq_lm: targets are cut to this many tokens, EOS included; also the generation limit in eval"
     )
     max_train_examples: int | None = Field(None, gt=0, description="use only the first N training examples")
     max_eval_examples: int | None = Field(None, gt=0, description="use only the first N eval examples")
@@ -121,11 +128,14 @@ class DataSpec(Strict):
         return v
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # torch's AdamW raises on anything else, after the model loads
+
+
 class OptimizerSpec(Strict):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW only")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW only")
     eps: float = Field(1e-8, gt=0, description="AdamW only")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD only")
 
@@ -140,11 +150,16 @@ class TrainSpec(Strict):
     batch_size: int = Field(32, gt=0, description="examples per micro-batch per process")
     eval_batch_size: int | None = Field(None, gt=0, description="default: 2 x batch_size")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=1_000_000)  # epochs x steps per epoch must stay a finite step count
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null for none")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16 needs CUDA")
-    seed: int = 42
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 on GPUs that run it, else fp16 with a grad scaler; on CPUs bf16 where the "
+        "hardware runs it natively (AMX or AVX512-BF16), else no (fp32). fp16 needs CUDA",
+    )
+    tf32: bool = Field(True, description="CUDA: fp32 matrix products in TF32 (Ampere and newer); false for full fp32")
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range; set_seed seeds numpy too
     log_every: int = Field(10, gt=0, description="optimizer steps between log lines")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between evals (always at the end)")
     save_every: int | None = Field(None, gt=0, description="optimizer steps between step checkpoints (adapter and training state, for --resume)")
@@ -207,7 +222,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: recipe file not found. Check the path (relative to {Path.cwd()}).")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: recipe is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a short YAML file.")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: line {line}: not UTF-8 text (got byte 0x{raw[exc.start]:02x} at byte offset {exc.start}). Save the recipe as UTF-8."
+        ) from None
     try:
         data = safe_yaml(text)
     except Refused as exc:
@@ -369,6 +391,8 @@ def validate_recipe(
         problems += method_task_problems(METHODS[method_params.name], task)
     if model is not None and task is not None:
         problems += _model_task_problems(model, task)
+    if model is not None and data is not None and task is not None:
+        problems += position_problems(model, data, method_params, task)
 
     if problems:
         lines = []
@@ -431,9 +455,12 @@ def validate_method(raw: dict[str, Any]) -> tuple[Any, list[tuple[tuple[str, ...
         return None, [(("method", "name"), f"unknown method (got {name!r}).{hint} Available: {', '.join(choices)}.")]
     schema = METHODS[name].params
     try:
-        return schema.model_validate(raw), []
+        params = schema.model_validate(raw)
     except ValidationError as exc:
         return None, [(("method",) + tuple(str(p) for p in e["loc"]), describe(e, schema)) for e in exc.errors()]
+    # As Strict's allow_inf_nan=False does for the other sections: a method's schema is its own.
+    infinite = [(("method", k), f"input should be a finite number (got {v}).") for k, v in params if isinstance(v, float) and not math.isfinite(v)]
+    return (None, infinite) if infinite else (params, [])
 
 
 def describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
@@ -554,6 +581,47 @@ def _train_problems(t: TrainSpec, task: str) -> list[tuple[tuple[str, ...], str]
         hint = _did_you_mean(t.best_metric, list(names))
         return [(("train", "best_metric"), f"not an eval metric of {task} (got {t.best_metric!r}).{hint} Metrics: {', '.join(names)}.")]
     return []
+
+
+def position_limit(name: str, revision: str | None) -> tuple[int, str] | None:
+    """How many positions the model's config gives it, and the key that says so (max_position_embeddings,
+    GPT-2's n_positions), read from a local folder or the hub cache only: no download, no weights. None
+    when the config cannot be read here, or the model has no such limit (T5's relative positions)."""
+    location = str(package_folder(name)) if name.startswith(PACKAGE_PREFIX) else name
+    try:
+        config = AutoConfig.from_pretrained(location, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - unreadable without a download: loading the model reports why
+        return None
+    if getattr(config, "position_biased_input", True) is False:  # DeBERTa-v2/v3: relative positions only
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    key = "n_positions" if "n_positions" in config.to_dict() else "max_position_embeddings"
+    return (limit, key) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task: str) -> list[tuple[tuple[str, ...], str]]:
+    """data.max_length (and a seq2seq target's max_target_length) within the model's positions: past
+    them, learned position embeddings are indexed out of range mid-training (an IndexError on a CPU, a
+    device-side assert on a GPU). Virtual tokens (prompt, p- and prefix tuning) take positions too."""
+    if model.gguf_file:
+        return []
+    problems: list[tuple[tuple[str, ...], str]] = []
+    virtual = getattr(method_params, "num_virtual_tokens", 0) or 0
+    found = position_limit(model.name, model.revision)
+    if found is not None and data.max_length + virtual > found[0]:
+        limit, key = found
+        if virtual >= limit:
+            problems.append((("method", "num_virtual_tokens"), f"as many as the {limit} positions of {model.name} ({key} in its config), leaving none for the text (got {virtual}). Use fewer virtual tokens."))
+        else:
+            plus, fewer = (f"with {virtual} virtual tokens (method.num_virtual_tokens), ", ", or use fewer virtual tokens") if virtual else ("", "")
+            problems.append((("data", "max_length"), f"{plus}more than the {limit} positions of {model.name} ({key} in its config) (got {data.max_length}). Set data.max_length to {limit - virtual} or less{fewer}."))
+    if TASKS[task].encoder_decoder:
+        decoder = model.decoder or model.name
+        found = position_limit(decoder, model.revision if model.decoder is None else None)
+        if found is not None and data.max_target_length > found[0]:
+            limit, key = found
+            problems.append((("data", "max_target_length"), f"more than the {limit} positions of the decoder {decoder} ({key} in its config) (got {data.max_target_length}). Set data.max_target_length to {limit} or less."))
+    return problems
 
 
 def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:

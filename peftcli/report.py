@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftcli.checkpoint import atomic_write_text, write_json
+from peftcli.checkpoint import atomic_write_text, finite
 
 
 class MetricsLog:
@@ -16,16 +16,21 @@ class MetricsLog:
 
     def __init__(self, path: Path, history: list[dict[str, Any]] | None = None) -> None:
         self.path = path
-        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history or []))
+        atomic_write_text(path, "".join(json_text(record) + "\n" for record in history or []))
 
     def __call__(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """Strict JSON: a non-finite float is written as null."""
+    return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     """report.json and report.md; html_report draws the curves (curves.svg, report.html)."""
-    write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.json", json_text(report, indent=2) + "\n")
     atomic_write_text(run_dir / "report.md", markdown(report))
 
 

@@ -9,8 +9,9 @@ A checkpoint folder `checkpoints/step-N/` holds:
                                                      counters and log so far, the number of processes
     rng-<rank>.safetensors, rng-<rank>.json          each process's random number generators
 
-Every process writes its own rng files into one temporary folder, which the main process renames
-into place once all are written: a `step-N` folder is complete or absent, whenever the run dies.
+The main process writes every file, the other processes' generators included (they send them: on
+another machine the run directory need not exist), into a temporary folder that it renames into place
+once all are written: a `step-N` folder is complete or absent, whenever the run dies.
 Nothing is unpickled on the way back.
 """
 
@@ -29,10 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 
-from peftcli.checkpoint import atomic_rename_dir, read_state
-from peftcli.distributed import all_ok
+from peftcli.checkpoint import atomic_rename_dir, read_state, save_tensors
+from peftcli.distributed import all_ok, gather_to_main
 from peftcli.errors import CheckpointError
 from peftcli.trainer import LoopState, Position
 
@@ -59,28 +59,26 @@ def save_checkpoint(
     write_main: Callable[[Path], None],
     keep: int,
 ) -> None:
-    """Writes `folder` from all processes at once: the main process what `write_main` writes (the
-    adapters and the loop state), each process its generators. Then keeps the last `keep` checkpoints,
-    this one always among them. A write that fails on any process (a full disk) leaves the earlier
+    """Writes `folder` from the main process, the run directory's one writer: what `write_main` writes
+    (the adapters and the loop state) and every process's generators. Then keeps the last `keep`
+    checkpoints, this one always among them. A write that fails (a full disk) leaves the earlier
     checkpoints as they were and raises OSError on every process."""
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if accelerator.is_main_process:
-        for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    rngs = gather_to_main(accelerator, state.rng) if state is not None else []
     error: OSError | None = None
-    try:
-        if state is not None:
-            write_rng(tmp, state.rng, accelerator.process_index)
-        if accelerator.is_main_process:
+    if accelerator.is_main_process:
+        try:
+            for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for rank, rng in enumerate(rngs):
+                write_rng(tmp, rng, rank)
             write_main(tmp)
-    except OSError as exc:
-        error = exc
-    if not all_ok(accelerator, error is None):
-        if accelerator.is_main_process:
+        except OSError as exc:
+            error = exc
             shutil.rmtree(tmp, ignore_errors=True)
-        raise error or OSError(f"another process could not write {tmp}")
+    if not all_ok(accelerator, error is None):
+        raise error or OSError(f"the main process could not write {tmp}")
     if accelerator.is_main_process:
         atomic_rename_dir(tmp, folder)
         prune(folder, keep)
@@ -124,10 +122,8 @@ def write_loop_state(folder: Path, state: LoopState, num_processes: int, data_fi
                 scalars.setdefault(str(index), {})[key] = value
     method_tensors, method_extras = state.method or ({}, None)
     tensors |= {f"method.{key}": t for key, t in method_tensors.items()}
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(folder / STATE_TENSORS),
-        metadata={"format": "pt"},
+    save_tensors(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / STATE_TENSORS, metadata={"format": "pt"}
     )
     meta = {
         "format": FORMAT,
@@ -147,7 +143,7 @@ def write_loop_state(folder: Path, state: LoopState, num_processes: int, data_fi
 
 def write_rng(folder: Path, rng: dict[str, Any], rank: int) -> None:
     tensors = {"torch": rng["torch"]} | {f"cuda.{i}": s for i, s in enumerate(rng["cuda"])}
-    save_file(tensors, str(folder / f"rng-{rank}.safetensors"))
+    save_tensors(tensors, folder / f"rng-{rank}.safetensors")
     version, internal, gauss = rng["python"]
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     python = {"version": version, "state": list(internal), "gauss": gauss}

@@ -23,14 +23,28 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from peftcli.distributed import accumulating, full_parameters, gather_uneven, partitioned_optimizer
+from peftcli import precision
+from peftcli.distributed import (
+    accumulating,
+    allow_unused,
+    backward_kwargs,
+    configure_deepspeed,
+    data_parallel,
+    first_batch,
+    full_parameters,
+    gather_uneven,
+    partitioned_optimizer,
+    sharded,
+    unused_parameters,
+)
 from peftcli.dropout_masks import cheaper_dropout
 from peftcli.errors import PeftcliError
 from peftcli.first_position import first_position_only
@@ -158,13 +172,17 @@ class TrainResult:
         self.train_seconds += seconds
 
     def track_eval(self, step: int, metrics: dict[str, float], metric: str) -> bool:
-        """Records an eval; True when it is the best so far by `metric` (ties keep the earlier one)."""
+        """Records an eval; True when it is the best so far by `metric` (ties keep the earlier one). A
+        NaN or infinite value is never the best (a NaN compares False with everything, so a first NaN
+        would stay best for good), and any finite value beats one (a best kept from before)."""
         if metric not in metrics:
             raise PeftcliError(f"train.best_metric: {metric!r} is not an eval metric (metrics: {', '.join(metrics)}).")
         self.final_metrics = metrics
         best = self.best_metrics.get(metric)
         value = metrics[metric]
-        improved = best is None or (value > best if higher_is_better(metric) else value < best)
+        improved = math.isfinite(value) and (
+            best is None or not math.isfinite(best) or (value > best if higher_is_better(metric) else value < best)
+        )
         if improved:
             self.best_metrics, self.best_step = metrics, step
         return improved
@@ -191,7 +209,17 @@ def train(
     stop = stop or Stop()
     set_seed(spec.seed)
     sampler = train_data.batch_sampler
+    fp32_masters(model, accelerator)
+    configure_deepspeed(accelerator, spec.batch_size, spec.grad_accum, spec.max_grad_norm)
     optimizer = make_optimizer(model, optim)
+    if data_parallel(accelerator):  # DDP stops at step 2 if a trainable parameter gets no gradient
+        with accelerator.autocast():
+            unused = unused_parameters(
+                model.to(accelerator.device),
+                first_batch(train_data),
+                lambda m, b: task.loss_sum(m(**model_inputs(b, task)).logits, b)[0],
+            )
+        allow_unused(accelerator, unused)
     # The eval loader is not prepared: it already holds this process's share of the eval batches
     # (data.eval_loader), and accelerate would pad the shares to equal length with repeated examples.
     model, optimizer, train_data = accelerator.prepare(model, optimizer, train_data)
@@ -219,7 +247,9 @@ def train(
 
     model.train()
     first = result.steps + 1
-    narrowing = first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position)
+    narrowing = first_position_only(
+        model, accelerator.unwrap_model(model), task.reads_one_position, low_precision(accelerator, model)
+    )
     with progress_bar(accelerator, total_steps, first - 1) as (progress, bar), narrowing, cheaper_dropout(model):
         for step, window in enumerate(
             step_windows(train_data, sampler, spec.grad_accum, total_steps - first + 1, position), start=first
@@ -373,18 +403,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def make_accelerator(spec: TrainSpec) -> Accelerator:
-    if spec.mixed_precision == "fp16" and not torch.cuda.is_available():
+    mixed_precision, _ = precision.resolve(spec.mixed_precision)
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise PeftcliError(
             "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
-            "Use bf16 (CPUs with bf16 support) or no."
+            "Use auto, bf16 (CPUs with bf16 support) or no."
         )
     if (
-        spec.mixed_precision == "bf16"
+        mixed_precision == "bf16"
         and not torch.cuda.is_available()
         and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
     ):
         raise PeftcliError(
-            "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use no."
+            "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use auto or no."
         )
     for engine, config in (("FSDP", "configs/fsdp.yaml"), ("DEEPSPEED", "configs/deepspeed-zero*.yaml")):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and not torch.cuda.is_available():
@@ -392,9 +423,26 @@ def make_accelerator(spec: TrainSpec) -> Accelerator:
                 f"accelerate launch: {config} shards the model across GPUs and none is visible (got ACCELERATE_USE_{engine}=true). "
                 "On CPUs use configs/cpu-ddp.yaml or --num-processes N."
             )
+    precision.set_tf32(spec.tf32)
+    # accelerate keeps one state per process and refuses another precision once it is set: a second
+    # run in the same process (the Python API, tests) starts from a fresh state. The process group stays.
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state()
     # Several processes and no GPU: DDP on the CPUs over gloo (accelerate picks that only when told cpu=True).
     on_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=spec.mixed_precision, cpu=on_cpus)
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpus)
+
+
+def fp32_masters(model: nn.Module, accelerator: Accelerator) -> None:
+    """Under autocast every trainable tensor is fp32, whatever `model.dtype` is: a classification
+    head, BitFit's biases or full fine-tuning's weights left in fp16 would lose small updates to
+    rounding, and the fp16 grad scaler refuses to unscale fp16 gradients ("Attempting to unscale FP16
+    gradients"). Autocast computes in 16 bits all the same. DeepSpeed keeps its own fp32 masters."""
+    if accelerator.mixed_precision not in ("fp16", "bf16") or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def make_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
@@ -521,7 +569,7 @@ def train_step(
             objective = loss_sum * scale
             if method_hooks.regularizer is not None and i == len(window) - 1:
                 objective = objective + method_hooks.regularizer()
-            accelerator.backward(objective)
+            accelerator.backward(objective, **backward_kwargs(accelerator))
         loss_total += loss_sum.detach()
     loss = (accelerator.reduce(loss_total, reduction="sum") / global_units).item()
     norm = (
@@ -557,7 +605,6 @@ class EvalOutput:
     labels: torch.Tensor | None
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -572,9 +619,13 @@ def evaluate(
     units = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    with first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position):
+    # Sharded parameters (FSDP, ZeRO-3) are gathered in every forward: every process runs as many
+    # forwards as the one with the most batches (the others run a one-example filler whose output
+    # counts for nothing), or a collective would wait forever for its peer.
+    fillers = filler_forwards(loader, accelerator) if sharded(accelerator) else 0
+    with no_grad_for(accelerator), first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position, low_precision(accelerator, model)):
         for batch in loader:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             try:
                 with head_at_targets(head, batch):
                     logits = model(**model_inputs(batch, task)).logits
@@ -587,9 +638,14 @@ def evaluate(
             units += batch_units
             predicted = task.predictions(logits, batch)
             if predicted is not None:
-                preds.append(predicted[0].cpu())
-                labels.append(predicted[1].cpu())
+                preds.append(predicted[0])
+                labels.append(predicted[1])
             on_batch()
+        for _ in range(fillers):
+            filler = {k: v.to(accelerator.device) for k, v in loader.collate_fn([loader.dataset[0]]).items()}
+            with head_at_targets(head, filler):
+                model(**model_inputs(filler, task))
+    preds, labels = [torch.cat(preds).cpu()] if preds else [], [torch.cat(labels).cpu()] if labels else []
     # Each process evaluated its own share of the examples (data.eval_loader): sums and rows are
     # joined once at the end, so no example counts twice and uneven shares are fine.
     total_loss = accelerator.reduce(loss_sum, reduction="sum").item()
@@ -606,6 +662,27 @@ def evaluate(
         else None
     )
     return EvalOutput(task.metrics(total_loss, total_units, all_preds, all_labels, label_names or []), all_preds, all_labels)
+
+
+def no_grad_for(accelerator: Accelerator) -> AbstractContextManager[Any]:
+    """inference_mode where it is safe, no_grad where parameters are sharded: FSDP and ZeRO-3 cannot
+    gather into inference tensors, and tensors made in inference mode cannot be saved for a later
+    backward (HF Trainer evaluates under no_grad too)."""
+    return torch.no_grad() if sharded(accelerator) else torch.inference_mode()
+
+
+def filler_forwards(loader: DataLoader, accelerator: Accelerator) -> int:
+    """How many forwards this process must add to match the process with the most eval batches."""
+    mine = torch.tensor([len(loader)], device=accelerator.device)
+    most = int(accelerator.reduce(mine, reduction="max").item()) if accelerator.num_processes > 1 else len(loader)
+    return most - len(loader)
+
+
+def low_precision(accelerator: Accelerator, model: nn.Module) -> bool:
+    """Whether the forward computes in 16 bits: 16-bit weights, or autocast (whose weights stay fp32)."""
+    return accelerator.mixed_precision in ("fp16", "bf16") or any(
+        p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
+    )
 
 
 class StepStats:

@@ -215,6 +215,17 @@ def ner_rows(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one state per process, and an Accelerator() made without a precision takes the
+    one a previous test left (a run with `mixed_precision: auto` leaves bf16 on CPUs with AMX): each
+    test starts from none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_ner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny BERT tagger saved with its WordPiece tokenizer, and NER train/validation files."""
@@ -282,7 +293,8 @@ def tiny_recipe(model_dir: Path, data: dict[str, Path], task: str, **sections: A
         "data": {"files": files, "columns": columns, "max_length": 32},
         "optimizer": {"name": "adamw", "lr": 1e-2},
         "schedule": {"name": "constant", "warmup_steps": 0},
-        "train": {"batch_size": 8, "max_steps": 6, "log_every": 2, "eval_every": 3, "seed": 0},
+        # fp32 whatever the CPU: `auto` would pick bf16 on CPUs with AMX, and tests compare numbers.
+        "train": {"batch_size": 8, "max_steps": 6, "log_every": 2, "eval_every": 3, "seed": 0, "mixed_precision": "no"},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(recipe.get(key), dict):

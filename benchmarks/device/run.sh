@@ -3,11 +3,13 @@
 #   run(command="bash benchmarks/device/run.sh", carry=[".device"], timeout_s=590)
 # One call, in this order, each part under its own time limit so the call ends inside its 10 minutes:
 #   1. installs .device/wheels over the image's packages (its CUDA torch stays), and records versions
-#   2. tests/gpu (training with bf16 and fp16 autocast, eval, merge, HF peft, dropout, the benchmark's GPU columns)
+#   2. tests/gpu (training with bf16 and fp16 autocast, eval, merge, HF peft, dropout, the benchmark's GPU columns;
+#      fp16 over fp16 base weights, FSDP2 with evals and bf16, compare, TF32 on/off, host syncs per step)
 #   3. the benchmark on the GPU in bf16: SmolLM2-135M's shape, then a ~1B Llama shape, both tools
-# Everything lands in $OUT: versions.txt, gpu-tests.log, bench-<workload>.jsonl and .log, and
+# Everything lands in $OUT: versions.txt, gpu-tests.log, gpu-readiness.json, bench-<workload>.jsonl and .log, and
 # benchmarks.md (docs/benchmarks.md with the GPU tables written in; copy it back over the doc).
-# `bash benchmarks/device/run.sh bench` skips the tests, `tests` skips the benchmark.
+# `bash benchmarks/device/run.sh bench` skips the tests, `tests` skips the benchmark: run `tests` first, in a
+# call of its own, so that a slow benchmark cannot lose the test results.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-device-out}
@@ -23,7 +25,7 @@ print('transformers', transformers.__version__, 'peft', peft.__version__, 'accel
 } 2>&1 | tee "$out/versions.txt"
 stage=${1:-all}
 if [ "$stage" != bench ]; then
-    timeout 150 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+    OUT=$out timeout 360 python3 -m pytest tests/gpu -q -rA -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 fi
 [ "$stage" = tests ] && exit 0
 cp docs/benchmarks.md "$out/benchmarks.md"

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import peftcli
+from peftcli import precision
 from peftcli.checkpoint import (
     PREFIX,
     WEIGHTS_NAME,
@@ -35,7 +36,7 @@ from peftcli.checkpoint import (
 )
 from peftcli.data import eval_loader, prepare_data, train_loader
 from peftcli.distributed import all_ok, partitioned_optimizer
-from peftcli.errors import CheckpointError, PeftcliError, RunInterrupted, TrainingDiverged
+from peftcli.errors import CheckpointError, MethodError, PeftcliError, RunInterrupted, TrainingDiverged
 from peftcli.html_report import write_run_html
 from peftcli.methods import context_for, get_method
 from peftcli.methods.base import Calibration, count_parameters, trainable_parameters
@@ -77,10 +78,10 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     run_dir = recipe.run_dir()
     accelerator = make_accelerator(recipe.train)
     keep = kept_paths(recipe, recipe_path)
-    if accelerator.is_main_process:
-        settle_replacement(run_dir)
+    # The main process checks the run directory (the others could see the main process's own lock
+    # and recipe.yaml appear on a shared filesystem), and every process stops with it.
     if resume is None:
-        check_run_dir(run_dir, overwrite, keep)
+        on_main(accelerator, lambda: (settle_replacement(run_dir), check_run_dir(run_dir, overwrite, keep)))
         loop, resumed_from = None, None
     else:
         if partitioned_optimizer(accelerator):
@@ -88,15 +89,17 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
                 "--resume: runs under FSDP or DeepSpeed cannot resume yet (their optimizer state is partitioned "
                 "across processes and peftcli saves the adapter only). Start a new run, or resume under DDP."
             )
-        if locked_by_another(run_dir):
-            raise busy(run_dir)
+        on_main(accelerator, lambda: refuse_if_busy(run_dir))
         check_same_recipe(run_dir, recipe)
         resumed_from = find_checkpoint(run_dir, resume)
         loop = read_loop_state(resumed_from, accelerator.process_index, accelerator.num_processes)
     task, method = TASKS[recipe.task], get_method(recipe.method.name)
+    check_engine(method, accelerator)
     console.quiet = not accelerator.is_main_process
 
     console.print(f"[bold]{escape(str(recipe.name))}[/]: {method.name} on {escape(recipe.model.name)} ({recipe.task})")
+    chosen, why = precision.resolve(recipe.train.mixed_precision)
+    console.print(f"mixed precision: {chosen}" + (f" (auto: {why})" if recipe.train.mixed_precision == "auto" else ""))
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
     fingerprint = data_fingerprint(data.train, data.eval)
@@ -251,6 +254,21 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     return run_dir
 
 
+def refuse_if_busy(run_dir: Path) -> None:
+    if locked_by_another(run_dir):
+        raise busy(run_dir)
+
+
+def check_engine(method: Any, accelerator: Any) -> None:
+    """A method that needs whole tensors between steps is refused under FSDP and DeepSpeed."""
+    if method.unsharded_only is not None and partitioned_optimizer(accelerator):
+        engine = accelerator.distributed_type.value
+        raise MethodError(
+            f"method.name: {method.name} cannot train under {engine}: {method.unsharded_only}, which {engine} holds in "
+            f"pieces across processes (got {method.name}). Use lora, or train {method.name} under DDP (--num-processes N)."
+        )
+
+
 def on_main(accelerator: Any, action: Callable[[], None]) -> None:
     """Runs `action` on the main process; when it fails there, every process stops with it (the
     others raise an error of the same exit code, which the CLI does not print twice)."""
@@ -390,7 +408,9 @@ def build_report(
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
             "cpu_threads": torch.get_num_threads(),
-            "mixed_precision": recipe.train.mixed_precision,
+            "mixed_precision": accelerator.mixed_precision,
+            "mixed_precision_requested": recipe.train.mixed_precision,
+            "tf32": bool(recipe.train.tf32 and torch.cuda.is_available()),
         },
         "final_metrics": result.final_metrics,
         "best_metrics": result.best_metrics,

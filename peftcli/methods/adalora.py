@@ -410,4 +410,5 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2303.10512",
     state=state,
     training_hooks=training_hooks,
+    unsharded_only="it reallocates ranks between steps from whole lora_A/lora_B matrices and their gradients",
 )

@@ -116,6 +116,9 @@ class Method:
     # Whether it applies to encoder-decoder models (task seq2seq_lm); recipe validation and adapter
     # loading refuse the others. Every method does now.
     supports_encoder_decoder: bool = True
+    # Why the method cannot train where FSDP or DeepSpeed hold parameters, gradients and optimizer state
+    # in pieces across processes (it reads whole tensors or gradients between steps); None: it can.
+    unsharded_only: str | None = None
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)

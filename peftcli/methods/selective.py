@@ -30,7 +30,8 @@ eligible tensors in proportion to their size, at evenly spaced entries (an uninf
 random-mask baseline of Sung et al.), so `peft inspect` on a recipe counts the trainable parameters
 exactly (the split over layers is decided by calibration).
 `calibrate` (called by `peft train` after apply) replaces that mask by the scored one; `load_state`
-replaces it by the indices in the file.
+replaces it by the indices in the file. With several processes, each scores its own batches and all
+train the main process's selection.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from itertools import islice
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -333,9 +335,10 @@ def score_entries(
 
 
 def top_entries(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The k highest-scoring entries across all tensors, as sorted flat indices per tensor."""
+    """The k highest-scoring entries across all tensors, as sorted flat indices per tensor; with several
+    processes, those of the main process (`from_main_process`)."""
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    top = torch.topk(flat, k, sorted=False).indices.sort().values
+    top = from_main_process(torch.topk(flat, k, sorted=False).indices.sort().values)
     del flat
     out, start = {}, 0
     for name, s in scores.items():
@@ -343,6 +346,16 @@ def top_entries(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tens
         out[name] = (top[lo:hi] - start).cpu()
         start += s.numel()
     return out
+
+
+def from_main_process(indices: torch.Tensor) -> torch.Tensor:
+    """`indices` as the main process (rank 0) holds them, on every process where torch.distributed runs.
+    Each process scores the batches it is given and may rank the entries differently, and DDP's average
+    of a delta's gradients means something only where every process's delta holds the same entries.
+    Every process has the same k, so the shapes agree."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(indices, src=0)
+    return indices
 
 
 # -- save, load, merge --------------------------------------------------------------------------------

@@ -40,7 +40,9 @@ from tests.helpers import randomize_trainable
 
 CLS = "sequence_classification"
 # `peft train` names the run before it loads data; everything else it prints on a refusal is an error.
-TRAIN_BANNER = re.compile(r"\S+: \S+ on .+ \((sequence_classification|causal_lm|token_classification)\)")
+TRAIN_BANNER = re.compile(
+    r"\S+: \S+ on .+ \((sequence_classification|causal_lm|seq2seq_lm|token_classification)\)|mixed precision: .+"
+)
 REGISTRY = ", ".join(sorted(METHODS))
 
 
@@ -504,7 +506,7 @@ def test_fp16_on_a_cpu_only_machine(work: Path, tiny_dirs, tiny_data) -> None:
         "train",
         str(path),
         lines=[
-            "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). Use bf16 (CPUs with bf16 support) or no."
+            "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). Use auto, bf16 (CPUs with bf16 support) or no."
         ],
     )
 

@@ -207,6 +207,6 @@ def test_fp16_without_cuda_is_refused(tmp_path: Path, tiny_dirs, tiny_data) -> N
     result = peft("train", str(write_recipe(tmp_path, recipe)))
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). Use bf16 (CPUs with bf16 support) or no."
+        "error: train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). Use auto, bf16 (CPUs with bf16 support) or no."
     )
     assert not (tmp_path / "run").exists()

@@ -204,5 +204,5 @@ def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monk
     with pytest.raises(PeftcliError) as exc:
         make_accelerator(TrainSpec(mixed_precision="bf16"))
     assert exc.value.lines == [
-        "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use no."
+        "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use auto or no."
     ]

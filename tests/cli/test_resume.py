@@ -183,7 +183,7 @@ def test_nonfinite_gradient_step_changes_nothing(tmp_path, tiny_dirs, tiny_data)
 
     model = tiny_model("bert-cls")
     adapt(model, METHODS["lora"], "sequence_classification")
-    spec = TrainSpec(batch_size=2)
+    spec = TrainSpec(batch_size=2, mixed_precision="no")
     accelerator = make_accelerator(spec)
     optimizer = make_optimizer(model, OptimizerSpec(lr=0.1))
     scheduler = make_scheduler(optimizer, ScheduleSpec(name="constant", warmup_steps=0), 10)
@@ -324,7 +324,7 @@ METHOD_SETTINGS = {"adalora": {"init_r": 8, "target_r": 1, "tinit": 1, "tfinal":
 def test_every_method_resumes_to_the_same_bytes(method: str, tmp_path, tiny_dirs, tiny_data) -> None:
     recipe = tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(tmp_path / "run"))
     recipe["method"] = {"name": method} | METHOD_SETTINGS.get(method, {})
-    recipe["train"] = {"batch_size": 8, "max_steps": 12, "save_every": 5, "eval_every": 4, "log_every": 1, "seed": 0}
+    recipe["train"] = {"batch_size": 8, "max_steps": 12, "save_every": 5, "eval_every": 4, "log_every": 1, "seed": 0, "mixed_precision": "no"}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_train(path, [])

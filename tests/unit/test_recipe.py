@@ -45,7 +45,7 @@ def test_defaults_and_method_params(recipe_dir: Path) -> None:
     r = load_recipe(write(recipe_dir, BASE))
     assert r.name == "r"
     assert isinstance(r.method, LoraParams) and r.method.rank == 4 and r.method.alpha == 16
-    assert r.train.batch_size == 32 and r.train.mixed_precision == "no"
+    assert r.train.batch_size == 32 and r.train.mixed_precision == "auto"
     assert r.run_dir() == Path("runs/r")
 
 
