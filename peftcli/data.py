@@ -691,7 +691,13 @@ def train_loader(
 ) -> DataLoader:
     """All processes' micro-batches; accelerate's prepare() gives each process its own."""
     sampler = GroupedBatchSampler(lengths_of(ds), batch_size, grad_accum, group_by_length, seed, num_processes)
-    return DataLoader(ds.with_format(None), batch_sampler=sampler, collate_fn=Collator(pad_token_id), generator=own_generator(seed))
+    return DataLoader(
+        ds.with_format(None),
+        batch_sampler=sampler,
+        collate_fn=Collator(pad_token_id),
+        generator=own_generator(seed),
+        pin_memory=torch.cuda.is_available(),  # the copy to the GPU then does not block the host
+    )
 
 
 def own_generator(seed: int) -> torch.Generator:
@@ -706,4 +712,10 @@ def eval_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int, proces
     lengths = lengths_of(ds)
     order = sorted(range(len(ds)), key=lambda i: -lengths[i])
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)][process_index::num_processes]
-    return DataLoader(ds.with_format(None), batch_sampler=batches, collate_fn=Collator(pad_token_id), generator=own_generator(0))
+    return DataLoader(
+        ds.with_format(None),
+        batch_sampler=batches,
+        collate_fn=Collator(pad_token_id),
+        generator=own_generator(0),
+        pin_memory=torch.cuda.is_available(),
+    )

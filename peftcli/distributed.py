@@ -22,6 +22,8 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
+from peftcli.errors import PeftcliError
+
 
 def sharded(accelerator: Accelerator) -> bool:
     """True when parameters (and the optimizer) are split across processes."""
@@ -185,6 +187,22 @@ def all_ok(accelerator: Accelerator, ok: bool) -> bool:
         return ok
     failed = accelerator.reduce(torch.tensor([0 if ok else 1], device=accelerator.device), reduction="sum")
     return int(failed.item()) == 0
+
+
+def on_main(accelerator: Accelerator, action: Callable[[], None]) -> None:
+    """Runs `action` on the main process only (the run directory's one writer). Whatever it raises
+    there stops every process: the main one raises it, the others a PeftcliError the CLI does not
+    print twice; none is left waiting at a collective for a peer that left."""
+    error: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
+            error = exc
+    if not all_ok(accelerator, error is None):
+        if error is not None:
+            raise error
+        raise PeftcliError("the main process stopped the run")
 
 
 def data_parallel(accelerator: Accelerator) -> bool:

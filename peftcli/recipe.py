@@ -596,7 +596,17 @@ def position_limit(name: str, revision: str | None) -> tuple[int, str] | None:
         return None
     limit = getattr(config, "max_position_embeddings", None)
     key = "n_positions" if "n_positions" in config.to_dict() else "max_position_embeddings"
-    return (limit, key) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    if config.model_type in PADDING_OFFSET_POSITIONS and isinstance(config.pad_token_id, int):
+        # Positions counted from pad_token_id + 1 (RoBERTa's scheme): the first pad_token_id + 1 rows
+        # of the table are never a text position.
+        return limit - config.pad_token_id - 1, f"{key} minus pad_token_id + 1"
+    return limit, key
+
+
+# Models that number positions from pad_token_id + 1 (transformers' create_position_ids_from_input_ids).
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text", "roberta-prelayernorm", "xmod", "mpnet"}
 
 
 def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task: str) -> list[tuple[tuple[str, ...], str]]:

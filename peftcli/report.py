@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,24 @@ class MetricsLog:
     It starts from `history`: empty for a new run, the checkpoint's log for a resumed one (dropping
     what was logged after that checkpoint)."""
 
-    def __init__(self, path: Path, history: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, path: Path, history: list[dict[str, Any]] | None = None, warn: Callable[[str], None] = print) -> None:
         self.path = path
+        self.warn = warn
+        self.failed = False
         atomic_write_text(path, "".join(json_text(record) + "\n" for record in history or []))
 
     def __call__(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json_text(record) + "\n")
+        """A line that cannot be written (a full disk) is reported once and training goes on: the log
+        is also in the checkpoints and report.json, and a save that fails stops the run anyway, on
+        every process (an error raised here, on the main process alone, would leave the others waiting)."""
+        if self.failed:
+            return
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json_text(record) + "\n")
+        except OSError as exc:
+            self.failed = True
+            self.warn(f"{self.path}: cannot append ({exc.strerror or exc}); the log stops here, training goes on.")
 
 
 def json_text(value: Any, indent: int | None = None) -> str:

@@ -32,13 +32,14 @@ import torch
 from accelerate import Accelerator
 
 from peftcli.checkpoint import atomic_rename_dir, read_state, save_tensors
-from peftcli.distributed import all_ok, gather_to_main
+from peftcli.distributed import gather_to_main, on_main
 from peftcli.errors import CheckpointError
 from peftcli.trainer import LoopState, Position
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 BEST = "best"
+ABANDONED = ".abandoned-"
 FORMAT = 1
 
 
@@ -61,12 +62,12 @@ def save_checkpoint(
 ) -> None:
     """Writes `folder` from the main process, the run directory's one writer: what `write_main` writes
     (the adapters and the loop state) and every process's generators. Then keeps the last `keep`
-    checkpoints, this one always among them. A write that fails (a full disk) leaves the earlier
-    checkpoints as they were and raises OSError on every process."""
+    checkpoints, this one always among them. A write that fails (a full disk: OSError) leaves the
+    earlier checkpoints as they were and stops every process (distributed.on_main)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     rngs = gather_to_main(accelerator, state.rng) if state is not None else []
-    error: OSError | None = None
-    if accelerator.is_main_process:
+
+    def write() -> None:
         try:
             for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving
                 shutil.rmtree(stale, ignore_errors=True)
@@ -74,15 +75,13 @@ def save_checkpoint(
             for rank, rng in enumerate(rngs):
                 write_rng(tmp, rng, rank)
             write_main(tmp)
-        except OSError as exc:
-            error = exc
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    if not all_ok(accelerator, error is None):
-        raise error or OSError(f"the main process could not write {tmp}")
-    if accelerator.is_main_process:
+            raise
         atomic_rename_dir(tmp, folder)
         prune(folder, keep)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, write)
 
 
 def prune(written: Path, keep: int) -> None:
@@ -91,7 +90,8 @@ def prune(written: Path, keep: int) -> None:
     step = step_of(written)
     older = [p for p in checkpoint_steps(written.parent.parent) if step_of(p) < step]
     newer = [p for p in checkpoint_steps(written.parent.parent) if step_of(p) > step]
-    for old in older[: max(len(older) - (keep - 1), 0)] + newer:
+    abandoned = list(written.parent.glob(f"{ABANDONED}step-*"))
+    for old in older[: max(len(older) - (keep - 1), 0)] + newer + abandoned:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -100,11 +100,15 @@ def step_of(folder: Path) -> int:
 
 
 def abandon_after(run_dir: Path, step: int) -> list[Path]:
-    """Resuming from step N: the checkpoints after N belong to the run being replaced, so `latest`
-    must not find them; they are deleted. Returns what was."""
+    """Resuming from step N: the checkpoints after N belong to the run being replaced, so `latest` must
+    not find them. They are moved aside (`checkpoints/.abandoned-step-M`, which `latest` never reads)
+    and deleted at this run's first save: a resumed run that fails before it saved leaves them there.
+    Returns the checkpoints moved."""
     newer = [p for p in checkpoint_steps(run_dir) if step_of(p) > step]
     for p in newer:
-        shutil.rmtree(p)
+        aside = p.with_name(f"{ABANDONED}{p.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        p.rename(aside)
     return newer
 
 
@@ -153,21 +157,25 @@ def write_rng(folder: Path, rng: dict[str, Any], rank: int) -> None:
 
 def data_fingerprint(*splits: datasets.Dataset | None) -> str:
     """A hash of the tokenized examples, in order: what the run trains and evaluates on, wherever it
-    was read from. Column by column over Arrow's buffers, so it costs about a pass over the token ids."""
+    was read from. Column by column and chunk by chunk over Arrow's buffers: about a pass over the
+    token ids, without a copy of the data."""
     digest = hashlib.sha256()
     for ds in splits:
         digest.update(b"split" if ds is not None else b"none")
         table = ds.with_format("arrow")[:] if ds is not None else pa.table({})
         for name in sorted(table.column_names):
-            column = table.column(name).combine_chunks()
+            column = table.column(name)
             digest.update(name.encode() + b"\0" + str(column.type).encode())
-            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-                digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
-                column = pc.list_flatten(column)
-            if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-                digest.update(column.to_numpy(zero_copy_only=False).tobytes())
-            else:
-                digest.update(json.dumps(column.to_pylist()).encode())
+            nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            if nested:  # the lengths, then the values: the same bytes however the rows are chunked
+                for chunk in column.chunks:
+                    digest.update(pc.list_value_length(chunk).to_numpy(zero_copy_only=False).tobytes())
+            for chunk in column.chunks:
+                values = pc.list_flatten(chunk) if nested else chunk
+                if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+                    digest.update(values.to_numpy(zero_copy_only=False).tobytes())
+                else:
+                    digest.update(json.dumps(values.to_pylist()).encode())
     return digest.hexdigest()
 
 

@@ -34,12 +34,17 @@ RUN_RECIPE = "recipe.yaml"
 RUN_HEADER = "# Resolved from "
 
 
+def real(run_dir: Path) -> Path:
+    """The folder itself, however it is spelled (`..`, symbolic links above it): one lock per folder."""
+    return Path(os.path.realpath(run_dir))
+
+
 def lock_path(run_dir: Path) -> Path:
-    return run_dir.parent / f".{run_dir.name}.lock"
+    return real(run_dir).parent / f".{real(run_dir).name}.lock"
 
 
 def aside_path(run_dir: Path) -> Path:
-    return run_dir.parent / f".{run_dir.name}.replaced"
+    return real(run_dir).parent / f".{real(run_dir).name}.replaced"
 
 
 def is_run(folder: Path) -> bool:
@@ -236,7 +241,12 @@ class Replacement:
         """A replacement killed before the new run saved anything: the old run comes back."""
         if not self.aside.is_dir():
             return
-        new_saved = (self.run_dir / "adapter").is_dir() or (self.run_dir / "checkpoints").is_dir()
+        # What the new run saved, complete: its adapter, or a step checkpoint (a killed save leaves a
+        # hidden temporary folder, and a `checkpoints/` folder holding only that is nothing).
+        checkpoints = self.run_dir / "checkpoints"
+        new_saved = (self.run_dir / "adapter" / "adapter_model.safetensors").is_file() or any(
+            p.is_dir() and p.name.split("-", 1)[1].isdigit() for p in checkpoints.glob("step-*")
+        )
         if new_saved:
             shutil.rmtree(self.aside)
         else:

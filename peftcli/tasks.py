@@ -71,7 +71,7 @@ def higher_is_better(metric: str) -> bool:
 def classification_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"]
     loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-    return loss, torch.tensor(labels.numel(), device=labels.device)
+    return loss, labels.new_full((), labels.numel())  # made on the device: no copy from the host
 
 
 def classification_predictions(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,10 +128,24 @@ def next_token_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+TARGET_INDEX = "target_index"
+
+
+def with_target_index(batch: dict[str, torch.Tensor], task: Task) -> dict[str, torch.Tensor]:
+    """For a task whose head may run at the target positions only: the batch with those positions
+    (flattened), found on the host before the batch goes to the device. Selecting them on the device
+    with a boolean mask would make the host wait for the device at every micro-batch."""
+    if not task.head_at_targets_only:
+        return batch
+    keep = (next_token_targets(batch) != IGNORE_INDEX).flatten()
+    return batch | {TARGET_INDEX: keep.nonzero().squeeze(1)}
+
+
 def causal_lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     targets = next_token_targets(batch)
     if logits.dim() == 2:  # one row per target: the head ran at those positions only (head_at_targets)
-        targets = targets[targets != IGNORE_INDEX]
+        index = batch.get(TARGET_INDEX)
+        targets = targets.flatten().index_select(0, index) if index is not None else targets[targets != IGNORE_INDEX]
     # The targets are shifted, not the logits: slicing the logits would copy the B x L x vocab tensor.
     logits = logits.reshape(-1, logits.size(-1))
     loss = F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -147,11 +161,15 @@ def head_at_targets(head: nn.Module | None, batch: dict[str, torch.Tensor]) -> I
     if head is None:
         yield
         return
-    keep = next_token_targets(batch) != IGNORE_INDEX
+    index = batch.get(TARGET_INDEX)
+    keep = next_token_targets(batch) != IGNORE_INDEX if index is None else None
 
     def at_targets(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         hidden = args[0]
-        return (hidden[keep], *args[1:]) if hidden.shape[:2] == keep.shape else None
+        if hidden.shape[:2] != batch["labels"].shape:
+            return None
+        rows = hidden[keep] if index is None else hidden.flatten(0, 1).index_select(0, index)
+        return (rows, *args[1:])
 
     handle = head.register_forward_pre_hook(at_targets)
     try:

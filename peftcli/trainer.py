@@ -50,7 +50,7 @@ from peftcli.errors import PeftcliError
 from peftcli.first_position import first_position_only
 from peftcli.methods.base import TrainingHooks, trainable_parameters
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import Task, head_at_targets, higher_is_better
+from peftcli.tasks import TARGET_INDEX, Task, head_at_targets, higher_is_better, with_target_index
 
 
 @dataclass
@@ -222,7 +222,10 @@ def train(
         allow_unused(accelerator, unused)
     # The eval loader is not prepared: it already holds this process's share of the eval batches
     # (data.eval_loader), and accelerate would pad the shares to equal length with repeated examples.
-    model, optimizer, train_data = accelerator.prepare(model, optimizer, train_data)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Batches stay on the host until train_step has counted their tokens and targets there (no device
+    # sync per micro-batch), then go to the device from pinned memory, without blocking.
+    train_data = accelerator.prepare_data_loader(train_data, device_placement=False)
     # The schedule is built on the prepared (per-process) loader's length and stepped once per
     # optimizer step; it is not passed to prepare(), which would step it once per process.
     steps_per_epoch = math.ceil(len(train_data) / spec.grad_accum)
@@ -526,10 +529,16 @@ def output_head(accelerator: Accelerator, model: nn.Module, task: Task) -> nn.Mo
     return get() if get is not None else None
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on the device; from pinned memory the copy does not block the host."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def model_inputs(batch: dict[str, torch.Tensor], task: Task) -> dict[str, torch.Tensor]:
     """The forward pass's arguments: the labels too for an encoder-decoder, which shifts them into the
     decoder's input (the model then computes its own loss as well, which is not used)."""
-    return batch if task.encoder_decoder else {k: v for k, v in batch.items() if k != "labels"}
+    drop = (TARGET_INDEX,) if task.encoder_decoder else ("labels", TARGET_INDEX)
+    return {k: v for k, v in batch.items() if k not in drop}
 
 
 def train_step(
@@ -550,18 +559,22 @@ def train_step(
     A method's regularizer joins the last micro-batch's loss: once per step, inside the gradient sync.
     Returns the window's mean loss, and the tokens and examples of all processes; when the loss (or
     the gradient norm) is not finite, nothing was updated."""
+    # Counted on the host, where the batches still are: a count on the device would wait for it.
     local = [
         sum(task.units(b) for b in window),
         sum(int(b["attention_mask"].sum()) for b in window),
         sum(b["input_ids"].shape[0] for b in window),
     ]
-    counts = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), reduction="sum")
-    global_units = counts[0].float().clamp(min=1.0)
-    tokens, examples = int(counts[1]), int(counts[2])
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), reduction="sum")
+        local = counts.tolist()  # one sync per step, for the step's totals over all processes
+    global_units = max(float(local[0]), 1.0)
+    tokens, examples = int(local[1]), int(local[2])
     # DDP averages gradients over processes, hence the factor num_processes.
     scale = accelerator.num_processes / global_units
     loss_total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
+        batch = on_device(with_target_index(batch, task), accelerator.device)
         with accumulating(accelerator, model, last=i == len(window) - 1):
             with attention(batch["input_ids"].shape[1]), head_at_targets(head, batch):
                 logits = model(**model_inputs(batch, task)).logits
@@ -571,13 +584,18 @@ def train_step(
                 objective = objective + method_hooks.regularizer()
             accelerator.backward(objective, **backward_kwargs(accelerator))
         loss_total += loss_sum.detach()
-    loss = (accelerator.reduce(loss_total, reduction="sum") / global_units).item()
+    mean_loss = accelerator.reduce(loss_total, reduction="sum") / global_units
     norm = (
         accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm) if spec.max_grad_norm is not None else None
     )
+    # The step's one read of the device: the loss, and the gradient norm where it decides the step.
     # With fp16 the grad scaler handles overflowing gradients itself (it skips and lowers the scale).
-    if norm is not None and accelerator.scaler is None and math.isfinite(loss) and not math.isfinite(float(norm)):
-        loss = float(norm)  # a finite loss with non-finite gradients: the step is as bad
+    if isinstance(norm, torch.Tensor) and accelerator.scaler is None:
+        loss, norm_value = torch.stack([mean_loss.float(), norm.float().to(mean_loss.device)]).tolist()
+        if math.isfinite(loss) and not math.isfinite(norm_value):
+            loss = norm_value  # a finite loss with non-finite gradients: the step is as bad
+    else:
+        loss = mean_loss.item()
     finite = math.isfinite(loss)
     if accelerator.scaler is not None:
         # fp16: the grad scaler updates only when every gradient is finite, and lowers its scale when
@@ -623,9 +641,13 @@ def evaluate(
     # forwards as the one with the most batches (the others run a one-example filler whose output
     # counts for nothing), or a collective would wait forever for its peer.
     fillers = filler_forwards(loader, accelerator) if sharded(accelerator) else 0
-    with no_grad_for(accelerator), first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position, low_precision(accelerator, model)):
+    # Where each process holds the whole model (DDP), evals run on it directly: DDP's own forward
+    # broadcasts buffers, a collective that a process with fewer eval batches would leave unpaired.
+    model = model if sharded(accelerator) else accelerator.unwrap_model(model)
+    narrowing = first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position, low_precision(accelerator, model))
+    with no_grad_for(accelerator), narrowing:
         for batch in loader:
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            batch = on_device(with_target_index(batch, task), accelerator.device)
             try:
                 with head_at_targets(head, batch):
                     logits = model(**model_inputs(batch, task)).logits

@@ -17,6 +17,7 @@ import torch
 import transformers
 import yaml
 from accelerate.utils import set_seed
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
@@ -35,7 +36,7 @@ from peftcli.checkpoint import (
     write_adapter,
 )
 from peftcli.data import eval_loader, prepare_data, train_loader
-from peftcli.distributed import all_ok, partitioned_optimizer
+from peftcli.distributed import on_main, partitioned_optimizer
 from peftcli.errors import CheckpointError, MethodError, PeftcliError, RunInterrupted, TrainingDiverged
 from peftcli.html_report import write_run_html
 from peftcli.methods import context_for, get_method
@@ -80,6 +81,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     keep = kept_paths(recipe, recipe_path)
     # The main process checks the run directory (the others could see the main process's own lock
     # and recipe.yaml appear on a shared filesystem), and every process stops with it.
+    kept: list[str] = []
     if resume is None:
         on_main(accelerator, lambda: (settle_replacement(run_dir), check_run_dir(run_dir, overwrite, keep)))
         loop, resumed_from = None, None
@@ -89,22 +91,27 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
                 "--resume: runs under FSDP or DeepSpeed cannot resume yet (their optimizer state is partitioned "
                 "across processes and peftcli saves the adapter only). Start a new run, or resume under DDP."
             )
-        on_main(accelerator, lambda: refuse_if_busy(run_dir))
-        check_same_recipe(run_dir, recipe)
+        on_main(accelerator, lambda: (settle_replacement(run_dir), refuse_if_busy(run_dir)))
+        kept = check_same_recipe(run_dir, recipe)
+        if kept:  # the run's own precision may differ from what the default picks now
+            accelerator = make_accelerator(recipe.train)
         resumed_from = find_checkpoint(run_dir, resume)
         loop = read_loop_state(resumed_from, accelerator.process_index, accelerator.num_processes)
     task, method = TASKS[recipe.task], get_method(recipe.method.name)
     check_engine(method, accelerator)
     console.quiet = not accelerator.is_main_process
+    for line in kept:
+        console.print(f"resuming with {escape(line)}, as the run started (a default changed since)")
 
     console.print(f"[bold]{escape(str(recipe.name))}[/]: {method.name} on {escape(recipe.model.name)} ({recipe.task})")
     chosen, why = precision.resolve(recipe.train.mixed_precision)
     console.print(f"mixed precision: {chosen}" + (f" (auto: {why})" if recipe.train.mixed_precision == "auto" else ""))
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
-    fingerprint = data_fingerprint(data.train, data.eval)
+    # The main process writes checkpoints, so it alone fingerprints the data and checks it.
+    fingerprint = data_fingerprint(data.train, data.eval) if accelerator.is_main_process else None
     if resumed_from is not None:
-        check_data(resumed_from, fingerprint)
+        on_main(accelerator, lambda: check_data(resumed_from, str(fingerprint)))
     set_seed(recipe.train.seed)  # a new classification head is initialized randomly as the model loads
     model = load_base_model(recipe.model, task, **head_kwargs(task, data.label_names, tokenizer))
     t = recipe.train
@@ -139,10 +146,13 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
             atomic_write_text(run_dir / "recipe.yaml", resolved_recipe_text(recipe, recipe_path, overrides))
         else:
             for abandoned in abandon_after(run_dir, loop.step):
-                console.print(f"deleted {escape(str(abandoned))}: newer than the checkpoint this run resumes from")
+                console.print(
+                    f"{escape(str(abandoned))}: newer than the checkpoint this run resumes from; moved aside, "
+                    "and deleted at this run's first save"
+                )
 
     try:
-        on_main(accelerator, take_run_dir)
+        on_main(accelerator, written(take_run_dir))
         best: dict[str, Any] = {}
         if loop is not None and resumed_from is not None:
             console.print(f"resuming from {escape(str(resumed_from))} (step {loop.step})")
@@ -192,7 +202,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         saved: dict[str, int] = {"step": loop.step} if loop is not None else {}
         final: dict[str, Any] = {}
         history = loop.result["history"] if loop is not None else []
-        on_log = MetricsLog(run_dir / "metrics.jsonl", history) if is_main else Hooks().on_log
+        on_log = MetricsLog(run_dir / "metrics.jsonl", history, lambda line: console.print(escape(line))) if is_main else Hooks().on_log
         hooks = Hooks(on_log=on_log, on_eval=on_eval, on_save=on_save, on_end=on_end)
         method_hooks = method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
         with stop_on_signals() as stop:
@@ -239,7 +249,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
             write_run_html(run_dir, report, result.history)
             print_summary(report, run_dir)
 
-        on_main(accelerator, finish)
+        on_main(accelerator, written(finish))
     except BaseException:
         if is_main:
             replacement.failed()
@@ -269,17 +279,19 @@ def check_engine(method: Any, accelerator: Any) -> None:
         )
 
 
-def on_main(accelerator: Any, action: Callable[[], None]) -> None:
-    """Runs `action` on the main process; when it fails there, every process stops with it (the
-    others raise an error of the same exit code, which the CLI does not print twice)."""
-    error: PeftcliError | None = None
-    if accelerator.is_main_process:
+def written(action: Callable[[], None]) -> Callable[[], None]:
+    """`action`, with a failed write (an unwritable folder, a full disk) as one line."""
+
+    def run() -> None:
         try:
             action()
-        except PeftcliError as exc:
-            error = exc
-    if not all_ok(accelerator, error is None):
-        raise error or PeftcliError("the main process stopped the run")
+        except OSError as exc:
+            where = exc.filename or "the run directory"
+            raise PeftcliError(
+                f"{where}: cannot write ({exc.strerror or exc}). Check that the folder is writable and the disk has space."
+            ) from None
+
+    return run
 
 
 def last_checkpoint(run_dir: Path, saved: dict[str, int]) -> str:
@@ -336,8 +348,11 @@ def resume_command(recipe_path: Path, overrides: list[str], accelerator: Any = N
     return " ".join(["peft train", shlex.quote(str(recipe_path)), *map(shlex.quote, overrides), "--resume", *launch])
 
 
-def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """A run resumes with the recipe it started with; only where and how often it saves may change."""
+def check_same_recipe(run_dir: Path, recipe: Recipe) -> list[str]:
+    """A run resumes with the recipe it started with; only where and how often it saves may change.
+    A default that changed since the run started (train.mixed_precision's, from no to auto) keeps the
+    run's own value, and a key newer than the run takes its default: the recipe is set so, and the
+    keys kept are returned to be said."""
     saved_path = run_dir / "recipe.yaml"
     if not saved_path.is_file():
         raise CheckpointError(
@@ -345,16 +360,41 @@ def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
         )
     saved = flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")))
     now = flatten(recipe.model_dump(mode="json"))
-    changed = [
-        key
-        for key in sorted(saved.keys() | now.keys())
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key)
-    ]
+    changed, kept = [], []
+    for key in sorted(saved.keys() | now.keys()):
+        if key in RESUME_MAY_CHANGE or saved.get(key) == now.get(key) or key not in saved:
+            continue
+        if key in now and not explicitly_set(recipe, key):
+            set_value(recipe, key, saved[key])
+            kept.append(f"{key}: {saved[key]}")
+        else:
+            changed.append(key)
     if changed:
         raise CheckpointError(
             f"--resume: the recipe differs from the one {run_dir} was started with, in {', '.join(changed)}. "
             f"Resume with the same recipe and overrides (the run's own copy is {saved_path})."
         )
+    return kept
+
+
+def explicitly_set(recipe: Recipe, key: str) -> bool:
+    """Whether the recipe file or an override gave `key` (section.field), rather than its default."""
+    node: Any = recipe
+    for part in key.split("."):
+        if not isinstance(node, BaseModel):
+            return True  # inside a mapping (data.files): given
+        if part not in node.model_fields_set:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def set_value(recipe: Recipe, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node: Any = recipe
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, last, value)
 
 
 RESUME_MAY_CHANGE = {"train.save_every", "train.save_total_limit", "train.log_every", "train.skip_nonfinite_steps"}

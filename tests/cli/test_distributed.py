@@ -206,3 +206,15 @@ def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monk
     assert exc.value.lines == [
         "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use auto or no."
     ]
+
+
+def test_two_process_ddp_evaluates_when_one_process_has_no_eval_batch(recipe: Path, tmp_path: Path) -> None:
+    """33 eval examples in one batch of 64: process 1 has none. DDP's forward broadcasts buffers, a
+    collective the other process never joined: evals run on the unwrapped model, and the run ends."""
+    run = tmp_path / "run"
+    result = launch(str(recipe), f"output_dir={run}", "train.eval_batch_size=64", "train.max_steps=6", "train.save_every=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = tmp_path / "one"
+    run_train(recipe, [f"output_dir={one}", "train.eval_batch_size=64", "train.max_steps=6", "train.save_every=null", "train.grad_accum=2"])
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, run))
+    assert r2["final_metrics"]["loss"] == pytest.approx(r1["final_metrics"]["loss"], rel=1e-5)

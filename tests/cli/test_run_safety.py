@@ -300,8 +300,10 @@ def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path, tin
     )
     with pytest.raises(PeftcliError) as exc:
         run_train(recipe, ["train.save_total_limit=1"], resume=str(run_dir / "checkpoints" / "step-6"))
-    # The newer checkpoints went at the start; the save at the stop kept itself, not a stale newer one.
+    # The newer checkpoints went aside at the start and were deleted at the first save (the one at the
+    # stop), which kept itself, not a stale newer one.
     assert [p.name for p in checkpoint_steps(run_dir)] == ["step-7"]
+    assert not list((run_dir / "checkpoints").glob(".*"))
     assert find_checkpoint(run_dir, "latest") == run_dir / "checkpoints" / "step-7"
     assert read_loop_state(run_dir / "checkpoints" / "step-7", 0, 1).step == 7
     assert exc.value.lines == [
@@ -412,3 +414,73 @@ def test_out_of_memory_names_the_batch_and_what_to_lower(tmp_path, tiny_dirs, ti
         "keep the step's batch), lower data.max_length, or set train.gradient_checkpointing: true."
     )
     assert not lock_path(tmp_path / "run").exists()
+
+
+def test_a_resumed_run_that_fails_before_saving_leaves_the_newer_checkpoints_aside(tmp_path, tiny_dirs, tiny_data, monkeypatch) -> None:
+    import peftcli.trainer
+
+    recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=8, save_every=2, save_total_limit=3)
+    run_dir = tmp_path / "run"
+    run_train(recipe, [])
+    assert [p.name for p in checkpoint_steps(run_dir)] == ["step-2", "step-4", "step-6"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(peftcli.trainer, "train_step", crash)
+    with pytest.raises(RuntimeError):
+        run_train(recipe, [], resume=str(run_dir / "checkpoints" / "step-2"))
+    # `latest` no longer sees step-4 and step-6, and they are not lost either.
+    assert [p.name for p in checkpoint_steps(run_dir)] == ["step-2"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob(".abandoned-*")) == [".abandoned-step-4", ".abandoned-step-6"]
+    assert find_checkpoint(run_dir, "latest") == run_dir / "checkpoints" / "step-2"
+
+
+def test_a_replacement_killed_inside_its_first_save_gives_the_old_run_back(tmp_path, tiny_dirs, tiny_data) -> None:
+    recipe = finished_run(tmp_path, tiny_dirs, tiny_data)
+    run_dir = tmp_path / "run"
+    before = snapshot(run_dir)
+    os.replace(run_dir, tmp_path / ".run.replaced")
+    (run_dir / "checkpoints" / ".step-2.tmp").mkdir(parents=True)  # killed while writing its first checkpoint
+    (run_dir / "recipe.yaml").write_text("# Resolved from x\n")
+    assert invoke("train", str(recipe))[0] == 2  # settled (old run back), then refused: it exists
+    assert snapshot(run_dir) == before
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, tiny_dirs, tiny_data) -> None:
+    recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=2)
+    (tmp_path / "a-file").write_text("not a folder")
+    before = snapshot(tmp_path)
+    code, lines = invoke("train", str(recipe), f"output_dir={tmp_path / 'a-file' / 'run'}")
+    assert code == 2
+    assert lines == [
+        f"error: {tmp_path / 'a-file'}: cannot write (File exists). Check that the folder is writable and the disk has space."
+    ]
+    assert snapshot(tmp_path) == before
+
+
+def test_one_lock_per_folder_however_it_is_spelled(tmp_path) -> None:
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "runs")
+    assert lock_path(tmp_path / "alias" / "a") == lock_path(tmp_path / "runs" / "x" / ".." / "a") == tmp_path / "runs" / ".a.lock"
+
+
+def test_a_run_started_before_a_default_changed_resumes_with_its_own_value(tmp_path, tiny_dirs, tiny_data) -> None:
+    """Runs started before `train.mixed_precision` defaulted to auto (and before train.tf32 existed)
+    saved `mixed_precision: 'no'` and no tf32: they resume as they ran."""
+    import yaml
+
+    recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=6, save_every=2)
+    data = yaml.safe_load(recipe.read_text())
+    del data["train"]["mixed_precision"]  # the recipe leaves it to the default
+    recipe.write_text(yaml.safe_dump(data))
+    run_train(recipe, ["train.mixed_precision=no"])
+    saved = run_dir_recipe = tmp_path / "run" / "recipe.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["train"]["tf32"]
+    saved.write_text("# Resolved from an older peftcli\n" + yaml.safe_dump(old))
+    result = CliRunner().invoke(app, ["train", str(recipe), "--resume", str(tmp_path / "run" / "checkpoints" / "step-2")])
+    assert result.exit_code == 0, result.stderr
+    assert "resuming with train.mixed_precision: no, as the run started (a default changed since)" in result.stderr
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["summary"]["mixed_precision"] == "no"
+    assert run_dir_recipe.is_file()
