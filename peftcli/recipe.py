@@ -40,6 +40,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class QuantizationSpec(Strict):
+    bits: Literal[4, 8] = Field(description="4: NF4/FP4 weights (QLoRA); 8: LLM.int8")
+    quant_type: Literal["nf4", "fp4"] | None = Field(None, description="bits 4 only: nf4 (QLoRA's, default) or fp4")
+    double_quant: bool | None = Field(
+        None, description="bits 4 only: quantize the quantization constants too (about 0.4 bits a weight less); default true"
+    )
+    compute_dtype: Literal["bfloat16", "float32"] | None = Field(
+        None, description="bits 4 only: the dtype the 4-bit weights are dequantized to for each product; default bfloat16"
+    )
+
+
 class ModelSpec(Strict):
     name: str = Field(
         description="hub id (org/name), a local model folder, or package:<python package>/<folder> "
@@ -62,6 +73,11 @@ class ModelSpec(Strict):
         description="seq2seq_lm only: a second pretrained model (hub id, folder or package:...) whose weights start "
         "the decoder of an encoder-decoder built with `name` as the encoder (bert2bert). The decoder gets new "
         "cross-attention layers, which train in full with the adapter. Default: `name` is an encoder-decoder (T5, BART)",
+    )
+    quantization: QuantizationSpec | None = Field(
+        None,
+        description="load the frozen base's linear layers quantized with bitsandbytes (pip install 'peftcli[quant]'): "
+        "{bits: 4, quant_type: nf4} is QLoRA; norms, embeddings and the head stay in `dtype`",
     )
 
 
@@ -391,6 +407,8 @@ def validate_recipe(
         problems += method_task_problems(METHODS[method_params.name], task)
     if model is not None and task is not None:
         problems += _model_task_problems(model, task)
+    if model is not None and method_params is not None:
+        problems += method_quantization_problems(METHODS[method_params.name], model)
     if model is not None and data is not None and task is not None:
         problems += position_problems(model, data, method_params, task)
 
@@ -638,7 +656,43 @@ def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
     problems = _location_problems(model.name, ("model", "name"))
     if model.decoder is not None:
         problems += _location_problems(model.decoder, ("model", "decoder"))
+    if model.quantization is not None:
+        problems += quantization_problems(model)
     return problems
+
+
+def method_quantization_problems(method: Any, model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
+    if model.quantization is None or method.trains_base_weights is None:
+        return []
+    usable = ", ".join(m.name for m in METHODS.values() if m.trains_base_weights is None)
+    return [(("method", "name"), f"{method.name} trains {method.trains_base_weights}, which a {model.quantization.bits}-bit base holds quantized and frozen (got {method.name} with model.quantization). Use one of: {usable}; or remove model.quantization.")]
+
+
+def quantization_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
+    q = model.quantization
+    assert q is not None
+    key = ("model", "quantization")
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append((key, f"needs bitsandbytes, which is not installed (got bits {q.bits}). Install it: pip install 'peftcli[quant]'."))
+    if q.bits == 8:
+        given = [k for k in ("quant_type", "double_quant", "compute_dtype") if getattr(q, k) is not None]
+        problems += [(key + (k,), f"applies to bits 4 only (got {getattr(q, k)!r} with bits 8). Remove it.") for k in given]
+    if q.compute_dtype == "bfloat16" and not bf16_runs_here():
+        problems.append((key + ("compute_dtype",), "this machine runs no bfloat16 (no CUDA GPU with bf16, no CPU bf16 support) (got 'bfloat16'). Use float32."))
+    if model.gguf_file is not None:
+        problems.append((key, f"a GGUF file is quantized its own way and loaded dequantized (got gguf_file {model.gguf_file!r}). Remove one of them."))
+    if model.decoder is not None:
+        problems.append((key, f"quantizes a single pretrained model; an encoder-decoder built from two is not supported (got decoder {model.decoder!r}). Remove one of them."))
+    return problems
+
+
+def bf16_runs_here() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _location_problems(name: str, key: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:

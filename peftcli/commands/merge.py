@@ -4,6 +4,7 @@ logits on a few probe batches, or nothing is written."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,12 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
         )
     model = built.model.eval()
     batches = probe_batches(built.tokenizer)
+    quantization = target.model.quantization
+    adapted_quantized = [logits(model, b) for b in batches] if quantization is not None else None
+    if quantization is not None:
+        # The quantized weights become float ones holding exactly the values the adapted run computed
+        # with (transformers' dequantize, through the adapter's wrappers); the adapter folds into those.
+        model.dequantize()
     before = [logits(model, b) for b in batches]
     method.merge(model)
     leftover = sorted(set(parameter_names(model)) ^ set(plain_parameter_names(model)))
@@ -67,12 +74,34 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         built.tokenizer.save_pretrained(tmp)
+    result = {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
+    said = f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
+    if quantization is not None and adapted_quantized is not None:
+        result |= quantization_errors(target, batches, adapted_quantized, before)
+        said = (
+            f"merged {method.name} into {escape(target.model.name)}, dequantized from {quantization.bits} bits: merge error "
+            f"{difference:.2e} (against the dequantized model with the adapter); {result['compute_difference']:.2e} against "
+            f"the adapted {quantization.bits}-bit model as it computes; quantization error {result['quantization_error']:.2e} "
+            "(against the full-precision base with the adapter: what the bits cost)"
+        )
     console.print(
-        f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
+        said
         + (f", {cast_difference:.2e} after casting to {dtype}" if dtype != "float32" else "")
         + f". Wrote {escape(str(out))}; load it with {type(model).__name__}.from_pretrained('{escape(str(out))}')."
     )
-    return {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
+    return result
+
+
+def quantization_errors(target: Any, batches: list[Any], adapted_quantized: list[torch.Tensor], dequantized: list[torch.Tensor]) -> dict[str, float]:
+    """What a quantized run's merge shows beside the merge error: how far the dequantized model is from
+    the quantized one as it computes (LLM.int8 also rounds the activations), and how far both are from
+    the full-precision base with the same adapter (the cost of the bits)."""
+    full = build(replace(target, model=target.model.model_copy(update={"quantization": None}))).model.eval()
+    reference = [logits(full, b) for b in batches]
+    return {
+        "compute_difference": max(float((d - q).abs().max()) for d, q in zip(dequantized, adapted_quantized)),
+        "quantization_error": max(float((d - r).abs().max()) for d, r in zip(dequantized, reference)),
+    }
 
 
 def check_replaceable_model(out: Path, target: Any) -> None:

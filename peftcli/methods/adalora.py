@@ -109,9 +109,8 @@ class SVDLinear(WrappedLayer):
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, ranknum: int) -> None:
         super().__init__(base_layer)
-        w = base_layer.weight
-        out_features, in_features = (w.shape[1], w.shape[0]) if self.transposed else w.shape
-        kw = {"device": w.device, "dtype": torch.float32}
+        out_features, in_features = self.features()
+        kw = {"device": base_layer.weight.device, "dtype": torch.float32}
         # HF peft's initialization: A and B small and random, E zero.
         self.lora_A = nn.Parameter(torch.randn(rank, in_features, **kw) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(rank, 1, **kw))

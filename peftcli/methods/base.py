@@ -119,6 +119,9 @@ class Method:
     # Why the method cannot train where FSDP or DeepSpeed hold parameters, gradients and optimizer state
     # in pieces across processes (it reads whole tensors or gradients between steps); None: it can.
     unsharded_only: str | None = None
+    # What of the base model's own weights the method trains ("its biases"), which a quantized base
+    # holds frozen in 4 or 8 bits: refused there. None: it trains only what it adds.
+    trains_base_weights: str | None = None
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -133,6 +136,16 @@ class WrappedLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.transposed = isinstance(base_layer, Conv1D)
+
+    def features(self) -> tuple[int, int]:
+        """(out_features, in_features) of the base layer. nn.Linear says so itself, which also covers a
+        quantized base (bitsandbytes' Linear4bit packs its weight into another shape); Conv1D stores
+        its weight as (in, out)."""
+        layer = self.base_layer
+        if isinstance(layer, nn.Linear):
+            return layer.out_features, layer.in_features
+        w = layer.weight
+        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
 
     @property
     def weight(self) -> torch.Tensor:

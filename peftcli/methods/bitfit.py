@@ -89,4 +89,5 @@ METHOD = Method(
     peft_type="BITFIT",
     in_hf_peft=False,
     paper="https://arxiv.org/abs/2106.10199",
+    trains_base_weights="the base model's biases",
 )

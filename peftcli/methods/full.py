@@ -79,4 +79,5 @@ METHOD = Method(
     peft_type="FULL",
     in_hf_peft=False,
     paper="https://arxiv.org/abs/1911.03090",
+    trains_base_weights="every weight of the base model",
 )

@@ -97,10 +97,9 @@ class IA3Linear(WrappedLayer):
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
-        w = base_layer.weight
-        in_features, out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        out_features, in_features = self.features()
         shape = (1, in_features) if is_feedforward else (out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=torch.float32))
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.ia3_l.flatten()

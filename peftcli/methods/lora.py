@@ -58,7 +58,7 @@ class LoraLinear(WrappedLayer):
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool) -> None:
         super().__init__(base_layer)
-        out_features, in_features = self.base_weight_shape()
+        out_features, in_features = self.features()
         device, dtype = base_layer.weight.device, torch.float32
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
@@ -68,10 +68,6 @@ class LoraLinear(WrappedLayer):
         # With no dropout, skip the module entirely: dropout's random numbers cost ~18% of a MiniLM step.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
-
-    def base_weight_shape(self) -> tuple[int, int]:
-        w = self.base_layer.weight
-        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

@@ -490,4 +490,5 @@ METHOD = Method(
     state=state,
     load_state=load_state,
     calibrate=calibrate,
+    trains_base_weights="entries of the base model's weights",
 )

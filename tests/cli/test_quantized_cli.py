@@ -1,0 +1,104 @@
+"""`model.quantization` from the command line: refusals word for word (exit 2, nothing written), a
+QLoRA run end to end (train, eval, merge with its errors reported), on tiny 64-wide models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from peftcli.cli import app
+from tests.cli.test_bad_inputs import refused
+from tests.conftest import tiny_recipe
+from tests.helpers import logits, random_batches
+from tests.methods.test_quantized import folders  # noqa: F401 - the fixture
+
+pytest.importorskip("bitsandbytes")
+KEY = "model.quantization"
+
+
+def recipe_file(tmp_path: Path, folder: Path, tiny_data, **sections) -> Path:
+    recipe = tiny_recipe(folder, tiny_data, "causal_lm", output_dir=str(tmp_path / "run"), **sections)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("quantization", "method", "line"),
+    [
+        (
+            {"bits": 4},
+            {"name": "bitfit"},
+            ("method.name: bitfit trains the base model's biases, which a 4-bit base holds quantized and frozen (got bitfit "
+            "with model.quantization). Use one of: lora, adalora, ia3, prefix_tuning, prompt_tuning, p_tuning, bottleneck; "
+            "or remove model.quantization."),
+        ),
+        (
+            {"bits": 8, "quant_type": "nf4"},
+            None,
+            f"{KEY}.quant_type: applies to bits 4 only (got 'nf4' with bits 8). Remove it.",
+        ),
+        (
+            {"bits": 3},
+            None,
+            f"{KEY}.bits: input should be 4 or 8 (got 3).",
+        ),
+    ],
+)
+def test_refusals(quantization, method, line, tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    sections = {"model": {"quantization": quantization}} | ({"method": method} if method else {})
+    recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, **sections)
+    if method:
+        data = yaml.safe_load(recipe.read_text())
+        data["method"] = method
+        recipe.write_text(yaml.safe_dump(data))
+    refused(tmp_path, "validate", str(recipe), lines=[f"{recipe}: {line}"])
+
+
+def test_without_bitsandbytes_the_recipe_says_what_to_install(tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, model={"quantization": {"bits": 4}})
+    refused(
+        tmp_path,
+        "train",
+        str(recipe),
+        lines=[f"{recipe}: {KEY}: needs bitsandbytes, which is not installed (got bits 4). Install it: pip install 'peftcli[quant]'."],
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    quantization = {"bits": bits} | ({"compute_dtype": "float32"} if bits == 4 else {})
+    recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, model={"quantization": quantization}, train={"max_steps": 8})
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert report["summary"]["steps"] == 8
+
+    result = CliRunner().invoke(app, ["eval", str(run)])
+    assert result.exit_code == 0, result.stderr
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated["merged"] is False  # a quantized base keeps the adapter apart
+    assert evaluated["metrics"]["loss"] == pytest.approx(report["final_metrics"]["loss"], rel=1e-5)
+
+    result = CliRunner().invoke(app, ["merge", str(run), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert f"dequantized from {bits} bits: merge error" in said and "quantization error" in said
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not hasattr(merged.config, "quantization_config")
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    batch = {k: v for k, v in random_batches(merged, "causal_lm", n=1)[0].items() if k != "labels"}
+    assert torch.isfinite(logits(merged, batch)).all()
