@@ -3,7 +3,6 @@ a frozen transformers model for the task, and its tokenizer."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from peftcli import quantization
 from peftcli.errors import ModelError
-from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, bf16_runs_here, package_folder
+from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, package_folder
 from peftcli.tasks import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,8 +68,8 @@ def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrain
     kwargs: dict[str, Any] = {"revision": spec.revision, "dtype": DTYPES[spec.dtype]}
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
-    if spec.quantization is not None:
-        kwargs |= quantized(spec.quantization, task)
+    if spec.quantization is not None and not spec.gguf_file:
+        kwargs |= quantization.load_kwargs(spec.quantization, task.head_modules)
     try:
         if spec.decoder is not None:
             model = build_encoder_decoder(spec, location, kwargs)
@@ -79,52 +79,15 @@ def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrain
         raise ModelError(_load_failure("model", spec, exc)) from None
     if spec.gguf_file:
         as_plain_float_model(model)
-    if spec.quantization is not None:
-        one_weight_layout(model)
+        if spec.quantization is not None:  # transformers loads GGUF as float: quantized here, once loaded
+            quantization.quantize_loaded(model, spec.quantization, task.head_modules)
+    elif spec.quantization is not None:
+        quantization.keep_one_weight_layout(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if spec.dropout is not None:
         set_dropout(model, spec.dropout)
     return model
-
-
-def quantized(q: Any, task: Task) -> dict[str, Any]:
-    """from_pretrained's arguments for a base whose linear layers load quantized by bitsandbytes: 4-bit
-    NF4/FP4 (QLoRA) or LLM.int8. The output layer and the task's head stay in float (they train, or
-    produce the logits), as do norms and embeddings (bitsandbytes quantizes linear layers only). The
-    weights are placed at load on the device the run trains on: quantized tensors are not moved after."""
-    from transformers import BitsAndBytesConfig
-
-    skip = ["lm_head", *task.head_modules]
-    if q.bits == 8:
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    else:
-        compute = q.compute_dtype or ("bfloat16" if bf16_runs_here() else "float32")
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type or "nf4",
-            bnb_4bit_use_double_quant=True if q.double_quant is None else q.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[compute],
-            llm_int8_skip_modules=skip,
-        )
-    return {"quantization_config": config, "device_map": {"": quantized_device()}}
-
-
-def one_weight_layout(model: nn.Module) -> None:
-    """bitsandbytes repacks a 4-bit layer's weight for its CPU inference kernel at the first forward in
-    eval mode (on CPUs with AVX512-BF16), and from then on the layer takes that kernel in training too,
-    where a layer with a bias fails ("a view of a leaf Variable ... in-place"). Training evaluates
-    between steps, so the layers keep the one layout that trains."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def quantized_device() -> str:
-    """This process's device: its GPU under a launcher (LOCAL_RANK), else the first GPU, else the CPU."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def build_encoder_decoder(spec: ModelSpec, location: str, kwargs: dict[str, Any]) -> PreTrainedModel:

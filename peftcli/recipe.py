@@ -148,7 +148,11 @@ Beta = Annotated[float, Field(ge=0, lt=1)]  # torch's AdamW raises on anything e
 
 
 class OptimizerSpec(Strict):
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd", "adamw8bit", "paged_adamw8bit"] = Field(
+        "adamw",
+        description="adamw8bit / paged_adamw8bit: bitsandbytes' AdamW with 8-bit moments (a quarter of AdamW's "
+        "optimizer memory; paged: moments that may spill to host memory), pip install 'peftcli[quant]'",
+    )
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW only")
@@ -398,6 +402,9 @@ def validate_recipe(
         problems += data_problems(data, task)
     if schedule is not None:
         problems += _schedule_problems(schedule)
+    optimizer = _valid(OptimizerSpec, raw.get("optimizer"))
+    if optimizer is not None:
+        problems += _optimizer_problems(optimizer)
     train = _valid(TrainSpec, raw.get("train"))
     if train is not None and task is not None:
         problems += _train_problems(train, task)
@@ -587,6 +594,12 @@ def package_folder(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / sub
 
 
+def _optimizer_problems(o: OptimizerSpec) -> list[tuple[tuple[str, ...], str]]:
+    if o.name.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        return [(("optimizer", "name"), f"needs bitsandbytes, which is not installed (got {o.name!r}). Install it: pip install 'peftcli[quant]', or use adamw.")]
+    return []
+
+
 def _schedule_problems(s: ScheduleSpec) -> list[tuple[tuple[str, ...], str]]:
     if s.warmup_steps is not None and s.warmup_ratio is not None:
         return [(("schedule", "warmup_steps"), f"give warmup_steps or warmup_ratio, not both (got {s.warmup_steps} and {s.warmup_ratio}).")]
@@ -680,8 +693,6 @@ def quantization_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]
         problems += [(key + (k,), f"applies to bits 4 only (got {getattr(q, k)!r} with bits 8). Remove it.") for k in given]
     if q.compute_dtype == "bfloat16" and not bf16_runs_here():
         problems.append((key + ("compute_dtype",), "this machine runs no bfloat16 (no CUDA GPU with bf16, no CPU bf16 support) (got 'bfloat16'). Use float32."))
-    if model.gguf_file is not None:
-        problems.append((key, f"a GGUF file is quantized its own way and loaded dequantized (got gguf_file {model.gguf_file!r}). Remove one of them."))
     if model.decoder is not None:
         problems.append((key, f"quantizes a single pretrained model; an encoder-decoder built from two is not supported (got decoder {model.decoder!r}). Remove one of them."))
     return problems

@@ -40,6 +40,7 @@ STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 BEST = "best"
 ABANDONED = ".abandoned-"
+NESTED = "/"  # optimizer.<param>.<slot>/<key>: a slot that is itself a dict of tensors
 FORMAT = 1
 
 
@@ -120,10 +121,14 @@ def write_loop_state(folder: Path, state: LoopState, num_processes: int, data_fi
     scalars: dict[str, dict[str, Any]] = {}
     for index, slots in state.optimizer["state"].items():
         for key, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value
-            else:
-                scalars.setdefault(str(index), {})[key] = value
+            # bitsandbytes' 8-bit optimizers keep their quantized moments one level down, in a dict.
+            nested = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in nested:
+                name = key if sub is None else f"{key}{NESTED}{sub}"
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optimizer.{index}.{name}"] = v
+                else:
+                    scalars.setdefault(str(index), {})[name] = v
     method_tensors, method_extras = state.method or ({}, None)
     tensors |= {f"method.{key}": t for key, t in method_tensors.items()}
     save_tensors(
@@ -252,6 +257,10 @@ def read_loop_state(folder: Path, rank: int, num_processes: int) -> LoopState:
             optimizer_state.setdefault(int(index), {})[slot] = t
         elif kind == "method":
             method[rest] = t
+    for slots in optimizer_state.values():
+        for name in [n for n in slots if NESTED in n]:
+            key, _, sub = name.partition(NESTED)
+            slots.setdefault(key, {})[sub] = slots.pop(name)
     return LoopState(
         step=meta["step"],
         position=Position(**meta["position"]),

@@ -460,6 +460,11 @@ def make_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimiz
     groups = [g for g in groups if g["params"]]
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
+    if spec.name in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb  # an optional extra; recipe validation checked it is installed
+
+        cls = bnb.optim.PagedAdamW8bit if spec.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
 
 
@@ -575,8 +580,10 @@ def train_step(
     loss_total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         batch = on_device(with_target_index(batch, task), accelerator.device)
-        with accumulating(accelerator, model, last=i == len(window) - 1):
-            with attention(batch["input_ids"].shape[1]), head_at_targets(head, batch):
+        # The attention kernel choice holds through the backward too: gradient checkpointing recomputes
+        # the forward there, and another kernel would recompute other tensors than it saved.
+        with accumulating(accelerator, model, last=i == len(window) - 1), attention(batch["input_ids"].shape[1]):
+            with head_at_targets(head, batch):
                 logits = model(**model_inputs(batch, task)).logits
             loss_sum, _ = task.loss_sum(logits, batch)
             objective = loss_sum * scale

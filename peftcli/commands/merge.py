@@ -15,6 +15,7 @@ from rich.markup import escape
 from peftcli.checkpoint import atomic_dir
 from peftcli.errors import PeftcliError
 from peftcli.models import DTYPES, model_location
+from peftcli.quantization import dequantize
 from peftcli.run_dir import within
 from peftcli.target import build, resolve_target
 
@@ -58,8 +59,8 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
     adapted_quantized = [logits(model, b) for b in batches] if quantization is not None else None
     if quantization is not None:
         # The quantized weights become float ones holding exactly the values the adapted run computed
-        # with (transformers' dequantize, through the adapter's wrappers); the adapter folds into those.
-        model.dequantize()
+        # with (found through the adapter's wrappers too); the adapter folds into those.
+        dequantize(model)
     before = [logits(model, b) for b in batches]
     method.merge(model)
     leftover = sorted(set(parameter_names(model)) ^ set(plain_parameter_names(model)))

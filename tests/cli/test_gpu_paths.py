@@ -249,3 +249,21 @@ def test_auto_precision_on_gpus(bf16, expected, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla V100" if not bf16 else "NVIDIA H100")
     assert peftcli.precision.resolve("auto")[0] == expected
+
+
+def test_gradient_checkpointing_under_bf16_autocast_recomputes_what_it_saved(tmp_path, tiny_dirs, tiny_data) -> None:
+    """Short sequences under bf16 on a CPU take the math attention kernel; the backward's recompute
+    must take it too, or checkpointing stops ("Recomputed values ... have different metadata")."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16")
+    import yaml
+
+    from peftcli.commands.train import run_train
+    from tests.conftest import tiny_recipe
+
+    train = {"mixed_precision": "bf16", "gradient_checkpointing": True, "max_steps": 3}
+    recipe = tiny_recipe(tiny_dirs["llama-lm"], tiny_data, "causal_lm", output_dir=str(tmp_path / "run"), train=train)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_train(path, [])
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["summary"]["steps"] == 3

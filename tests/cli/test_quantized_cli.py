@@ -102,3 +102,23 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     batch = {k: v for k, v in random_batches(merged, "causal_lm", n=1)[0].items() if k != "labels"}
     assert torch.isfinite(logits(merged, batch)).all()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
+    """Their moments live in 8 bits with per-block scales, in a dict inside the optimizer state: the
+    checkpoint keeps them all, so a resumed run ends with the same bytes."""
+    from peftcli.commands.train import run_train
+
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_file(
+        tmp_path, folders["llama-lm"], tiny_data, model={"quantization": {"bits": 4, "compute_dtype": "float32"}},
+        optimizer={"name": optimizer, "lr": 1e-2}, train={"max_steps": 8, "save_every": 4, "eval_every": 4, "log_every": 1},
+    )  # fmt: skip
+    run_train(recipe, [])
+    run = tmp_path / "run"
+    finished = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses[-1] < losses[0]
+    run_train(recipe, [], resume=str(run / "checkpoints" / "step-4"))
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == finished
