@@ -3,6 +3,7 @@ into `error: ...` lines on stderr with exit code 2 (a traceback only with --debu
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -26,6 +27,9 @@ from peftcli.errors import PeftcliError
 # loader draws a progress bar of its own, and peftcli draws its own with rich.
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes, where installed, is imported by transformers for every command and warns on import that
+# an optional kernel package is missing: one line of noise before every error line. Its errors still show.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 class OneLineUsageErrors(TyperGroup):

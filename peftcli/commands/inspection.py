@@ -33,7 +33,10 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
     trainable, total = count_parameters(built.model)
     weights = sum(p.numel() * p.element_size() for p in built.model.parameters())
     optimizer = target.recipe.optimizer.name if target.recipe is not None else "adamw"
-    states = 2 if optimizer == "adamw" else (1 if target.recipe and target.recipe.optimizer.momentum else 0)
+    # Bytes of optimizer state per trainable parameter: AdamW's two fp32 moments, the 8-bit AdamWs' two
+    # 8-bit ones (their per-block scales add under 1%), SGD's momentum if any.
+    momentum = bool(target.recipe and target.recipe.optimizer.momentum)
+    state_bytes = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}.get(optimizer, 4 if momentum else 0)
     adapter_file = target.adapter_dir / WEIGHTS_NAME if target.adapter_dir is not None else None
     info = {
         "method": built.method.name,
@@ -53,7 +56,7 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
         "memory_bytes": {
             "weights": weights,
             "gradients": trainable * 4,
-            "optimizer_state": trainable * 4 * states,
+            "optimizer_state": trainable * state_bytes,
         },
         "module_groups": module_groups(built.model, built.adapted.adapted_modules),
     }

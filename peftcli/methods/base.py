@@ -166,9 +166,10 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, as HF peft's get_nb_trainable_parameters reports them."""
+    """(trainable, total) parameter counts, as HF peft's get_nb_trainable_parameters reports them: a
+    4-bit weight packs two values in each byte of its tensor, so it counts twice its elements."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     return trainable, total
 
 

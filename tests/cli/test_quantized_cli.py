@@ -122,3 +122,18 @@ def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders
     assert losses[-1] < losses[0]
     run_train(recipe, [], resume=str(run / "checkpoints" / "step-4"))
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == finished
+
+
+def test_inspect_counts_the_quantized_weights_and_the_8bit_optimizer(tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
+    from peftcli.commands.inspection import run_inspect
+
+    monkeypatch.chdir(tmp_path)
+    infos = {}
+    for name, model, optimizer in (("fp32", {}, "adamw"), ("nf4", {"quantization": {"bits": 4, "compute_dtype": "float32"}}, "adamw8bit")):
+        recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, model=model, optimizer={"name": optimizer})
+        infos[name] = run_inspect(recipe, [], False)
+    fp32, nf4 = infos["fp32"], infos["nf4"]
+    assert nf4["total_parameters"] == fp32["total_parameters"]  # a 4-bit byte holds two parameters
+    assert nf4["trainable_parameters"] == fp32["trainable_parameters"]
+    assert nf4["memory_bytes"]["weights"] < 0.6 * fp32["memory_bytes"]["weights"]  # embeddings and head stay fp32
+    assert nf4["memory_bytes"]["optimizer_state"] * 4 == fp32["memory_bytes"]["optimizer_state"]
