@@ -127,6 +127,16 @@ class Method:
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear layer. nn.Linear says so itself, which also covers a
+    quantized base (bitsandbytes' Linear4bit packs its weight into another shape); GPT-2's Conv1D
+    stores its weight as (in, out)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    w = layer.weight
+    return (w.shape[1], w.shape[0]) if isinstance(layer, Conv1D) else (w.shape[0], w.shape[1])
+
+
 class WrappedLayer(nn.Module):
     """A frozen linear layer (nn.Linear, or GPT-2's Conv1D, which stores its weight transposed) that a
     method wraps. It stays `base_layer`, so parameter names match HF peft's, and `weight` / `bias` stay
@@ -138,14 +148,7 @@ class WrappedLayer(nn.Module):
         self.transposed = isinstance(base_layer, Conv1D)
 
     def features(self) -> tuple[int, int]:
-        """(out_features, in_features) of the base layer. nn.Linear says so itself, which also covers a
-        quantized base (bitsandbytes' Linear4bit packs its weight into another shape); Conv1D stores
-        its weight as (in, out)."""
-        layer = self.base_layer
-        if isinstance(layer, nn.Linear):
-            return layer.out_features, layer.in_features
-        w = layer.weight
-        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+        return layer_features(self.base_layer)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -22,7 +22,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import MethodError
 from peftcli.methods.base import (
@@ -34,6 +33,7 @@ from peftcli.methods.base import (
     default_modules_to_save,
     find_targets,
     freeze,
+    layer_features,
     linear_layer_names,
     replace_module,
     unfreeze_modules,
@@ -131,7 +131,7 @@ class BottleneckAdapter(WrappedLayer):
 
     def __init__(self, base_layer: nn.Module, size: int, activation: str, layer_norm: bool) -> None:
         super().__init__(base_layer)
-        hidden = output_features(base_layer)
+        hidden, _ = layer_features(base_layer)
         device, dtype = base_layer.weight.device, torch.float32
         self.adapter_norm = nn.LayerNorm(hidden, device=device, dtype=dtype) if layer_norm else nn.Identity()
         self.adapter_down = nn.Linear(hidden, size, device=device, dtype=dtype)
@@ -147,11 +147,6 @@ class BottleneckAdapter(WrappedLayer):
         h = self.base_layer(x)
         z = self.adapter_norm(h.to(self.adapter_down.weight.dtype))
         return h + self.adapter_up(self.adapter_act(self.adapter_down(z))).to(h.dtype)
-
-
-def output_features(layer: nn.Module) -> int:
-    w = layer.weight
-    return w.shape[1] if isinstance(layer, Conv1D) else w.shape[0]
 
 
 def bottleneck_width(params: BottleneckParams, hidden: int) -> int:
@@ -201,7 +196,7 @@ def apply(model: nn.Module, params: BottleneckParams, ctx: ApplyContext) -> Adap
     names = [n for n in linear_layer_names(model) if n in chosen]
     for name in names:
         layer = model.get_submodule(name)
-        width = bottleneck_width(params, output_features(layer))
+        width = bottleneck_width(params, layer_features(layer)[0])
         replace_module(model, name, BottleneckAdapter(layer, width, params.activation, params.layer_norm))
     to_save = default_modules_to_save(params.modules_to_save, ctx, model)
     unfreeze_modules(model, to_save)
