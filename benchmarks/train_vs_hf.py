@@ -34,6 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("peftcli", "hf-defaults", "hf-grouped")  # --tools may add hf-grouped-bf16 (Trainer's bf16=True)
+# A tool name's parts choose HF's variant: -bf16, -nf4/-int8 (QLoRA), -gc, -8bitopt, and -dora (HF peft's
+# DoRA, LoraConfig(use_dora=True); peftcli's row for it is --variant 'dora:method.use_dora=true').
 
 
 @dataclass(frozen=True)
@@ -317,10 +319,10 @@ def hf_datasets(w: Workload, steps: int, tokenizer: Any) -> tuple[Any, Any]:
     return with_mask(data.train), with_mask(data.eval)
 
 
-def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False, kbit: str | None = None, checkpointing: bool = False, optim8: bool = False) -> dict[str, Any]:
+def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False, kbit: str | None = None, checkpointing: bool = False, optim8: bool = False, dora: bool = False) -> dict[str, Any]:
     """HF Trainer + HF peft. `kbit` ("nf4", "int8"): HF's QLoRA recipe, BitsAndBytesConfig while
     loading and prepare_model_for_kbit_training (norms and embeddings to fp32, input gradients,
-    gradient checkpointing when asked); `optim8`: Trainer's paged_adamw_8bit."""
+    gradient checkpointing when asked); `optim8`: Trainer's paged_adamw_8bit; `dora`: HF peft's DoRA."""
     import numpy as np
     from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import (
@@ -369,7 +371,7 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
         pad = DataCollatorWithPadding(tokenizer)
     task_type = "CAUSAL_LM" if causal else "SEQ_CLS"
     targets = w.target_modules[0] if tuple(w.target_modules) == ("all-linear",) else list(w.target_modules)
-    config = LoraConfig(task_type=task_type, r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules=targets)
+    config = LoraConfig(task_type=task_type, r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules=targets, use_dora=dora)
     if w.method == "ia3":
         config = IA3Config(task_type=task_type)  # HF peft's default targets
     model = get_peft_model(model, config)
@@ -514,7 +516,7 @@ def child(args: argparse.Namespace) -> None:
             kbit = next((k for k in ("nf4", "int8") if k in parts), None)
             raw = run_hf(
                 w, args.steps, Path(tmp), grouped="grouped" in parts, bf16=args.child.endswith("bf16"), kbit=kbit,
-                checkpointing="gc" in parts, optim8="8bitopt" in parts,
+                checkpointing="gc" in parts, optim8="8bitopt" in parts, dora="dora" in parts,
             )  # fmt: skip
     peaks = json.loads(args.peaks_json)
     print(json.dumps(summarize(args.child, raw, args.warmup, args.flops_per_token, peaks)), flush=True)
@@ -554,6 +556,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timings")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--markdown", type=Path, help="write the table here (docs/benchmarks.md)")
+    parser.add_argument(
+        "--section",
+        help="the name of the table's markers in --markdown (default: the workload's), for a second table of one "
+        "workload, e.g. minilm-sst2-dora",
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -613,7 +620,7 @@ def main() -> None:
             for row in rows:
                 print(json.dumps(row), flush=True)
     if args.markdown:
-        write_between_markers(args.markdown, w.name, markdown(rows, shown, args, peaks, flops_per_token))
+        write_between_markers(args.markdown, args.section or w.name, markdown(rows, shown, args, peaks, flops_per_token))
 
 
 def run_child(
@@ -674,7 +681,7 @@ def markdown(
     rows: list[dict[str, Any]], w: Workload, args: argparse.Namespace, peaks: dict[str, float], flops_per_token: float
 ) -> str:
     by_tool = {r["tool"]: r for r in rows}
-    baselines = [t for t in ("hf-defaults", "hf-grouped", "hf-defaults-bf16", "hf-grouped-bf16") if t in by_tool]
+    baselines = [t for t in ("hf-defaults", "hf-grouped", "hf-defaults-bf16", "hf-grouped-bf16", "hf-grouped-dora") if t in by_tool]
     gpu = all("peak_gpu_mb" in r for r in rows)
     lines = [
         (
@@ -697,6 +704,7 @@ def markdown(
         + (f"--tools {args.tools} " if args.tools != ",".join(TOOLS) else "")
         + (f"--repeat {args.repeat} " if args.repeat > 1 else "")
         + "".join(f"--variant '{v}' " for v in args.variant)
+        + (f"--section {args.section} " if args.section else "")
         + "--markdown docs/benchmarks.md",
         "```",
         "",

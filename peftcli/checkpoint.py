@@ -40,20 +40,41 @@ LABELS_NAME = "labels.json"
 # -- atomic writes -----------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only read it
+    by setting it, and a file another thread creates meanwhile would get the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-UMASK = _umask()
+def plain_mode(path: Path | str) -> None:
+    """Gives `path` the mode a plain open() (a file) or mkdir() (a folder) would have: mkstemp,
+    mkdtemp and safetensors' save_file (which writes through a temporary file) make owner-only ones,
+    which teammates on a shared machine cannot read."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask())
+
+
+def plain_modes(folder: Path) -> None:
+    """plain_mode for `folder` and everything in it: after a writer peftcli does not control
+    (transformers' save_pretrained writes its weights through safetensors)."""
+    plain_mode(folder)
+    for path in Path(folder).rglob("*"):
+        if not path.is_symlink():
+            plain_mode(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes owner-only files; a result file is a normal file
+        plain_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -87,7 +108,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     reader (or a crash) sees the old folder or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~UMASK)
+    plain_mode(tmp)
     try:
         yield tmp
         atomic_rename_dir(tmp, path)
@@ -118,6 +139,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         if found is None:
             raise OSError(str(exc)) from None
         raise OSError(int(found.group(2)), found.group(1)) from None
+    plain_mode(path)
 
 
 # -- save --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ into `error: ...` lines on stderr with exit code 2 (a traceback only with --debu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -13,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 try:  # typer 0.2x carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -32,7 +33,55 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-class OneLineUsageErrors(TyperGroup):
+class PlainArgument(TyperArgument):
+    """An argument as CLIs usually show it: `RECIPE`, `[PROMPT]`, `[key.path=value ...]` in the usage
+    line (typer writes `{recipe}`), and no type column beside it: its name and help say what it is."""
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        name = self.metavar or self.name.upper()
+        if self.metavar is None and self.nargs != 1:
+            name += "..."
+        return [name if self.required or name.startswith("[") else f"[{name}]"]
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+class FlagOption(TyperOption):
+    """A flag (`--overwrite`, `--chat/--no-chat`) shows no value type: typer writes `--overwrite <bool>`,
+    as if it took a value."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+class PlainHelp:
+    """The help of the `peft` group and of each command, in the usual shape. Typer builds the parameter
+    objects itself, so their display class is set here, as the help is drawn; parsing is unchanged."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperArgument):
+                param.__class__ = PlainArgument
+            elif isinstance(param, TyperOption) and param.is_flag:
+                param.__class__ = FlagOption
+        return params
+
+
+class Command(PlainHelp, TyperCommand):
+    """Every `peft` command. Help paragraphs are whole: typer's rich help keeps a docstring's line
+    breaks, so a description wrapped in the source broke mid-sentence in the terminal. The commands
+    list of `peft --help` shows the first paragraph, a sentence."""
+
+    def __init__(self, *args: Any, help: str | None = None, **kwargs: Any) -> None:
+        if help:
+            paragraphs = inspect.cleandoc(help).split("\n\n")
+            help = "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+        super().__init__(*args, help=help, **kwargs)
+
+
+class OneLineUsageErrors(PlainHelp, TyperGroup):
     """A usage error (an unknown option, a missing argument, a value of the wrong type) is one
     `error:` line and exit code 2, like every other refusal, instead of click's usage box."""
 
@@ -83,16 +132,21 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 T = TypeVar("T")
 
-RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="recipe YAML file", show_default=False)]
 OverridesArg = Annotated[
     list[str] | None,
-    typer.Argument(help="recipe overrides as key.path=value, e.g. train.max_steps=50", show_default=False),
+    typer.Argument(
+        metavar="[key.path=value ...]",
+        help="recipe overrides as key.path=value, e.g. train.max_steps=50",
+        show_default=False,
+    ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show the full traceback of errors")]
 
 
-def run(fn: Callable[..., T], *args: Any, debug: bool = False, **kwargs: Any) -> T:
-    quiet_libraries(debug)
+def run(fn: Callable[..., T], *args: Any, debug: bool = False, quiet: bool = True, **kwargs: Any) -> T:
+    if quiet:
+        quiet_libraries(debug)
     try:
         return fn(*args, **kwargs)
     except PeftcliError as exc:
@@ -124,7 +178,7 @@ def quiet_libraries(debug: bool) -> None:
     huggingface_hub.utils.logging.set_verbosity_error()
 
 
-@app.command("train")
+@app.command("train", cls=Command)
 def train_cmd(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
@@ -163,19 +217,23 @@ def train_cmd(
     run(run_train, recipe, overrides or [], overwrite=overwrite, resume=resume, debug=debug)
 
 
-@app.command("validate")
+@app.command("validate", cls=Command)
 def validate_cmd(recipe: RecipeArg, overrides: OverridesArg = None, debug: DebugOpt = False) -> None:
     """Check a recipe (schema, method keys, files) without loading any weights."""
     from peftcli.commands.validate import run_validate
 
-    r = run(run_validate, recipe, overrides or [], debug=debug)
+    # quiet=False: validate loads no weights and no data, so no library has output to quiet, and
+    # importing datasets only to quiet it slowed it down (docs/benchmarks.md, Start-up time).
+    r = run(run_validate, recipe, overrides or [], debug=debug, quiet=False)
     print(f"{recipe}: ok ({r.method.name} on {r.model.name}, {r.task}, run directory {r.run_dir()})")
 
 
-TargetArg = Annotated[Path, typer.Argument(help="a run directory, an adapter folder, or a recipe", show_default=False)]
+TargetArg = Annotated[
+    Path, typer.Argument(metavar="TARGET", help="a run directory, an adapter folder, or a recipe", show_default=False)
+]
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 def eval_cmd(
     target: TargetArg,
     overrides: OverridesArg = None,
@@ -213,10 +271,14 @@ def eval_cmd(
     )
 
 
-@app.command("generate")
+@app.command("generate", cls=Command)
 def generate_cmd(
-    target: Annotated[Path, typer.Argument(help="a run directory or an adapter folder (causal LM)", show_default=False)],
-    prompt: Annotated[str | None, typer.Argument(help="the text to complete (or --file)", show_default=False)] = None,
+    target: Annotated[
+        Path, typer.Argument(metavar="TARGET", help="a run directory or an adapter folder (causal LM)", show_default=False)
+    ],
+    prompt: Annotated[
+        str | None, typer.Argument(metavar="PROMPT", help="the text to complete (or --file)", show_default=False)
+    ] = None,
     overrides: OverridesArg = None,
     file: Annotated[
         Path | None, typer.Option("--file", help="prompts: a text file, one a line, or JSONL of {\"messages\": [...]} or {\"prompt\": ...}")
@@ -241,7 +303,7 @@ def generate_cmd(
     run(run_generate, target, prompt, file, decoding, chat, overrides or [], greedy, debug=debug)
 
 
-@app.command("merge")
+@app.command("merge", cls=Command)
 def merge_cmd(
     target: TargetArg,
     out: Annotated[Path, typer.Option("--out", help="folder for the standalone model", show_default=False)],
@@ -265,7 +327,7 @@ def merge_cmd(
     run(checked, debug=debug)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=Command)
 def inspect_cmd(
     target: TargetArg,
     overrides: OverridesArg = None,
@@ -280,7 +342,7 @@ def inspect_cmd(
     run(run_inspect, target, overrides or [], modules, debug=debug)
 
 
-@app.command("compare")
+@app.command("compare", cls=Command)
 def compare_cmd(
     entries: Annotated[
         list[str],
@@ -306,16 +368,18 @@ def compare_cmd(
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="runs at once: a GPU each, or a share of the CPU cores; output in --out/logs/")] = 1,
     debug: DebugOpt = False,
 ) -> None:
-    """Train several recipes, or one recipe with several methods, and compare them: a table sorted by
-    the task's metric and a plot of it against trainable parameters (comparison.md, comparison.json,
-    report.html). A failed run is a row of the table; the exit code is then 1."""
+    """Train several recipes, or one recipe with several methods, and compare them.
+
+    Writes a table sorted by the task's metric and a plot of it against trainable parameters
+    (comparison.md, comparison.json, report.html). A failed run is a row of the table; the exit code is
+    then 1."""
     from peftcli.commands.compare import run_compare
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
     raise typer.Exit(run(run_compare, entries, names, out, overwrite, debug, quiet_libraries, parallel, debug=debug))
 
 
-@app.command("sweep")
+@app.command("sweep", cls=Command)
 def sweep_cmd(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
@@ -330,10 +394,11 @@ def sweep_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="train every trial again, replacing the ones in --out")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Search recipe keys (rank, lr, ...) over a grid, seeded random draws or Optuna's TPE: one trial per
-    point, each in its own process; a table sorted by the task's metric (sweep.md, sweep.json,
-    report.html) and the best trial's recipe (best.yaml). A failed trial is a row; the exit code is
-    then 1. Finished trials in --out are read, not trained again."""
+    """Search recipe keys (rank, lr, ...) over a grid, seeded random draws or Optuna's TPE.
+
+    One trial per point, each in its own process. Writes a table sorted by the task's metric (sweep.md,
+    sweep.json, report.html) and the best trial's recipe (best.yaml). A failed trial is a row; the exit
+    code is then 1. Finished trials in --out are read, not trained again."""
     from peftcli.commands.sweep import run_sweep
 
     code = run(run_sweep, recipe, space, overrides or [], out, parallel, overwrite, debug, quiet_libraries, debug=debug)

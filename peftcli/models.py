@@ -24,6 +24,13 @@ def model_location(spec: ModelSpec) -> str:
     return location_of(spec.name, "model.name")
 
 
+def base_name(spec: ModelSpec) -> str:
+    """What an adapter names as its base (adapter_config.json's base_model_name_or_path, the model
+    card): the Hub id when the recipe gives one (model.hub_id), which any machine can load, else where
+    the weights were loaded from here."""
+    return spec.hub_id or model_location(spec)
+
+
 def location_of(name: str, key: str) -> str:
     if name.startswith(PACKAGE_PREFIX):
         folder = package_folder(name)

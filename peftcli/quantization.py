@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 
 def skipped(head_modules: tuple[str, ...]) -> list[str]:
@@ -59,6 +58,7 @@ def quantize_loaded(model: nn.Module, q: Any, head_modules: tuple[str, ...]) -> 
     """A float model's linear layers replaced by bitsandbytes ones holding the same weights quantized
     (GGUF models, which load as float). GPT-2's Conv1D stores its weight transposed."""
     import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
 
     skip = skipped(head_modules)
     target = device()
@@ -97,24 +97,36 @@ def keep_one_weight_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def dense_weight(layer: nn.Module) -> torch.Tensor | None:
+    """A bitsandbytes layer's weight as the float32 (out, in) matrix it computes with; None for any
+    other layer (its weight is already a float tensor)."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype.is_floating_point:
+        return None  # bitsandbytes is an optional extra: not imported for a float model
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        weight = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    elif isinstance(layer, bnb.nn.Linear8bitLt):
+        # Row scales: on the weight until the first product moves them to the layer's state.
+        scb = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
+        weight = layer.weight.data.float() * scb.float().unsqueeze(1) / 127
+    else:
+        return None
+    return weight.reshape(layer.out_features, layer.in_features)
+
+
 def dequantize(model: nn.Module) -> None:
     """Every bitsandbytes layer, wherever it is (inside an adapter's wrapper too), replaced by an
     nn.Linear holding exactly the values the quantized layer computes with, in float32; and the model
     no longer marked quantized, so that save_pretrained writes a plain model."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
-
     for name, layer in list(model.named_modules()):
-        if isinstance(layer, bnb.nn.Linear4bit):
-            weight = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-        elif isinstance(layer, bnb.nn.Linear8bitLt):
-            # Row scales: on the weight until the first product moves them to the layer's state.
-            scb = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
-            weight = layer.weight.data.float() * scb.float().unsqueeze(1) / 127
-        else:
+        weight = dense_weight(layer)
+        if weight is None:
             continue
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
-        plain.weight = nn.Parameter(weight.reshape(layer.out_features, layer.in_features), requires_grad=False)
+        plain.weight = nn.Parameter(weight, requires_grad=False)
         if layer.bias is not None:
             plain.bias = nn.Parameter(layer.bias.data.float().clone(), requires_grad=False)
         parent, _, child = name.rpartition(".")
@@ -127,3 +139,30 @@ def dequantize(model: nn.Module) -> None:
             setattr(model, flag, False)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def weight_memory(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes the model's weights take as loaded, and what they would take with every quantized weight
+    in `dtype` (the recipe's model.dtype) instead: what the bits saved. A 4-bit weight holds two values
+    a byte; its per-block scales count towards the quantized size."""
+    loaded = unquantized = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        loaded += p.numel() * p.element_size()
+        if state is not None:  # 4 bits: packed bytes, plus the block scales (nested ones with double quant)
+            loaded += sum(t.numel() * t.element_size() for t in quant_state_tensors(state))
+            unquantized += int(torch.Size(state.shape).numel()) * dtype.itemsize
+        elif p.dtype == torch.int8:  # LLM.int8: one byte a value, plus a float scale a row
+            scb = getattr(p, "SCB", None)
+            loaded += scb.numel() * scb.element_size() if scb is not None else 0
+            unquantized += p.numel() * dtype.itemsize
+        else:
+            unquantized += p.numel() * p.element_size()
+    return {"weights": loaded, "weights_unquantized": unquantized}
+
+
+def quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    tensors = [state.absmax]
+    if getattr(state, "nested", False) and state.state2 is not None:
+        tensors += [state.state2.absmax, state.offset]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]

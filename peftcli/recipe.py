@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -18,13 +19,14 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from transformers import AutoConfig
 
 from peftcli.errors import RecipeError
 from peftcli.methods import METHODS
 from peftcli.tasks import TASKS
 
 PACKAGE_PREFIX = "package:"
+# A Hub model id: [org/]name, letters, digits, '-', '_', '.' (as huggingface_hub validates repo ids).
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 MAX_RECIPE_BYTES = 1_000_000
 # Guards against hostile YAML: a recipe is a few levels deep and, even with anchors, a few hundred
 # values. A "billion laughs" file is a few lines of aliases that expand to billions of values.
@@ -55,6 +57,13 @@ class ModelSpec(Strict):
     name: str = Field(
         description="hub id (org/name), a local model folder, or package:<python package>/<folder> "
         "for a model shipped inside an installed package"
+    )
+    hub_id: str | None = Field(
+        None,
+        description="the Hugging Face Hub id of the same weights when `name` is a folder or package (e.g. "
+        "sentence-transformers/all-MiniLM-L6-v2): the adapter names it as its base (base_model_name_or_path, "
+        "the model card), so it loads on other machines. Default: the adapter names `name` (a folder by its path here, "
+        "which other machines may not have)",
     )
     gguf_file: str | None = Field(None, description="a .gguf file inside `name` (dequantized to float)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
@@ -158,6 +167,12 @@ class OptimizerSpec(Strict):
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW only")
     eps: float = Field(1e-8, gt=0, description="AdamW only")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD only")
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: LoRA's B matrices (and the 1-D tensors, as in HF peft) train at lr x this ratio; "
+        "16 is the paper's choice",
+    )
 
 
 class ScheduleSpec(Strict):
@@ -617,23 +632,42 @@ def _train_problems(t: TrainSpec, task: str) -> list[tuple[tuple[str, ...], str]
 def position_limit(name: str, revision: str | None) -> tuple[int, str] | None:
     """How many positions the model's config gives it, and the key that says so (max_position_embeddings,
     GPT-2's n_positions), read from a local folder or the hub cache only: no download, no weights. None
-    when the config cannot be read here, or the model has no such limit (T5's relative positions)."""
-    location = str(package_folder(name)) if name.startswith(PACKAGE_PREFIX) else name
-    try:
-        config = AutoConfig.from_pretrained(location, revision=revision, local_files_only=True)
-    except Exception:  # noqa: BLE001 - unreadable without a download: loading the model reports why
+    when the config cannot be read here, or the model has no such limit (T5's relative positions).
+    config.json is read as JSON: transformers' AutoConfig would import transformers, half a second of a
+    `peft validate` that loads no model."""
+    config = cached_config(name, revision)
+    if config is None or config.get("position_biased_input", True) is False:  # DeBERTa-v2/v3: relative only
         return None
-    if getattr(config, "position_biased_input", True) is False:  # DeBERTa-v2/v3: relative positions only
-        return None
-    limit = getattr(config, "max_position_embeddings", None)
-    key = "n_positions" if "n_positions" in config.to_dict() else "max_position_embeddings"
+    key = "max_position_embeddings" if "max_position_embeddings" in config else "n_positions"
+    limit = config.get(key)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
         return None
-    if config.model_type in PADDING_OFFSET_POSITIONS and isinstance(config.pad_token_id, int):
+    pad = config.get("pad_token_id")
+    if config.get("model_type") in PADDING_OFFSET_POSITIONS and isinstance(pad, int) and not isinstance(pad, bool):
         # Positions counted from pad_token_id + 1 (RoBERTa's scheme): the first pad_token_id + 1 rows
         # of the table are never a text position.
-        return limit - config.pad_token_id - 1, f"{key} minus pad_token_id + 1"
+        return limit - pad - 1, f"{key} minus pad_token_id + 1"
     return limit, key
+
+
+def cached_config(name: str, revision: str | None) -> dict[str, Any] | None:
+    """A model's config.json from its folder, or from the hub cache for a hub id; None when neither has it."""
+    location = package_folder(name) if name.startswith(PACKAGE_PREFIX) else Path(name)
+    path: Any = location / "config.json"
+    if not location.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            path = try_to_load_from_cache(name, "config.json", revision=revision)
+        except Exception:  # noqa: BLE001 - not a hub id either: loading the model reports why
+            return None
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return None
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 # Models that number positions from pad_token_id + 1 (transformers' create_position_ids_from_input_ids).
@@ -667,6 +701,8 @@ def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task
 
 def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
     problems = _location_problems(model.name, ("model", "name"))
+    if model.hub_id is not None and not HUB_ID.fullmatch(model.hub_id):
+        problems.append((("model", "hub_id"), f"not a Hub model id (got {_shown(model.hub_id)}). Give org/name as on huggingface.co, e.g. sentence-transformers/all-MiniLM-L6-v2, or remove the key."))
     if model.decoder is not None:
         problems += _location_problems(model.decoder, ("model", "decoder"))
     if model.quantization is not None:

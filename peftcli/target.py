@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -87,7 +88,7 @@ def task_of(config: dict[str, Any], adapter_dir: Path) -> Task:
 
 
 def model_of(config: dict[str, Any], adapter_dir: Path, overrides: list[str]) -> ModelSpec:
-    raw: dict[str, Any] = {"model": {"name": config.get("base_model_name_or_path"), "revision": config.get("revision")}}
+    raw: dict[str, Any] = {"model": run_model(config, adapter_dir) or {"name": config.get("base_model_name_or_path"), "revision": config.get("revision")}}
     for item in overrides:
         key, value = parse_override(item)
         if key[0] == "data":  # the eval data of a bare adapter; see peftcli.commands.evaluate
@@ -103,6 +104,23 @@ def model_of(config: dict[str, Any], adapter_dir: Path, overrides: list[str]) ->
         return ModelSpec.model_validate(raw["model"])
     except ValidationError as exc:
         raise RecipeError(*(f"model.{'.'.join(map(str, e['loc']))}: {describe(e, ModelSpec)}" for e in exc.errors())) from None
+
+
+def run_model(config: dict[str, Any], adapter_dir: Path) -> dict[str, Any] | None:
+    """The `model` section of the run a checkpoint's adapter belongs to (<run>/checkpoints/step-N or
+    its best/), when the adapter names that run's model.hub_id: the weights then load from where the
+    run loaded them, not from the Hub."""
+    for up in adapter_dir.resolve().parents[:3]:
+        if up.name != "checkpoints" or not (up.parent / RUN_RECIPE).is_file():
+            continue
+        try:
+            model = yaml.safe_load((up.parent / RUN_RECIPE).read_text(encoding="utf-8"))["model"]
+        except (OSError, yaml.YAMLError, TypeError, KeyError):
+            return None
+        if isinstance(model, dict) and model.get("hub_id") and model.get("hub_id") == config.get("base_model_name_or_path"):
+            return dict(model)
+        return None
+    return None
 
 
 def read_labels(adapter_dir: Path, task: Task) -> list[str] | None:

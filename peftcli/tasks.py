@@ -15,12 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
 
 from peftcli.entities import entity_scores
 
@@ -31,7 +25,9 @@ SENTENCE_END = -1  # token classification: closes each sentence in the flat pred
 @dataclass(frozen=True)
 class Task:
     name: str
-    auto_model: Any
+    # The transformers Auto class that loads the base with this task's head, by name: resolved when a
+    # model is loaded, so that `peft validate` and `--help` do not import transformers' model classes.
+    auto_model_name: str
     peft_task_type: str
     head_modules: tuple[str, ...]
     best_metric: str
@@ -59,6 +55,12 @@ class Task:
     encoder_decoder: bool = False
     # Metrics of greedy generation over the eval split (peft eval), beside the loss metrics.
     generation_metrics: tuple[str, ...] = ()
+
+    @property
+    def auto_model(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_model_name)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -248,7 +250,7 @@ def token_details(preds: torch.Tensor, labels: torch.Tensor, label_names: list[s
 TASKS: dict[str, Task] = {
     "sequence_classification": Task(
         name="sequence_classification",
-        auto_model=AutoModelForSequenceClassification,
+        auto_model_name="AutoModelForSequenceClassification",
         peft_task_type="SEQ_CLS",
         head_modules=("classifier", "score"),
         best_metric="accuracy",
@@ -263,7 +265,7 @@ TASKS: dict[str, Task] = {
     ),
     "causal_lm": Task(
         name="causal_lm",
-        auto_model=AutoModelForCausalLM,
+        auto_model_name="AutoModelForCausalLM",
         peft_task_type="CAUSAL_LM",
         head_modules=(),
         best_metric="loss",
@@ -277,7 +279,7 @@ TASKS: dict[str, Task] = {
     ),
     "seq2seq_lm": Task(
         name="seq2seq_lm",
-        auto_model=AutoModelForSeq2SeqLM,
+        auto_model_name="AutoModelForSeq2SeqLM",
         peft_task_type="SEQ_2_SEQ_LM",
         # New in an encoder-decoder built from two pretrained encoders (model.decoder): a BERT-family
         # decoder's cross-attention and its LM head's transform, trained in full like a classifier
@@ -295,7 +297,7 @@ TASKS: dict[str, Task] = {
     ),
     "token_classification": Task(
         name="token_classification",
-        auto_model=AutoModelForTokenClassification,
+        auto_model_name="AutoModelForTokenClassification",
         peft_task_type="TOKEN_CLS",
         head_modules=("classifier", "score"),
         best_metric="f1",

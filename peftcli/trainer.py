@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -253,7 +254,7 @@ def train(
     narrowing = first_position_only(
         model, accelerator.unwrap_model(model), task.reads_one_position, low_precision(accelerator, model)
     )
-    with progress_bar(accelerator, total_steps, first - 1) as (progress, bar), narrowing, cheaper_dropout(model):
+    with progress_bar(accelerator, total_steps, first - 1) as progress, narrowing, cheaper_dropout(model):
         for step, window in enumerate(
             step_windows(train_data, sampler, spec.grad_accum, total_steps - first + 1, position), start=first
         ):
@@ -272,7 +273,7 @@ def train(
                 result.skipped_steps += 1
                 if result.skipped_steps > spec.skip_nonfinite_steps:
                     raise NonFiniteLoss(step, loss)
-                progress.console.print(
+                progress.line(
                     f"step {step}: the loss is {loss}; the step was skipped ({result.skipped_steps} of {spec.skip_nonfinite_steps} allowed)"
                 )
             else:
@@ -281,10 +282,8 @@ def train(
             if step % spec.log_every == 0 or step == total_steps:
                 record = since_log.record(step, step / steps_per_epoch, scheduler.get_last_lr()[0])
                 log(record)
-                progress.update(
-                    bar, status=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
-                )
-            progress.update(bar, completed=step)
+                progress.logged(record)
+            progress.advance(step)
 
             if eval_data is not None and (step == total_steps or (spec.eval_every and step % spec.eval_every == 0)):
                 try:
@@ -292,17 +291,15 @@ def train(
                 except OutOfMemory as exc:
                     exc.step = step
                     raise
-                improved = result.track_eval(step, metrics, spec.best_metric or task.best_metric)
+                best_metric = spec.best_metric or task.best_metric
+                improved = result.track_eval(step, metrics, best_metric)
                 log(
                     {"step": step, "epoch": round(step / steps_per_epoch, 4)}
                     | {f"eval_{k}": v for k, v in metrics.items()}
                 )
                 with full_parameters(accelerator, model):
                     hooks.on_eval(step, metrics, improved)
-                if accelerator.is_main_process:
-                    progress.console.print(
-                        f"step {step}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items())
-                    )
+                progress.line(eval_line(step, total_steps, metrics, best_metric if improved else None))
                 model.train()
 
             stopping = stop_requested(stop, accelerator) if step != total_steps else None
@@ -449,15 +446,7 @@ def fp32_masters(model: nn.Module, accelerator: Accelerator) -> None:
 
 
 def make_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise PeftcliError("method: no parameter is trainable; the method adapted nothing.")
-    # As in HF Trainer: no weight decay on biases and norm weights (1-D tensors).
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": spec.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = parameter_groups(model, spec)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
     if spec.name in ("adamw8bit", "paged_adamw8bit"):
@@ -466,6 +455,37 @@ def make_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimiz
         cls = bnb.optim.PagedAdamW8bit if spec.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
         return cls(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def parameter_groups(model: nn.Module, spec: OptimizerSpec) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups, in the same order on every run (a resumed optimizer's state
+    maps onto them by position). As in HF Trainer: no weight decay on biases and norm weights (1-D
+    tensors). LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354, `loraplus_lr_ratio`): LoRA's
+    B matrices and the 1-D tensors train at lr x ratio, the groups HF peft's create_loraplus_optimizer
+    makes (LoRA on embeddings, its third group, is not one peftcli offers)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise PeftcliError("method: no parameter is trainable; the method adapted nothing.")
+    ratio = spec.loraplus_lr_ratio
+    if ratio is not None and not any("lora_B" in n for n, _ in named):
+        raise PeftcliError(
+            f"optimizer.loraplus_lr_ratio: scales the learning rate of LoRA's B matrices, and this method trains "
+            f"none (got {ratio:g}). Use method lora or adalora, or remove optimizer.loraplus_lr_ratio."
+        )
+
+    def faster(name: str, p: torch.Tensor) -> bool:
+        return ratio is not None and ("lora_B" in name or p.ndim == 1)
+
+    groups = []
+    for fast in (False, True):
+        lr = {"lr": spec.lr * ratio} if fast and ratio is not None else {}
+        matrices = [p for n, p in named if p.ndim > 1 and faster(n, p) == fast]
+        vectors = [p for n, p in named if p.ndim <= 1 and faster(n, p) == fast]
+        groups += [
+            {"params": matrices, "weight_decay": spec.weight_decay, **lr},
+            {"params": vectors, "weight_decay": 0.0, **lr},
+        ]
+    return [g for g in groups if g["params"]]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, total_steps: int) -> Any:
@@ -754,8 +774,53 @@ def peak_memory_mb(accelerator: Accelerator) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class LoopOutput:
+    """What the loop prints, all on stderr, each line whole. In a terminal: a live bar with the latest
+    log record. Elsewhere (a pipe, a log file) there is no bar to redraw: each log record is a line of
+    its own instead. Only the main process prints."""
+
+    def __init__(self, progress: Progress, bar: Any, total: int, done: int, live: bool, main: bool) -> None:
+        self.progress, self.bar, self.total, self.live, self.main = progress, bar, total, live, main
+        self.logged_at = done
+
+    def logged(self, record: dict[str, Any]) -> None:
+        """A log record: the averages over the steps since the one before."""
+        status = log_status(record, record["step"] - self.logged_at)
+        self.logged_at = record["step"]
+        if self.live:
+            self.progress.update(self.bar, status=status)
+        else:
+            self.line(f"step {record['step']}/{self.total}: {status}")
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.bar, completed=step)
+
+    def line(self, text: str) -> None:
+        if self.main:
+            self.progress.console.print(text, markup=False, highlight=False)
+
+
+def log_status(record: dict[str, Any], steps: int) -> str:
+    """The train loss and the speed are means over the steps since the last log line, and the words say
+    so: the end line's speed is over every step, which differs wherever the speed changed during the
+    run (a machine busy with other work: 71 tok/s in the bar's last steps, 23 over the whole run)."""
+    over = "the last step" if steps == 1 else f"the last {steps} steps"
+    return f"train loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s ({over})"
+
+
+def eval_line(step: int, total: int, metrics: dict[str, float], best: str | None) -> str:
+    """`step 40/152 eval: loss 0.3012  accuracy 0.9000  f1 0.8990  (best accuracy so far)`."""
+    values = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return f"step {step}/{total} eval: {values}" + (f"  (best {best} so far)" if best is not None else "")
+
+
 @contextmanager
-def progress_bar(accelerator: Accelerator, total: int, done: int = 0) -> Iterator[tuple[Progress, Any]]:
+def progress_bar(accelerator: Accelerator, total: int, done: int = 0) -> Iterator[LoopOutput]:
+    # A console of its own, made now: on stderr with the run's other lines (rich's default console is
+    # stdout), never wrapping a line at its width (80 columns when not a terminal), and seeing the
+    # stderr of this moment (a parallel trial's log file, commands/own_process.py).
+    console = Console(stderr=True, soft_wrap=True, emoji=False)
+    live = accelerator.is_main_process and console.is_terminal and not console.is_dumb_terminal
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -763,7 +828,9 @@ def progress_bar(accelerator: Accelerator, total: int, done: int = 0) -> Iterato
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        disable=not accelerator.is_main_process,
+        console=console,
+        disable=not live,
     )
     with progress:
-        yield progress, progress.add_task("train", total=total, completed=done, status="")
+        bar = progress.add_task("train", total=total, completed=done, status="")
+        yield LoopOutput(progress, bar, total, done, live, accelerator.is_main_process)

@@ -1,13 +1,16 @@
 """`peft eval TARGET`: metrics of an adapter (or of the base model, --base) on the recipe's eval split
-or on other data given as data.* overrides; prints a table and writes eval.json."""
+or on other data given as data.* overrides; prints a table and writes eval.json (one file per split
+and mode: eval-test.json, eval-base.json, eval-test-base.json)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from pydantic import ValidationError
@@ -45,7 +48,7 @@ def run_eval(
     if labels:
         target.label_names = with_label_names(target, labels)
     spec = eval_data_spec(target, overrides, split, max_examples)
-    out = out or default_output(target, base)
+    out = out or default_output(target, base, spec.eval_split)
     if out.is_dir():
         raise RecipeError(f"--out: a folder, not a file (got '{out}'). Give a file name, e.g. --out {out / 'eval.json'}.")
     built = build(target, with_adapter=not base)
@@ -85,10 +88,24 @@ def run_eval(
         path = out.with_name(out.stem + "-generations.jsonl")
         atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
         report["generations"] = str(path)
+    if base and new_head(built.model, task):
+        report["head"] = UNTRAINED_HEAD
     if accelerator.is_main_process:
+        replaced = out.is_file()
         write_json(out, report)
-        print_report(report, out)
+        print_report(report, out, replaced)
     return report
+
+
+UNTRAINED_HEAD = "untrained (the base checkpoint has none for these labels: newly initialized, as `peft train` starts it)"
+
+
+def new_head(model: torch.nn.Module, task: Any) -> bool:
+    """Whether a classification head was made for the eval rather than loaded: a checkpoint saved from
+    another class (all-MiniLM-L6-v2 is a `BertModel`) has no weights for a BertForSequenceClassification's
+    classifier, and transformers initializes it."""
+    saved_as = getattr(getattr(model, "config", None), "architectures", None) or []
+    return task.label_column is not None and type(model).__name__ not in saved_as
 
 
 def merge_for_eval(built: Built) -> bool:
@@ -144,9 +161,29 @@ def eval_data_spec(target: Target, overrides: list[str], split: str | None, max_
     return spec
 
 
-def default_output(target: Target, base: bool) -> Path:
-    name = "eval-base.json" if base else "eval.json"
+def default_output(target: Target, base: bool, split: str) -> Path:
+    """One file per split and mode, so that no eval replaces another's: eval.json for the split the run
+    evaluated on while training (as its report), eval-<split>.json for any other, and -base with --base
+    (eval-base.json, eval-test-base.json)."""
+    parts = ["eval"]
+    if split != trained_split(target):
+        parts.append(re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("._") or "split")
+    name = "-".join([*parts, *(["base"] if base else [])]) + ".json"
     return (target.run_dir / name) if target.run_dir is not None else Path(name)
+
+
+def trained_split(target: Target) -> str:
+    """The eval split of the run's own recipe.yaml, whatever overrides now say (`validation` where the
+    run had none, or where there is no run: the split `peft eval` reads by default)."""
+    if target.run_dir is None:
+        return "validation"
+    try:
+        saved = yaml.safe_load((target.run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return "validation"
+    data = saved.get("data") if isinstance(saved, dict) else None
+    split = data.get("eval_split") if isinstance(data, dict) else None
+    return split if isinstance(split, str) and split else "validation"
 
 
 @torch.inference_mode()
@@ -182,10 +219,14 @@ def tracked(items: Any, advance: Any) -> Any:
         advance()
 
 
-def print_report(report: dict[str, Any], out: Path) -> None:
+def print_report(report: dict[str, Any], out: Path, replaced: bool = False) -> None:
     """The split, the labels (labels.json, --labels) and the paths are the user's text: escaped, never markup."""
-    title = f"{report['task']} on {report['split']} ({report['examples']} examples)" + (" - base model" if report["adapter"] is None else "")
-    table = Table(title=escape(title))
+    base = " - base model" + (", untrained head" if "head" in report else "") if report["adapter"] is None else ""
+    title = f"{report['task']} on {report['split']} ({report['examples']} examples){base}"
+    # Not in a terminal (a pipe, a file), the title and each row are a line whatever the width: rich
+    # wraps a table's title at the table's width and its rows at 80 columns.
+    terminal = console.is_terminal
+    table = Table(title=escape(title) if terminal else None)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report["metrics"].items():
@@ -196,10 +237,20 @@ def print_report(report: dict[str, Any], out: Path) -> None:
             table.add_row(escape(f"{name} ({c['support']}): precision / recall / f1"), scores)
         else:
             table.add_row(escape(f"{name}: precision / recall"), f"{c['precision']:.4f} / {c['recall']:.4f}")
-    console.print(table)
+    if not terminal:
+        console.print(title, markup=False)
+    # print(width=) can only narrow a console: a wide one of its own, on the same stream.
+    (console if terminal else Console(stderr=True, emoji=False, width=1000)).print(table)
     if report.get("words_cut"):
         console.print(f"{report['words_cut']} words past data.max_length were cut: not predicted, and their entities not counted.")
     if "confusion_matrix" in report.get("classes", {}):
         classes = report["classes"]
         console.print(f"confusion matrix (rows true, columns predicted; {', '.join(classes['labels'])}): {classes['confusion_matrix']}", markup=False)
-    console.print(f"wrote {out}" + (f" and {report['generations']}" if "generations" in report else ""), markup=False)
+    if "head" in report:
+        console.print(
+            f"The base model's classification head is {report['head']}: these metrics are near chance and measure "
+            "that head, not the base model's features. A trained run's gain over them is its adapter's and its trained head's together.",
+            markup=False,
+        )
+    written = f"wrote {out}" + (f" and {report['generations']}" if "generations" in report else "")
+    console.print(written + (" (replacing the file there)" if replaced else ""), markup=False)

@@ -13,10 +13,10 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from transformers.pytorch_utils import Conv1D
 
-from peftcli.checkpoint import WEIGHTS_NAME
-from peftcli.methods.base import LINEAR_TYPES, count_parameters, name_matches
+from peftcli.checkpoint import WEIGHTS_NAME, read_adapter_config
+from peftcli.methods.base import count_parameters, is_linear, layer_features, name_matches
+from peftcli.model_card import target_base
 from peftcli.target import build, resolve_target
 
 console = Console(soft_wrap=True, emoji=False)
@@ -38,9 +38,12 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
     momentum = bool(target.recipe and target.recipe.optimizer.momentum)
     state_bytes = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}.get(optimizer, 4 if momentum else 0)
     adapter_file = target.adapter_dir / WEIGHTS_NAME if target.adapter_dir is not None else None
+    config = read_adapter_config(target.adapter_dir) if target.adapter_dir is not None else None
+    base = target_base(config, target.model, target.recipe is not None)
     info = {
         "method": built.method.name,
         "model": target.model.name,
+        "base": {"name": base.name, "hub_id": base.hub_id, "loaded_from": base.loaded_from, "description": base.describe()},
         "task": target.task.name,
         "adapted_modules": len(built.adapted.adapted_modules),
         "modules_to_save": [
@@ -88,9 +91,8 @@ def module_groups(model: torch.nn.Module, names: list[str]) -> list[dict[str, An
 def linear_layers(model: torch.nn.Module) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, int, int], int] = defaultdict(int)
     for name, module in model.named_modules():
-        if isinstance(module, LINEAR_TYPES):
-            w = module.weight
-            out_f, in_f = (w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else (w.shape[0], w.shape[1])
+        if is_linear(module):
+            out_f, in_f = layer_features(module)
             groups[(pattern(name), type(module).__name__, in_f, out_f)] += 1
     return [
         {"pattern": p, "suffix": p.rsplit(".", 1)[-1], "type": t, "in_features": i, "out_features": o, "count": c}
@@ -126,6 +128,7 @@ def print_info(info: dict[str, Any]) -> None:
     m = info["memory_bytes"]
     size = _mb(info["adapter_bytes"]) + ("" if info["adapter_bytes_measured"] else " (estimated, float32)")
     console.print(
+        f"base: {escape(info['base']['description'])}\n"
         f"trainable parameters: {info['trainable_parameters']:,} of {info['total_parameters']:,} ({info['trainable_percent']:.3f}%)\n"
         f"adapter size: {size}\n"
         f"memory: weights {_mb(m['weights'])}, gradients {_mb(m['gradients'])}, optimizer state {_mb(m['optimizer_state'])} "

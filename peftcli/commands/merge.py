@@ -12,8 +12,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from peftcli.checkpoint import atomic_dir
+from peftcli.checkpoint import atomic_dir, plain_modes, read_adapter_config
 from peftcli.errors import PeftcliError
+from peftcli.model_card import merged_card, target_base, write_card
 from peftcli.models import DTYPES, model_location
 from peftcli.quantization import dequantize
 from peftcli.run_dir import within
@@ -72,9 +73,12 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
         )
     model.to(DTYPES[dtype])
     cast_difference = max(float((logits(model, b).float() - ref).abs().max()) for b, ref in zip(batches, before))
+    base = target_base(read_adapter_config(target.adapter_dir), target.model, target.recipe is not None)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         built.tokenizer.save_pretrained(tmp)
+        write_card(tmp, merged_card(method=method.name, task=target.task, base=base, adapter=str(target.adapter_dir), model_class=type(model).__name__, out=str(out), dtype=dtype, label_names=target.label_names))
+        plain_modes(tmp)  # safetensors writes model.safetensors owner-only
     result = {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
     said = f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
     if quantization is not None and adapted_quantized is not None:

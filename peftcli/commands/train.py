@@ -41,9 +41,11 @@ from peftcli.errors import CheckpointError, MethodError, PeftcliError, RunInterr
 from peftcli.html_report import write_run_html
 from peftcli.methods import context_for, get_method
 from peftcli.methods.base import Calibration, count_parameters, trainable_parameters
-from peftcli.models import head_kwargs, load_base_model, load_tokenizer, model_location
+from peftcli.model_card import run_card, write_card
+from peftcli.models import DTYPES, base_name, head_kwargs, load_base_model, load_tokenizer
+from peftcli.quantization import weight_memory
 from peftcli.recipe import Recipe, load_recipe
-from peftcli.report import MetricsLog, write_report
+from peftcli.report import MetricsLog, metric_label, weights_text, write_report
 from peftcli.resume import (
     BEST,
     abandon_after,
@@ -124,8 +126,9 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         if data.eval
         else None
     )
+    weights = weight_memory(model, DTYPES[recipe.model.dtype])  # the base as loaded, before the adapter
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model)
     set_seed(recipe.train.seed)  # the adapter's random initialization is part of the recipe
     adapted = method.apply(model, recipe.method, context_for(model, task.head_modules))
     if method.calibrate is not None:
@@ -169,7 +172,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         def snapshot() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             # The config is taken with the weights: training may change it (AdaLoRA's rank pattern).
             config = adapter_config(
-                method, recipe.method, adapted, task, model_location(recipe.model), recipe.model.revision
+                method, recipe.method, adapted, task, base_name(recipe.model), recipe.model.revision
             )
             state = method_state(method, model, adapted)
             if method.state is None:  # a method's own export may reshape (AdaLoRA drops pruned ranks)
@@ -243,11 +246,13 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
                 raise CheckpointError(save_failed(run_dir / "adapter", "adapter", exc, run_dir, saved, resume_hint)) from None
             replacement.saved()
             report = build_report(
-                recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator
+                recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator,
+                weights=weights,
             )
             write_report(run_dir, report)
+            write_card(run_dir / "adapter", run_card(recipe, method, task, data.label_names, report, run_dir / "adapter"))
             write_run_html(run_dir, report, result.history)
-            print_summary(report, run_dir)
+            print_summary(report, run_dir, result.history)
 
         on_main(accelerator, written(finish))
     except BaseException:
@@ -424,6 +429,8 @@ def build_report(
     run_dir: Path,
     wall: float,
     accelerator: Any,
+    *,
+    weights: dict[str, int],
 ) -> dict[str, Any]:
     adapter_bytes = (run_dir / "adapter" / WEIGHTS_NAME).stat().st_size
     seconds = max(result.train_seconds, 1e-9)
@@ -445,6 +452,9 @@ def build_report(
             "tokens_per_s": result.tokens / seconds,
             "examples_per_s": result.examples / seconds,
             "peak_memory_mb": result.peak_memory_mb,
+            "weights_bytes": weights["weights"],
+            "weights_bytes_unquantized": weights["weights_unquantized"],
+            "quantization": quantization_text(recipe.model.quantization),
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
             "cpu_threads": torch.get_num_threads(),
@@ -456,6 +466,7 @@ def build_report(
         "best_metrics": result.best_metrics,
         "best_step": result.best_step,
         "best_metric": recipe.train.best_metric or task.best_metric,
+        "final_step": (eval_steps(result.history) or [None])[-1],
         "versions": {
             "peftcli": peftcli.__version__,
             "python": platform.python_version(),
@@ -467,14 +478,67 @@ def build_report(
     }
 
 
-def print_summary(report: dict[str, Any], run_dir: Path) -> None:
-    s = report["summary"]
-    metrics = "  ".join(f"{k} {v:.4f}" for k, v in (report["best_metrics"] or report["final_metrics"]).items())
-    console.print(
-        f"[bold green]done[/] in {s['wall_seconds']:.1f}s: {s['steps']} steps, "
-        f"{s['tokens_per_s']:,.0f} tok/s, peak {s['peak_memory_mb']:,.0f} MB. {metrics}"
-    )
-    console.print(f"run directory: {escape(str(run_dir))}  (adapter in {escape(str(run_dir / 'adapter'))})")
+def quantization_text(q: Any) -> str | None:
+    """`4 bits (nf4)`, `8 bits (LLM.int8)`, or None for a float base."""
+    if q is None:
+        return None
+    return "8 bits (LLM.int8)" if q.bits == 8 else f"4 bits ({q.quant_type or 'nf4'})"
+
+
+def print_summary(report: dict[str, Any], run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """The end of a run, each figure named: the wall time against the time in training steps (the
+    tokens/s are over those), and which eval's metrics are which (the saved adapter is the best one's)."""
+    first, *evals = summary_lines(report, history)
+    console.print(f"[bold green]done[/] {escape(first)}")
+    for line in [*evals, f"run directory: {run_dir}  (adapter in {run_dir / 'adapter'})"]:
+        console.print(line, markup=False)
+
+
+def summary_lines(report: dict[str, Any], history: list[dict[str, Any]]) -> list[str]:
+    """`in 32.0 s wall: 152 training steps took 23.5 s (the rest: loading, 4 evals, saving); ...`, then
+    the best and the final eval. A resumed run's steps, tokens and step time count from its start, its
+    wall time from this process's."""
+    s, evals = report["summary"], len(eval_steps(history))
+    rest = ["loading", f"{evals} eval{'s' if evals != 1 else ''}" if evals else "", "saving"]
+    split = f"the rest: {', '.join(filter(None, rest))}" if s["wall_seconds"] >= s["train_seconds"] else "since the run started"
+    speed = f"{s['tokens_per_s']:,.0f} tok/s in the training steps ({s['tokens'] / max(s['wall_seconds'], 1e-9):,.0f} over the wall time)"
+    timing = f"in {s['wall_seconds']:.1f} s wall: {s['steps']} training steps took {s['train_seconds']:.1f} s ({split})"
+    lines = [f"{timing}; {speed}, peak memory {s['peak_memory_mb']:,.0f} MB"]
+    if s.get("quantization"):
+        lines.append(f"base weights: {weights_text(s['weights_bytes'], s['weights_bytes_unquantized'], s['quantization'])}")
+    best, final = report.get("best_step"), report.get("final_step")
+    if best is None or final is None:
+        return [*lines, f"no eval: the adapter is the one of the last step, {s['steps']}"]
+    first = report["best_metric"]
+    if best == final:
+        return [*lines, f"best and final eval, step {best} (the saved adapter): {metrics_text(report['best_metrics'], first)}"]
+    return [
+        *lines,
+        f"best eval, step {best} of {s['steps']} (the saved adapter): {metrics_text(report['best_metrics'], first)}",
+        f"final eval, step {final}: {metrics_text(report['final_metrics'], first)}",
+    ]
+
+
+def metrics_text(metrics: dict[str, float], first: str) -> str:
+    """`accuracy 0.9550  f1 0.9549  eval loss 0.1387`: the metric that picks the best eval first, and
+    the loss named as the eval's (the progress lines show the training loss)."""
+    names = sorted(metrics, key=lambda k: k != first)
+    return "  ".join(f"{metric_label(k)} {metrics[k]:.4f}" for k in names)
+
+
+def eval_steps(history: list[dict[str, Any]]) -> list[int]:
+    """The steps at which the run evaluated, in order."""
+    return [r["step"] for r in history if any(k.startswith("eval_") for k in r)]
+
+
+def checkpointing(model: torch.nn.Module) -> None:
+    """Activations recomputed in the backward (non-reentrant: the frozen base's inputs need no grad).
+    transformers 5.23 renamed gradient_checkpointing_enable, which now warns; older ones lack the new name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def calibration(loader: Any, task: Task, accelerator: Any) -> Calibration:

@@ -22,7 +22,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods.base import (
@@ -35,6 +34,7 @@ from peftcli.methods.base import (
     default_modules_to_save,
     find_targets,
     freeze,
+    is_conv1d,
     merge_layers,
     replace_module,
     resolve_all_linear,
@@ -149,7 +149,7 @@ def apply(model: nn.Module, params: AdaLoraParams, ctx: ApplyContext) -> Adapted
         )
     to_save = default_modules_to_save(params.modules_to_save, ctx, model)
     unfreeze_modules(model, to_save)
-    transposed = any(isinstance(model.get_submodule(n).base_layer, Conv1D) for n in names)
+    transposed = any(is_conv1d(model.get_submodule(n).base_layer) for n in names)
     return Adapted(
         adapted_modules=names,
         modules_to_save=to_save,

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import CheckpointError, MethodError
 
@@ -124,7 +123,16 @@ class Method:
     trains_base_weights: str | None = None
 
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+def is_conv1d(layer: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer that stores its weight as (in, out). transformers is imported
+    here, where a model exists (so it is loaded already), not when `peft validate` reads a recipe."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
+
+
+def is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -134,7 +142,7 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, nn.Linear):
         return layer.out_features, layer.in_features
     w = layer.weight
-    return (w.shape[1], w.shape[0]) if isinstance(layer, Conv1D) else (w.shape[0], w.shape[1])
+    return (w.shape[1], w.shape[0]) if is_conv1d(layer) else (w.shape[0], w.shape[1])
 
 
 class WrappedLayer(nn.Module):
@@ -145,7 +153,7 @@ class WrappedLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.transposed = isinstance(base_layer, Conv1D)
+        self.transposed = is_conv1d(base_layer)
 
     def features(self) -> tuple[int, int]:
         return layer_features(self.base_layer)
@@ -185,7 +193,7 @@ def name_matches(name: str, targets: list[str] | str) -> bool:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+    return [n for n, m in model.named_modules() if is_linear(m)]
 
 
 def is_excluded(name: str, excluded: tuple[str, ...]) -> bool:

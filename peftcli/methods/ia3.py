@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods.base import (
@@ -30,6 +29,7 @@ from peftcli.methods.base import (
     default_modules_to_save,
     find_targets,
     freeze,
+    is_conv1d,
     merge_layers,
     replace_module,
     resolve_all_linear,
@@ -158,7 +158,7 @@ def apply(model: nn.Module, params: IA3Params, ctx: ApplyContext) -> Adapted:
     targets, feedforward = resolve_targets(model, params, ctx)
     names = find_targets(model, targets, ctx, "method.target_modules")
     # GPT-2's Conv1D stores weights transposed; HF peft records that as fan_in_fan_out.
-    transposed = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    transposed = any(is_conv1d(model.get_submodule(n)) for n in names)
     for name in names:
         replace_module(model, name, IA3Linear(model.get_submodule(name), is_feedforward(name, feedforward)))
     to_save = default_modules_to_save(params.modules_to_save, ctx, model)

@@ -19,13 +19,12 @@ mask are untouched.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
-from transformers import Cache, DynamicCache, EncoderDecoderCache
 
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods.base import (
@@ -39,12 +38,14 @@ from peftcli.methods.base import (
     unfreeze_modules,
 )
 
+if TYPE_CHECKING:  # transformers is imported where a model runs, not when a recipe is validated
+    from transformers import Cache, EncoderDecoderCache
+
 ENCODER = "prefix_encoder"  # the submodule registered on the model; its parameters are the adapter
 FILE_KEY = "prompt_embeddings"  # HF peft's key for the (folded) prefix table
 # HF peft keeps a prompt-learning model unwrapped, so the trained head is saved as `base_model.<name>`,
 # not `base_model.model.<name>` as for LoRA.
 HEAD_PREFIX = "base_model."
-
 
 class PrefixTuningParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -186,6 +187,8 @@ def decoder_prefix_hook(forward_params: list[str]) -> Any:
             return (), kwargs
         batch_size = sized[0].shape[0]
         dtype = compute_dtype(module, encoder.embedding.weight.device)
+        from transformers import DynamicCache, EncoderDecoderCache
+
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -219,6 +222,8 @@ def prefix_hook(
         inputs = kwargs.get("inputs_embeds")
     if inputs is None:
         return args, kwargs
+    from transformers import Cache, DynamicCache
+
     batch_size = inputs.shape[0]
     cache = kwargs.get("past_key_values")
     if cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0):

@@ -453,7 +453,7 @@ def test_recipe_file_not_found(work: Path) -> None:
 USAGE = [
     (("generate", "runs/x", "hi", "--temperature", "abc"), "peft generate: invalid value for '--temperature': Input should be a valid number, unable to parse string as a number (got 'abc')"),
     (("generate", "runs/x", "hi", "--top-k=1.5"), "peft generate: invalid value for '--top-k': Input should be a valid integer, unable to parse string as an integer (got '1.5')"),
-    (("train",), "peft train: missing argument 'recipe'"),
+    (("train",), "peft train: missing argument 'RECIPE'"),
     (("train", "r.yaml", "--bogus"), "peft train: no such option: --bogus"),
     (("merge", "runs/x"), "peft merge: missing option '--out'"),
     (("bogus",), "peft: no such command 'bogus'"),

@@ -46,6 +46,7 @@ CLASSIFICATION_RUN_FILES = {
     "adapter/adapter_config.json",
     "adapter/adapter_model.safetensors",
     "adapter/labels.json",
+    "adapter/README.md",
     "adapter/tokenizer.json",
     "adapter/tokenizer_config.json",
 }

@@ -108,7 +108,7 @@ def test_merge_writes_a_standalone_model_with_equal_logits(cls_run: Path, tiny_d
     result = peft("merge", str(cls_run), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "largest logit difference" in result.stderr
-    assert files_under(out) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert files_under(out) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"}
     batch = dict(make_tokenizer()(BATCH_TEXTS, padding=True, return_tensors="pt"))
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers
     adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert-cls"], num_labels=2), cls_run / "adapter").eval()

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from peftcli.cli import app
+from peftcli.report import size_text
 from tests.cli.test_bad_inputs import refused
 from tests.conftest import tiny_recipe
 from tests.helpers import logits, random_batches
@@ -86,6 +87,15 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     assert report["summary"]["steps"] == 8
+    # What the bits saved, in the report and the end line: the unquantized size is the float base's.
+    full = AutoModelForCausalLM.from_pretrained(folders["llama-lm"])
+    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    s = report["summary"]
+    assert s["quantization"] == {4: "4 bits (nf4)", 8: "8 bits (LLM.int8)"}[bits]
+    assert s["weights_bytes_unquantized"] == full_bytes and s["weights_bytes"] < full_bytes
+    said = " ".join((result.stdout + result.stderr).split())
+    ratio = f"{s['weights_bytes'] / full_bytes:.2f}x"
+    assert f"base weights: {size_text(s['weights_bytes'])} in {s['quantization']}, {ratio} the {size_text(full_bytes)} they take unquantized" in said
 
     result = CliRunner().invoke(app, ["eval", str(run)])
     assert result.exit_code == 0, result.stderr

@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.methods import METHODS
 from peftcli.models import load_base_model
+from peftcli.quantization import weight_memory
 from peftcli.recipe import ModelSpec, TrainSpec
 from peftcli.tasks import TASKS
 from tests.conftest import VOCAB, make_tokenizer
@@ -137,3 +138,20 @@ def test_a_quantized_adapter_loads_on_the_full_precision_base(folders, tmp_path)
         (logits(load_base_model(ModelSpec(name=str(folders["llama-lm"])), task), batch) - logits(quantized(folders["llama-lm"], 4), batch)).abs().max()
     )
     assert 0 < with_adapter <= 2 * bases_alone
+
+
+@pytest.mark.parametrize("arch", ["llama-lm", "gpt2-lm"])
+def test_weight_memory_counts_what_the_bits_saved(arch, folders) -> None:
+    full = load_base_model(ModelSpec(name=str(folders[arch])), TASKS[LM])
+    full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    assert weight_memory(full, torch.float32) == {"weights": full_bytes, "weights_unquantized": full_bytes}
+    eight, four = quantized(folders[arch], 8), quantized(folders[arch], 4)
+    layers = quantized_layers(eight)
+    values = sum(m.in_features * m.out_features for m in layers.values())
+    rows = sum(m.out_features for m in layers.values())
+    # LLM.int8: a byte a value instead of four, plus one float32 scale a row.
+    assert weight_memory(eight, torch.float32) == {"weights": full_bytes - 3 * values + 4 * rows, "weights_unquantized": full_bytes}
+    # NF4: half a byte a value, plus the scales of each block of 64 (double-quantized: 8 bits each).
+    four_memory = weight_memory(four, torch.float32)
+    assert four_memory["weights_unquantized"] == full_bytes
+    assert full_bytes - 4 * values + values // 2 < four_memory["weights"] < full_bytes - 4 * values + values // 2 + values // 32

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from peftcli.checkpoint import PREFIX, WEIGHTS_NAME, adapter_config, load_adapter, method_state, save_adapter
 from peftcli.errors import CheckpointError, MethodError, RecipeError
 from peftcli.methods import METHODS, context_for
-from peftcli.methods.base import LINEAR_TYPES, Calibration, count_parameters, is_excluded
+from peftcli.methods.base import Calibration, count_parameters, is_excluded, is_linear
 from peftcli.methods.selective import SelectiveLinear, SelectiveParams, _SparseDeltaLinear, with_delta
 from peftcli.recipe import TrainSpec, load_recipe
 from peftcli.tasks import TASKS
@@ -31,7 +31,7 @@ def eligible_size(arch: str, include_biases: bool = False) -> int:
     ctx = context_for(model, TASKS[TINY[arch][1]].head_modules)
     total = 0
     for name, m in model.named_modules():
-        if isinstance(m, LINEAR_TYPES) and not is_excluded(name, ctx.excluded_modules):
+        if is_linear(m) and not is_excluded(name, ctx.excluded_modules):
             total += m.weight.numel() + (m.bias.numel() if include_biases and m.bias is not None else 0)
     return total
 

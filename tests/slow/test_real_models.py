@@ -50,6 +50,12 @@ def test_quickstart_trains_minilm_to_high_accuracy(tmp_path: Path) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
+    # README.md quotes this seeded run's accuracies (scripts/readme_numbers.py prints them): a change
+    # that moves them fails here until the README says the new figures.
+    from tests.cli.test_readme import check_readme_quotes, readme_numbers
+
+    check_readme_quotes(readme_numbers.quickstart_quotes(report), report)
+
 
 @pytest.mark.skipif(not (SHARED / "instruct").is_dir(), reason="../shared/data is not beside this checkout")
 def test_smollm2_instruct_trains_and_loads_in_hf_peft(tmp_path: Path) -> None:

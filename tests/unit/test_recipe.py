@@ -9,7 +9,7 @@ import yaml
 
 from peftcli.errors import RecipeError
 from peftcli.methods.lora import LoraParams
-from peftcli.recipe import load_recipe, package_folder, parse_override
+from peftcli.recipe import load_recipe, package_folder, parse_override, position_limit
 
 BASE = """\
 task: sequence_classification
@@ -184,3 +184,32 @@ def test_best_metric_must_be_a_metric_of_the_task(recipe_dir: Path) -> None:
     assert errors(path) == [
         f"{path}: train.best_metric: not an eval metric of sequence_classification (got 'acuracy'). Did you mean 'accuracy'? Metrics: loss, accuracy, f1."
     ]
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "expected"),
+    [
+        ("BertConfig", {}, (512, "max_position_embeddings")),
+        ("GPT2Config", {}, (1024, "n_positions")),
+        ("RobertaConfig", {}, (510, "max_position_embeddings minus pad_token_id + 1")),  # 512 - (1 + 1)
+        ("T5Config", {}, None),  # relative positions: no limit
+        ("DebertaV2Config", {"position_biased_input": False}, None),  # DeBERTa-v3: relative positions only
+    ],
+)
+def test_position_limit_reads_the_config_transformers_writes(config: str, kwargs, expected, tmp_path) -> None:
+    """The position check reads config.json as JSON (no transformers import at validate): the same
+    limit transformers' own config gives, from the file transformers writes."""
+    import transformers
+
+    cls = getattr(transformers, config)
+    cls(**kwargs).save_pretrained(tmp_path)
+    assert position_limit(str(tmp_path), None) == expected
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    if expected is not None:
+        offset = loaded.pad_token_id + 1 if "minus" in expected[1] else 0
+        assert expected[0] == loaded.max_position_embeddings - offset
+
+
+def test_position_limit_without_a_config_is_none(tmp_path) -> None:
+    assert position_limit(str(tmp_path), None) is None
+    assert position_limit(str(tmp_path / "missing"), None) is None
