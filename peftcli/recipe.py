@@ -653,6 +653,8 @@ def position_limit(name: str, revision: str | None) -> tuple[int, str] | None:
 def cached_config(name: str, revision: str | None) -> dict[str, Any] | None:
     """A model's config.json from its folder, or from the hub cache for a hub id; None when neither has it."""
     location = package_folder(name) if name.startswith(PACKAGE_PREFIX) else Path(name)
+    if location is None:  # a package that is not installed: model.name's own check says so
+        return None
     path: Any = location / "config.json"
     if not location.is_dir():
         from huggingface_hub import try_to_load_from_cache

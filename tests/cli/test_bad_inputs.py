@@ -183,7 +183,7 @@ RECIPES = [
     Case(
         "unknown-key-no-match",
         sets(optimizer__zzz=1),
-        [f"{RECIPE}: optimizer.zzz: unknown key. Valid keys here: name, lr, weight_decay, betas, eps, momentum."],
+        [f"{RECIPE}: optimizer.zzz: unknown key. Valid keys here: name, lr, weight_decay, betas, eps, momentum, loraplus_lr_ratio."],
     ),
     # missing required keys
     Case("missing-task", drops("task"), [TASK_MISSING]),
@@ -308,7 +308,7 @@ RECIPES = [
         "unknown-method-keys",
         sets(method__rnak=4, method__foo=1),
         [
-            f"{RECIPE}: method.foo: unknown key. Valid keys here: name, rank, alpha, dropout, target_modules, use_rslora, modules_to_save.",
+            f"{RECIPE}: method.foo: unknown key. Valid keys here: name, rank, alpha, dropout, target_modules, use_rslora, use_dora, init, pissa_niter, modules_to_save.",
             f"{RECIPE}: method.rnak: unknown key. Did you mean 'rank'?",
         ],
     ),

@@ -99,7 +99,9 @@ def test_pages_are_self_contained_plot_on_a_log_axis_and_escape_names(compared) 
         assert f'href="{m}/report.html"' in html
         run_page = (out / m / "report.html").read_text()
         run_parsed = parse_html(run_page)
-        assert run_parsed.tags["svg"] == 2 and "<script" not in run_page
+        # The loss chart, then a panel per eval metric (the eval loss is drawn in the loss chart).
+        metrics = [k for k in json.loads((out / m / "report.json").read_text())["final_metrics"] if k != "loss"]
+        assert run_parsed.tags["svg"] == 1 + len(metrics) >= 2 and "<script" not in run_page
         assert f"Run {NAME}" in run_parsed.texts  # the heading, as text
         assert (out / m / "recipe.yaml").read_text() in run_parsed.texts
 

@@ -171,7 +171,7 @@ def test_shipped_recipes_dump_as_plain_yaml(recipe_dir: Path) -> None:
     r = load_recipe(write(recipe_dir, BASE))
     assert yaml.safe_load(r.to_yaml())["method"] == {
         "name": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear",
-        "use_rslora": False, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "init": "default", "pissa_niter": None, "modules_to_save": None,
     }
 
 
