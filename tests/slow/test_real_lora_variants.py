@@ -8,6 +8,7 @@ over 30 layers; 1e-3 absolute for SmolLM2 with PiSSA/OLoRA, see below); the tiny
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -55,8 +56,13 @@ def real(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return model.eval(), dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("name", list(MODELS))
+def cases(variants: list[str]) -> list[Any]:
+    """SmolLM2's cases take about a minute each (GGUF load, SVD, HF peft's load and merge): marked heavy,
+    out of the default run (`python -m pytest -m heavy` runs them); MiniLM's stay in it."""
+    return [pytest.param(n, v, marks=pytest.mark.heavy if n == "smollm2" else ()) for n in MODELS for v in variants]
+
+
+@pytest.mark.parametrize(("name", "variant"), cases(list(VARIANTS)))
 def test_our_variant_adapter_loads_in_hf_peft_and_merges(name: str, variant: str, tmp_path: Path) -> None:
     _, task_name, targets = MODELS[name]
     task = TASKS[task_name]
@@ -84,8 +90,7 @@ def test_our_variant_adapter_loads_in_hf_peft_and_merges(name: str, variant: str
     torch.testing.assert_close(logits(ours, batch), expected, **tol)
 
 
-@pytest.mark.parametrize("variant", ["dora", "pissa", "olora"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(("name", "variant"), cases(["dora", "pissa", "olora"]))
 def test_hf_peft_variant_adapter_loads_in_ours(name: str, variant: str, tmp_path: Path) -> None:
     _, task_name, targets = MODELS[name]
     base, batch = real(name)
