@@ -198,6 +198,7 @@ def check_readme_quotes(quotes: dict[str, str], report: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a 45 s NER run; the quickstart's figures are checked in the default run (tests/slow)
 def test_readme_quotes_the_ner_recipes_figures(tmp_path: Path) -> None:
     """The NER recipe trained as shipped, and evaluated on validation and test: README.md quotes
     exactly these figures (scripts/readme_numbers.py prints them)."""
