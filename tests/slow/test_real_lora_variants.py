@@ -21,9 +21,7 @@ from peftcli.recipe import ModelSpec, resolve_model_path
 from peftcli.tasks import TASKS
 from tests.helpers import adapt, logits, randomize_trainable
 
-# About a minute a SmolLM2 case, 10 s a MiniLM one: out of the default run (`python -m pytest -m heavy`);
-# the tiny models' interop tests (tests/methods/test_lora_variants.py) stay in it.
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = pytest.mark.slow
 LORA = METHODS["lora"]
 TEXTS = ["a gripping, funny and humane film", "the plot goes nowhere", "Question: What is 2 + 3?\nAnswer: 5"]
 MODELS = {
@@ -59,7 +57,9 @@ def real(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 
 
 def cases(variants: list[str]) -> list[Any]:
-    return [pytest.param(n, v) for n in MODELS for v in variants]
+    """SmolLM2's cases take about a minute each (GGUF load, SVD, HF peft's load and merge): marked heavy,
+    out of the default run (`python -m pytest -m heavy` runs them); MiniLM's (under a second each) stay."""
+    return [pytest.param(n, v, marks=pytest.mark.heavy if n == "smollm2" else ()) for n in MODELS for v in variants]
 
 
 @pytest.mark.parametrize(("name", "variant"), cases(list(VARIANTS)))
