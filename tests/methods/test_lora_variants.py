@@ -26,7 +26,7 @@ from peftcli.methods.lora import LoraLinear, LoraParams
 from peftcli.recipe import OptimizerSpec
 from peftcli.tasks import TASKS
 from peftcli.trainer import make_optimizer
-from tests.conftest import TINY, VOCAB, make_tokenizer, sample_batch, tiny_model
+from tests.conftest import TINY, make_tokenizer, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable
 
 LORA = METHODS["lora"]
@@ -312,34 +312,23 @@ def test_gaussian_init_is_hf_peft_gaussian() -> None:
 
 @pytest.fixture(scope="module")
 def quantizable(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """test_quantized's 64-wide tiny Llama (bitsandbytes quantizes 4-bit weights in blocks of 64 inputs)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlamaForCausalLM
+
+    from tests.methods.test_quantized import config
 
     folder = tmp_path_factory.mktemp("quantizable") / "llama"
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )  # fmt: skip  (64 wide: bitsandbytes quantizes 4-bit weights in blocks of 64 inputs)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(config("llama-lm")).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
 
 
 def quantized(folder: Path, bits: int) -> torch.nn.Module:
-    pytest.importorskip("bitsandbytes")
-    from peftcli.models import load_base_model
-    from peftcli.recipe import ModelSpec
+    from tests.methods import test_quantized  # imported here: it skips its module without bitsandbytes
 
-    quantization = {"bits": bits} | ({"compute_dtype": "float32"} if bits == 4 else {})
-    return load_base_model(ModelSpec(name=str(folder), quantization=quantization), TASKS["causal_lm"])
+    return test_quantized.quantized(folder, bits)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
