@@ -306,13 +306,17 @@ def generate_cmd(
 @app.command("merge", cls=Command)
 def merge_cmd(
     target: TargetArg,
-    out: Annotated[Path, typer.Option("--out", help="folder for the standalone model", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="folder for the standalone model (with --format gguf: the .gguf file)", show_default=False)],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    fmt: Annotated[str, typer.Option("--format", help="safetensors (a transformers folder) or gguf (one file for llama.cpp; llama-family models)")] = "safetensors",
+    gguf_type: Annotated[
+        str | None, typer.Option("--gguf-type", help="with --format gguf: f16 (the default) or q8_0, as llama.cpp's --outtype", show_default=False)
+    ] = None,
     tolerance: Annotated[
         float, typer.Option(help="largest logit difference accepted between adapted and merged")
     ] = 1e-3,
     overrides: OverridesArg = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder (or .gguf file)")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fold the adapter into the base weights and write a standalone transformers model."""
@@ -322,7 +326,13 @@ def merge_cmd(
     def checked() -> None:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise PeftcliError(f"--dtype: unknown dtype (got {dtype!r}). Use float32, bfloat16 or float16.")
-        run_merge(target, out, dtype, overrides or [], tolerance, overwrite)
+        if fmt not in ("safetensors", "gguf"):
+            raise PeftcliError(f"--format: unknown format (got {fmt!r}). Use safetensors or gguf.")
+        if gguf_type is not None and (fmt != "gguf" or gguf_type not in ("f16", "q8_0")):
+            raise PeftcliError(f"--gguf-type: f16 or q8_0, with --format gguf (got {gguf_type!r}{'' if fmt == 'gguf' else ' with --format ' + fmt}).")
+        if fmt == "gguf" and dtype != "float32":
+            raise PeftcliError(f"--dtype: sets the safetensors folder's dtype (got {dtype!r} with --format gguf). Choose the GGUF's with --gguf-type f16 or q8_0.")
+        run_merge(target, out, dtype, overrides or [], tolerance, overwrite, fmt, gguf_type or "f16")
 
     run(checked, debug=debug)
 
@@ -403,6 +413,27 @@ def sweep_cmd(
 
     code = run(run_sweep, recipe, space, overrides or [], out, parallel, overwrite, debug, quiet_libraries, debug=debug)
     raise typer.Exit(code)
+
+
+@app.command("push", cls=Command)
+def push_cmd(
+    run_dir: Annotated[
+        Path, typer.Argument(metavar="RUN", help="a run directory, or an adapter folder", show_default=False)
+    ],
+    repo_id: Annotated[
+        str, typer.Argument(metavar="REPO_ID", help="the Hub model repo, e.g. your-name/lora-sst2 (created if missing)", show_default=False)
+    ],
+    private: Annotated[bool, typer.Option("--private", help="create the repo private (an existing repo keeps its visibility)")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Upload a run's adapter and its model card to a model repo on the Hugging Face Hub.
+
+    Creates the repo if it is missing, then uploads the adapter folder in one commit. Needs a token with
+    write access: `hf auth login`, or HF_TOKEN."""
+    from peftcli.commands.push import run_push
+
+    # quiet=False: push loads no model and no data, and uploads with huggingface_hub alone.
+    run(run_push, run_dir, repo_id, private, debug=debug, quiet=False)
 
 
 def version_callback(value: bool) -> None:

@@ -21,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from peftcli import hub
 from peftcli.chat import as_messages, encode_chat, require_chat_template, require_fast
 from peftcli.errors import DataError
-from peftcli.recipe import DataSpec
+from peftcli.recipe import HUB_ID, DataSpec
 from peftcli.tasks import IGNORE_INDEX, TASKS
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -56,13 +57,31 @@ def load_trimmed(spec: DataSpec, split: str, limit: int | None) -> datasets.Data
     return ds.select(range(min(limit, len(ds)))) if limit else ds
 
 
+def dataset_revision(spec: DataSpec) -> str | None:
+    """What to load a hub dataset at: the commit data.revision (or the default branch) points to,
+    resolved once a process (hub.py), so every split comes from one commit; None for a local folder."""
+    name = str(spec.dataset)
+    if Path(name).is_dir() or not HUB_ID.fullmatch(name):
+        return None
+    offline = datasets.config.HF_HUB_OFFLINE  # HF_DATASETS_OFFLINE or HF_HUB_OFFLINE
+    return hub.resolve_commit(name, "dataset", spec.revision, "data.dataset", offline, DataError) or spec.revision
+
+
+def data_commit(spec: DataSpec) -> str | None:
+    """The commit of the hub dataset this process loaded, for report.json; None for local files."""
+    return hub.known_commit(spec.dataset, "dataset", spec.revision) if spec.files is None else None
+
+
 def _load_split(spec: DataSpec, split: str) -> datasets.Dataset:
     if spec.files is not None:
         return _load_files(spec.files[split], split)
+    revision = dataset_revision(spec)
     try:
         with _quiet_datasets():
-            ds = datasets.load_dataset(spec.dataset, spec.subset, split=split)
+            ds = datasets.load_dataset(spec.dataset, spec.subset, split=split, revision=revision)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        if refused := hub.refusal_line(exc, str(spec.dataset), "dataset", spec.revision, "data.dataset"):
+            raise DataError(refused) from None
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data: cannot load split {split!r} from {spec.dataset}: {first}. Check the dataset id, split and files.") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow/csv parse errors have many types; name the file and the cause
@@ -230,6 +249,22 @@ def label_names_for(ds: datasets.Dataset, column: str, source: str = "the traini
     return class_names(keyed, "label", source)
 
 
+def class_label_names(values: list[Any], feature: Any, key: str, where: list[str]) -> list[Any]:
+    """A ClassLabel column (hub datasets: SST-2's label, conll2003's tags) holds class ids, and its names
+    are the label set (label_names_for, tag_names_for): its ids as those names. -1 is how datasets
+    marks a row without a label (SST-2's test split)."""
+    if not isinstance(feature, datasets.ClassLabel):
+        return values
+    names = []
+    for value, at in zip(values, where):
+        if value == -1:
+            raise DataError(f"data.columns.{key}: {at}: no label: the ClassLabel column marks an unlabelled row with -1, as SST-2's test split does (got -1). Train and evaluate on labelled splits.")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < feature.num_classes:
+            raise DataError(f"data.columns.{key}: {at}: not a class id of the ClassLabel column ({', '.join(feature.names)}) (got {value!r}). Fix the data.")
+        names.append(feature.names[value])
+    return names
+
+
 def _label_ids(values: list[Any], label_names: list[str], split: str, known_from: str, where: list[str]) -> list[int]:
     index = {name: i for i, name in enumerate(label_names)}
     ids = []
@@ -271,7 +306,8 @@ def tokenize_classification(
         where = [f"{source}: row {i + 1}" for i in indices]
         pair = texts(rows, c.text_pair, "text_pair", where) if c.text_pair else None
         enc = tokenizer(texts(rows, str(c.text), "text", where), pair, truncation=True, max_length=spec.max_length)
-        enc["labels"] = _label_ids(rows[c.label], label_names, split, known_from, where)
+        values = class_label_names(rows[c.label], ds.features[c.label], "label", where)
+        enc["labels"] = _label_ids(values, label_names, split, known_from, where)
         return enc
 
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
@@ -348,9 +384,10 @@ def tokenize_tokens(
         raise DataError(f"data.columns.tokens: aligning tags to sub-tokens needs a fast tokenizer (tokenizer.json) (got {type(tokenizer).__name__}). Use the model's fast tokenizer.")
     c = spec.columns
     index = {name: i for i, name in enumerate(tag_names)}
+    inner = getattr(ds.features[c.tags], "feature", None)
 
     def tag_id(tag: Any, where: str) -> int:
-        key = class_key(tag, "tags", where)
+        key = class_key(class_label_names([tag], inner, "tags", [where])[0], "tags", where)
         if key not in index:
             raise DataError(f"data.columns.tags: {where}: tag {tag!r} is not one of {known_from} ({', '.join(tag_names)}). Fix the data or the tags column.")
         return index[key]

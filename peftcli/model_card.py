@@ -6,6 +6,7 @@ commands that write it."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,12 +150,13 @@ def adapter_card(
     label_names: list[str] | None,
     report: dict[str, Any] | None = None,
     eval_args: str = "",
+    recipe: Recipe | None = None,
 ) -> str:
     """README.md for an adapter folder. `adapter`: the folder as the snippets load it; `eval_args`:
-    the data.* overrides `peft eval` needs for a bare copy of the folder."""
-    tags = ["peftcli", method] + ([f"base_model:adapter:{base.name}"] if base.hub_id else [])
+    the data.* overrides `peft eval` needs for a bare copy of the folder; `recipe` and `report`: the
+    run's, for its data, metrics (also as the Hub's model-index), compute and the recipe itself."""
     lines = [
-        front_matter({"base_model": base.name, "library_name": "peft", "pipeline_tag": PIPELINE_TAGS.get(task.name), "tags": tags}),
+        adapter_front_matter(title, method, in_hf_peft, task, base, recipe, report),
         f"# {title}\n",
         f"A peftcli `{method}` adapter for {TASK_WORDS.get(task.name, task.name)}.\n",
         "## Base model\n",
@@ -190,7 +192,29 @@ def adapter_card(
     lines.append("```bash\n" + "\n".join(commands) + "\n```\n")
     if report is not None:
         lines += metrics_section(report)
+    if recipe is not None and report is not None:
+        lines += training_section(recipe, report)
     return "\n".join(lines)
+
+
+def adapter_front_matter(
+    title: str, method: str, in_hf_peft: bool, task: Task, base: Base, recipe: Recipe | None, report: dict[str, Any] | None
+) -> str:
+    """The card's metadata: what HF peft's own card has (PeftModel.create_or_update_model_card: library_name
+    peft, base_model, pipeline_tag, tags transformers / lora / base_model:adapter:<id>), plus the Hub dataset
+    trained on and the metrics as model-index."""
+    tags = ["peftcli", method] + (["transformers"] if in_hf_peft else []) + ([f"base_model:adapter:{base.name}"] if base.hub_id else [])
+    datasets = [recipe.data.dataset] if recipe is not None and recipe.data.dataset and is_hub_id(recipe.data.dataset) else None
+    return front_matter(
+        {
+            "base_model": base.name,
+            "library_name": "peft",
+            "pipeline_tag": PIPELINE_TAGS.get(task.name),
+            "tags": tags,
+            "datasets": datasets,
+            "model-index": model_index(title, task, recipe, report),
+        }
+    )
 
 
 def metrics_section(report: dict[str, Any]) -> list[str]:
@@ -207,6 +231,74 @@ def metrics_section(report: dict[str, Any]) -> list[str]:
     rows = ["| metric | " + " | ".join(head for head, _ in columns) + " |", "|---|" + "---|" * len(columns)]
     rows += [f"| {n} | " + " | ".join(_num(metrics.get(n)) for _, metrics in columns) + " |" for n in names]
     return ["## Metrics\n", "\n".join(rows) + "\n"]
+
+
+def model_index(title: str, task: Task, recipe: Recipe | None, report: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The adapter's eval metrics in the Hub's `model-index` form (results -> task, dataset, metrics;
+    huggingface_hub's repocard_data.model_index_to_eval_results reads it). The metrics are the saved
+    adapter's: the best eval's, else the final one's. None without metrics or eval data."""
+    metrics = (report or {}).get("best_metrics") or (report or {}).get("final_metrics")
+    if recipe is None or not metrics or recipe.data.eval_split is None:
+        return None
+    data = recipe.data
+    if data.dataset and is_hub_id(data.dataset):
+        dataset = {"name": data.dataset, "type": data.dataset, "split": data.eval_split} | ({"config": data.subset} if data.subset else {})
+    else:  # local files: named by their file names; the Hub expects a dataset id as `type`, there is none
+        files = (data.files or {}).get(data.eval_split) or [data.dataset or "local files"]
+        dataset = {"name": ", ".join(Path(f).name for f in files), "type": "local", "split": data.eval_split}
+    values = [{"type": k, "value": round(v, 6) if isinstance(v, float) else v, "name": f"eval {k}"} for k, v in metrics.items() if is_number(v)]
+    if not values:
+        return None
+    # The Hub's task id; text2text-generation names seq2seq there though transformers 5 has no such pipeline.
+    kind_id = PIPELINE_TAGS.get(task.name) or ("text2text-generation" if task.encoder_decoder else task.name)
+    kind = {"type": kind_id, "name": TASK_WORDS.get(task.name, task.name)}
+    return [{"name": title, "results": [{"task": kind, "dataset": dataset, "metrics": values}]}]
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def training_section(recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    """How it was trained: the data, the compute (report.json's summary), the resolved recipe and the
+    versions of the libraries (as HF peft's card lists `### Framework versions`)."""
+    s = report.get("summary", {})
+    data = recipe.data
+    source = f"`{data.dataset}`" + (f" ({data.subset})" if data.subset else "") if data.dataset else ", ".join(f"`{f}`" for f in (data.files or {}).get(data.train_split, []))
+    compute = [
+        f"- device: {s.get('device')}, {plural(s.get('num_processes') or 1, 'process', 'processes')}"
+        + (f", {s['cpu_threads']} CPU threads" if s.get("device") == "cpu" and s.get("cpu_threads") else ""),
+        f"- precision: {precision_text(s.get('mixed_precision'), recipe.model.dtype)} (train.mixed_precision: {s.get('mixed_precision_requested')})"
+        + (f"; base weights in {s['quantization']}" if s.get("quantization") else ""),
+        (
+            f"- {s.get('steps')} steps, {s.get('examples', 0):,} examples, {s.get('tokens', 0):,} tokens in "
+            f"{s.get('train_seconds', 0):.1f} s ({s.get('tokens_per_s', 0):,.0f} tokens/s); {s.get('wall_seconds', 0):.1f} s wall time in all"
+        ),
+    ]
+    if s.get("peak_memory_mb"):
+        compute.append(f"- peak memory: {s['peak_memory_mb']:,.0f} MB")
+    fence = "````" if "```" in recipe.to_yaml() else "```"
+    versions = [f"- {name} {version}" for name, version in report.get("versions", {}).items()]
+    return [
+        "## Training\n",
+        f"Data: {source}, split `{data.train_split}`" + (f"; evaluated on `{data.eval_split}`" if data.eval_split else "") + ".\n",
+        "### Compute\n",
+        "\n".join(compute) + "\n",
+        "### Recipe\n",
+        "The resolved recipe (the run folder's recipe.yaml): `peft train recipe.yaml output_dir=NEW_DIR` repeats the run.\n",
+        f"{fence}yaml\n{recipe.to_yaml()}{fence}\n",
+        "### Framework versions\n",
+        "\n".join(versions) + "\n",
+    ]
+
+
+def precision_text(mixed: str | None, dtype: str) -> str:
+    """accelerate's mixed_precision (`no`, `fp16`, `bf16`) over the base's model.dtype, in words."""
+    return f"base weights in {dtype}, " + ("no mixed precision" if mixed in (None, "no") else f"{mixed} mixed precision")
+
+
+def plural(n: int, word: str, words: str) -> str:
+    return f"{n} {word if n == 1 else words}"
 
 
 def _num(value: Any) -> str:
@@ -228,6 +320,7 @@ def run_card(recipe: Recipe, method: Method, task: Task, label_names: list[str] 
         label_names=label_names,
         report=report,
         eval_args=eval_args,
+        recipe=recipe,
     )
 
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from peftcli import quantization
+from peftcli import hub, quantization
 from peftcli.errors import ModelError
-from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, package_folder
+from peftcli.recipe import HUB_ID, PACKAGE_PREFIX, ModelSpec, package_folder
 from peftcli.tasks import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,10 +40,27 @@ def location_of(name: str, key: str) -> str:
     return name
 
 
+def pinned_revision(name: str, revision: str | None, key: str) -> str | None:
+    """What to load `name` at: for a Hub id, the commit `revision` (or the default branch) points to,
+    resolved once a process (hub.py), so the tokenizer and the weights come from one commit; else
+    `revision` as given."""
+    if name.startswith(PACKAGE_PREFIX) or Path(name).exists() or not HUB_ID.fullmatch(name):
+        return revision
+    from huggingface_hub import constants
+
+    return hub.resolve_commit(name, "model", revision, key, constants.HF_HUB_OFFLINE, ModelError) or revision
+
+
+def model_commit(spec: ModelSpec) -> str | None:
+    """The commit of model.name this process loaded, for report.json; None for a folder or a package."""
+    return hub.known_commit(spec.name, "model", spec.revision)
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     location = model_location(spec)
+    revision = pinned_revision(spec.name, spec.revision, "model.name")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=spec.gguf_file, revision=spec.revision)
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=spec.gguf_file, revision=revision)
     except (OSError, ValueError) as exc:
         raise ModelError(_load_failure("tokenizer", spec, exc)) from None
     if tokenizer.pad_token is None:
@@ -72,7 +89,7 @@ def head_kwargs(task: Task, label_names: list[str] | None, tokenizer: Any) -> di
 def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrainedModel:
     """The base model with the task's head, frozen, in the recipe's dtype."""
     location = model_location(spec)
-    kwargs: dict[str, Any] = {"revision": spec.revision, "dtype": DTYPES[spec.dtype]}
+    kwargs: dict[str, Any] = {"revision": pinned_revision(spec.name, spec.revision, "model.name"), "dtype": DTYPES[spec.dtype]}
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     if spec.quantization is not None and not spec.gguf_file:
@@ -107,7 +124,8 @@ def build_encoder_decoder(spec: ModelSpec, location: str, kwargs: dict[str, Any]
     assert spec.decoder is not None
     tokenizer = load_tokenizer(spec)
     encoder = AutoModel.from_pretrained(location, **kwargs)
-    decoder = AutoModelForCausalLM.from_pretrained(location_of(spec.decoder, "model.decoder"), is_decoder=True, add_cross_attention=True, **kwargs)
+    decoder_kwargs = kwargs | {"revision": pinned_revision(spec.decoder, spec.revision, "model.decoder")}
+    decoder = AutoModelForCausalLM.from_pretrained(location_of(spec.decoder, "model.decoder"), is_decoder=True, add_cross_attention=True, **decoder_kwargs)
     model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
     # It warns on every forward with labels that its loss changed in transformers 4.12; peftcli computes its own.
     warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
@@ -149,6 +167,8 @@ def as_plain_float_model(model: PreTrainedModel) -> None:
 
 
 def _load_failure(what: str, spec: ModelSpec, exc: Exception) -> str:
+    if refused := hub.refusal_line(exc, spec.name, "model", spec.revision, "model.name"):
+        return refused
     first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     where = spec.name + (f" (gguf_file {spec.gguf_file})" if spec.gguf_file else "")
     local = Path(model_location(spec)).exists() if not spec.name.startswith(PACKAGE_PREFIX) else True

@@ -66,7 +66,9 @@ class ModelSpec(Strict):
         "which other machines may not have)",
     )
     gguf_file: str | None = Field(None, description="a .gguf file inside `name` (dequantized to float)")
-    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) of `name`; report.json records the commit loaded"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the frozen base weights are loaded in"
     )
@@ -124,6 +126,9 @@ class DataSpec(Strict):
         None, description="hub dataset id (e.g. stanfordnlp/sst2) or a local folder whose files are named by split"
     )
     subset: str | None = Field(None, description="hub dataset configuration name")
+    revision: str | None = Field(
+        None, description="hub dataset revision (branch, tag or commit); report.json records the commit loaded"
+    )
     files: dict[str, list[str]] | None = Field(
         None, description="split -> local file(s): csv, tsv, json, jsonl or parquet"
     )
@@ -208,11 +213,21 @@ class TrainSpec(Strict):
     skip_nonfinite_steps: int = Field(
         0, ge=0, description="steps with a NaN/inf loss skipped (no update) before the run stops; 0 stops at the first"
     )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers that get the recipe, every metrics.jsonl record and the report: "
+        "tensorboard, mlflow, wandb, trackio (pip install 'peftcli[<name>]'); files in <run>/trackers/. docs/trackers.md",
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no_is_false(cls, v: Any) -> Any:
         return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # report_to: tensorboard, or report_to=tensorboard
 
 
 class Recipe(Strict):
@@ -421,6 +436,8 @@ def validate_recipe(
     if optimizer is not None:
         problems += _optimizer_problems(optimizer)
     train = _valid(TrainSpec, raw.get("train"))
+    if train is not None:
+        problems += tracker_problems(train.report_to)
     if train is not None and task is not None:
         problems += _train_problems(train, task)
     if train is not None and method_params is not None:
@@ -621,6 +638,32 @@ def _schedule_problems(s: ScheduleSpec) -> list[tuple[tuple[str, ...], str]]:
     return []
 
 
+# train.report_to: each tracker and the modules it needs; its extra is peftcli[<name>] (pyproject.toml).
+# mlflow's local store is SQLite, which mlflow-skinny reaches through sqlalchemy and alembic.
+TRACKERS: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow", "sqlalchemy", "alembic"),
+    "wandb": ("wandb",),
+    "trackio": ("trackio",),
+}
+
+
+def tracker_problems(names: list[str]) -> list[tuple[tuple[str, ...], str]]:
+    """Unknown tracker names, and trackers whose packages are not installed (found without importing them)."""
+    key = ("train", "report_to")
+    for name in names:
+        if name not in TRACKERS:
+            hint = _did_you_mean(name, list(TRACKERS))
+            return [(key, f"unknown tracker (got {name!r}).{hint} Known trackers: {', '.join(TRACKERS)}.")]
+    problems = []
+    for name in dict.fromkeys(names):
+        missing = [m for m in TRACKERS[name] if importlib.util.find_spec(m) is None]
+        if missing:
+            which = f"{' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed"
+            problems.append((key, f"{name} needs {which} (got {name!r}). Install it: pip install 'peftcli[{name}]'."))
+    return problems
+
+
 def _train_problems(t: TrainSpec, task: str) -> list[tuple[tuple[str, ...], str]]:
     names = TASKS[task].metric_names
     if t.best_metric is not None and t.best_metric not in names:
@@ -780,6 +823,8 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
         problems.append((("data",), "give exactly one of `dataset` (a hub id) or `files` (split -> local files)."))
     if data.dataset and _looks_like_path(data.dataset) and not Path(data.dataset).exists():
         problems.append((("data", "dataset"), f"local dataset folder not found (got {data.dataset!r}). Give a hub id or an existing folder."))
+    if data.revision is not None and (data.files is not None or (data.dataset and Path(data.dataset).is_dir())):
+        problems.append((("data", "revision"), f"applies to a hub dataset, not local files (got {data.revision!r}). Remove it, or give data.dataset a hub id."))
     for split, files in (data.files or {}).items():
         for f in files:
             if Path(f).is_dir():

@@ -49,6 +49,7 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Run `{report['name']}`", ""]
     lines += [f"{report['method']} on `{report['model']}`, task {report['task']}.", ""]
+    lines += [sources(report), ""] if sources(report) else []
     lines += [headline(report), ""] if headline(report) else []
     lines += ["| | |", "|---|---|"]
     lines += [f"| {label} | {value} |" for label, value in summary_rows(report["summary"])]
@@ -60,6 +61,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Versions", ""] + [f"- {k} {v}" for k, v in report["versions"].items()]
     lines += ["", "![loss and eval metrics](curves.svg)", ""]
     return "\n".join(lines)
+
+
+def sources(report: dict[str, Any]) -> str:
+    """The Hub commits the run loaded, which repeat it when given as model.revision / data.revision."""
+    found = [f"{what} commit `{report[key]}`" for what, key in (("model", "model_commit"), ("data", "data_commit")) if report.get(key)]
+    return f"Loaded from the Hub at {' and '.join(found)} (model.revision, data.revision repeat them)." if found else ""
 
 
 def headline(report: dict[str, Any]) -> str:

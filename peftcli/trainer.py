@@ -402,7 +402,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def make_accelerator(spec: TrainSpec) -> Accelerator:
+def make_accelerator(spec: TrainSpec, trackers: list[Any] | None = None) -> Accelerator:
+    """`trackers`: experiment trackers for `log_with` (peftcli.trackers), made but not started."""
     mixed_precision, _ = precision.resolve(spec.mixed_precision)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise PeftcliError(
@@ -430,7 +431,7 @@ def make_accelerator(spec: TrainSpec) -> Accelerator:
         AcceleratorState._reset_state()
     # Several processes and no GPU: DDP on the CPUs over gloo (accelerate picks that only when told cpu=True).
     on_cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpus)
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpus, log_with=trackers or None)
 
 
 def fp32_masters(model: nn.Module, accelerator: Accelerator) -> None:

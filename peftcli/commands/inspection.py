@@ -13,10 +13,12 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from safetensors import safe_open
 
 from peftcli.checkpoint import WEIGHTS_NAME, read_adapter_config
 from peftcli.methods.base import count_parameters, is_linear, layer_features, name_matches
 from peftcli.model_card import target_base
+from peftcli.serving import vllm_verdict
 from peftcli.target import build, resolve_target
 
 console = Console(soft_wrap=True, emoji=False)
@@ -62,9 +64,19 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
             "optimizer_state": trainable * state_bytes,
         },
         "module_groups": module_groups(built.model, built.adapted.adapted_modules),
+        # Whether vLLM would serve the saved adapter (a recipe has none yet).
+        "vllm": None if config is None or adapter_file is None else vllm_verdict(
+            config, tensor_names(adapter_file), type(built.model).__name__, mergeable=built.method.merge is not None
+        ).as_dict(),
     }
     print_info(info)
     return info
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file, from its header (resolve_target checked it reads)."""
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def saved_parameters(model: torch.nn.Module, name: str) -> int:
@@ -134,3 +146,5 @@ def print_info(info: dict[str, Any]) -> None:
         f"memory: weights {_mb(m['weights'])}, gradients {_mb(m['gradients'])}, optimizer state {_mb(m['optimizer_state'])} "
         "(activations come on top and grow with batch size and sequence length)"
     )
+    if info["vllm"] is not None:
+        console.print(info["vllm"]["line"], markup=False, highlight=False)

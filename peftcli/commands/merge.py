@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from peftcli.checkpoint import atomic_dir, plain_modes, read_adapter_config
 from peftcli.errors import PeftcliError
+from peftcli.gguf_export import check_exportable, is_gguf_file, round_as_stored, write_gguf
 from peftcli.model_card import merged_card, target_base, write_card
 from peftcli.models import DTYPES, model_location
 from peftcli.quantization import dequantize
@@ -34,21 +35,24 @@ PROBE_TEXTS = [
 ]
 
 
-def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: list[str] | None = None, tolerance: float = 1e-3, overwrite: bool = False) -> dict[str, Any]:
+def run_merge(
+    target_path: Path, out: Path, dtype: str = "float32", overrides: list[str] | None = None, tolerance: float = 1e-3, overwrite: bool = False,
+    fmt: str = "safetensors", gguf_type: str = "f16",
+) -> dict[str, Any]:
     target = resolve_target(target_path, overrides or [])
     if target.adapter_dir is None:
         raise PeftcliError(f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory.")
     if target.path.resolve().is_relative_to(out.resolve()):
         raise PeftcliError(f"{out}: holds the adapter being merged ({target_path}), which --out would replace. Choose another --out.")
-    if out.exists() and not out.is_dir():
-        raise PeftcliError(f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite).")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
-    if out.exists() and any(out.iterdir()):
-        check_replaceable_model(out, target)
+    if fmt == "gguf":
+        check_gguf_out(out, target, overwrite)
+    else:
+        check_folder_out(out, target, overwrite)
     built = build(target)
     method = built.method
     assert method is not None
+    if fmt == "gguf":
+        check_exportable(built.model, built.tokenizer, str(target.path), base_gguf(target.model))
     if method.merge is None:
         raise PeftcliError(
             f"{target.adapter_dir}: {method.name} {method.kind.value} and cannot be merged into the weights. "
@@ -71,6 +75,9 @@ def run_merge(target_path: Path, out: Path, dtype: str = "float32", overrides: l
             f"merge check failed: the merged model's logits differ from the adapted model's by {difference:.3g} "
             f"(tolerance {tolerance:g}){f'; parameters differ from a plain model: {leftover[:3]}' if leftover else ''}. Nothing was written."
         )
+    if fmt == "gguf":
+        said = f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
+        return {"difference": difference} | export_gguf(model, built.tokenizer, target, out, gguf_type, batches, before, said)
     model.to(DTYPES[dtype])
     cast_difference = max(float((logits(model, b).float() - ref).abs().max()) for b, ref in zip(batches, before))
     base = target_base(read_adapter_config(target.adapter_dir), target.model, target.recipe is not None)
@@ -107,6 +114,61 @@ def quantization_errors(target: Any, batches: list[Any], adapted_quantized: list
         "compute_difference": max(float((d - q).abs().max()) for d, q in zip(dequantized, adapted_quantized)),
         "quantization_error": max(float((d - r).abs().max()) for d, r in zip(dequantized, reference)),
     }
+
+
+def check_folder_out(out: Path, target: Any, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PeftcliError(f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite).")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
+    if out.exists() and any(out.iterdir()):
+        check_replaceable_model(out, target)
+
+
+def check_gguf_out(out: Path, target: Any, overwrite: bool) -> None:
+    """With --format gguf, --out is the .gguf file; --overwrite replaces only a GGUF file, and never the
+    one the base model was read from."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise PeftcliError("--format gguf: needs the gguf package, which is not installed. Install it: pip install 'peftcli[gguf]'.")
+    if out.suffix != ".gguf" or out.is_dir():
+        raise PeftcliError(f"{out}: with --format gguf, --out is the .gguf file to write (got a {'folder' if out.is_dir() else 'name without .gguf'}). Give a file name ending in .gguf.")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
+    base = base_gguf(target.model)
+    if out.is_symlink() or not is_gguf_file(out) or (base is not None and base.resolve() == out.resolve()):
+        what = "the base model's GGUF file" if base is not None and base.resolve() == out.resolve() else "not a GGUF file peft merge wrote"
+        raise PeftcliError(f"{out}: {what}, so --overwrite will not replace it. Choose another --out.")
+
+
+def base_gguf(spec: Any) -> Path | None:
+    """The GGUF file the base model is read from (a local or package folder, or the hub cache), if any."""
+    if not spec.gguf_file:
+        return None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(model_location(spec), spec.gguf_file, revision=spec.revision)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+def export_gguf(model: Any, tokenizer: Any, target: Any, out: Path, gguf_type: str, batches: list[Any], merged: list[torch.Tensor], said: str) -> dict[str, Any]:
+    """Writes the merged model as a GGUF file and reports what its f16 or q8_0 matrices cost: the logits
+    of the merged model with its matrices rounded as the file stores them, against the float32 ones."""
+    name = target.recipe.name if target.recipe is not None else out.stem
+    write_gguf(model, tokenizer, out, gguf_type, name, base_gguf(target.model))
+    round_as_stored(model, gguf_type)
+    difference = max(float((logits(model, b) - ref).abs().max()) for b, ref in zip(batches, merged))
+    console.print(
+        f"{said}, {difference:.2e} with its matrices in {gguf_type}. Wrote {escape(str(out))} ({out.stat().st_size / 2**20:.1f} MiB); "
+        f"run it with llama.cpp: llama-cli -m {escape(str(out))}"
+    )
+    return {"gguf_difference": difference, "out": str(out)}
 
 
 def check_replaceable_model(out: Path, target: Any) -> None:

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 
 import peftcli
-from peftcli import precision
+from peftcli import host_memory, precision
+from peftcli import trackers as tracking
 from peftcli.checkpoint import (
     PREFIX,
     WEIGHTS_NAME,
@@ -35,14 +36,14 @@ from peftcli.checkpoint import (
     save_adapter,
     write_adapter,
 )
-from peftcli.data import eval_loader, prepare_data, train_loader
+from peftcli.data import data_commit, eval_loader, prepare_data, train_loader
 from peftcli.distributed import on_main, partitioned_optimizer
 from peftcli.errors import CheckpointError, MethodError, PeftcliError, RunInterrupted, TrainingDiverged
 from peftcli.html_report import write_run_html
 from peftcli.methods import context_for, get_method
 from peftcli.methods.base import Calibration, count_parameters, trainable_parameters
 from peftcli.model_card import run_card, write_card
-from peftcli.models import DTYPES, base_name, head_kwargs, load_base_model, load_tokenizer
+from peftcli.models import DTYPES, base_name, head_kwargs, load_base_model, load_tokenizer, model_commit
 from peftcli.quantization import weight_memory
 from peftcli.recipe import Recipe, load_recipe
 from peftcli.report import MetricsLog, metric_label, weights_text, write_report
@@ -79,7 +80,10 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     started = time.perf_counter()
     recipe = load_recipe(recipe_path, overrides)
     run_dir = recipe.run_dir()
-    accelerator = make_accelerator(recipe.train)
+    trackers = tracking.trackers_for(recipe.train.report_to, run_dir, str(recipe.name))  # started once the run directory is ours
+    accelerator = make_accelerator(recipe.train, trackers)
+    if accelerator.device.type == "cpu":  # tensors live in the host's memory: return what they free
+        host_memory.return_freed_memory()
     keep = kept_paths(recipe, recipe_path)
     # The main process checks the run directory (the others could see the main process's own lock
     # and recipe.yaml appear on a shared filesystem), and every process stops with it.
@@ -96,7 +100,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         on_main(accelerator, lambda: (settle_replacement(run_dir), refuse_if_busy(run_dir)))
         kept = check_same_recipe(run_dir, recipe)
         if kept:  # the run's own precision may differ from what the default picks now
-            accelerator = make_accelerator(recipe.train)
+            accelerator = make_accelerator(recipe.train, trackers)
         resumed_from = find_checkpoint(run_dir, resume)
         loop = read_loop_state(resumed_from, accelerator.process_index, accelerator.num_processes)
     task, method = TASKS[recipe.task], get_method(recipe.method.name)
@@ -206,6 +210,9 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         final: dict[str, Any] = {}
         history = loop.result["history"] if loop is not None else []
         on_log = MetricsLog(run_dir / "metrics.jsonl", history, lambda line: console.print(escape(line))) if is_main else Hooks().on_log
+        if trackers:  # every record goes to metrics.jsonl, then to the trackers (main process only)
+            on_main(accelerator, lambda: tracking.start(accelerator, recipe.model_dump(mode="json"), history))
+            on_log = tracking.logging_to(accelerator, on_log) if is_main else on_log
         hooks = Hooks(on_log=on_log, on_eval=on_eval, on_save=on_save, on_end=on_end)
         method_hooks = method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
         with stop_on_signals() as stop:
@@ -252,11 +259,14 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
             write_report(run_dir, report)
             write_card(run_dir / "adapter", run_card(recipe, method, task, data.label_names, report, run_dir / "adapter"))
             write_run_html(run_dir, report, result.history)
+            tracking.log_summary(accelerator, report)
+            tracking.close(accelerator)
             print_summary(report, run_dir, result.history)
 
         on_main(accelerator, written(finish))
     except BaseException:
         if is_main:
+            tracking.close(accelerator, failed=True)
             replacement.failed()
         raise
     finally:
@@ -402,7 +412,9 @@ def set_value(recipe: Recipe, key: str, value: Any) -> None:
     setattr(node, last, value)
 
 
-RESUME_MAY_CHANGE = {"train.save_every", "train.save_total_limit", "train.log_every", "train.skip_nonfinite_steps"}
+RESUME_MAY_CHANGE = {
+    "train.save_every", "train.save_total_limit", "train.log_every", "train.skip_nonfinite_steps", "train.report_to",
+}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -438,6 +450,9 @@ def build_report(
         "name": recipe.name,
         "method": method,
         "model": recipe.model.name,
+        # The Hub commits loaded (model.revision / data.revision, or main, as it was): null for local files.
+        "model_commit": model_commit(recipe.model),
+        "data_commit": data_commit(recipe.data),
         "task": task.name,
         "summary": {
             "trainable_parameters": trainable,

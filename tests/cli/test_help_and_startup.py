@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["train", "validate", "eval", "generate", "merge", "inspect", "compare", "sweep"]
+COMMANDS = ["train", "validate", "eval", "generate", "merge", "inspect", "compare", "sweep", "push"]
 # Variables that change how rich draws the help (width, colour, terminal), cleared for exact text.
 DRAWING = ("TERMINAL_WIDTH", "FORCE_COLOR", "PY_COLORS", "GITHUB_ACTIONS", "TYPER_USE_RICH", "NO_COLOR", "COLUMNS")
 
@@ -62,6 +62,7 @@ PEFT_HELP = """\
 │ inspect   Show what is trained: adapted modules, parameter counts, adapter size and memory.      │
 │ compare   Train several recipes, or one recipe with several methods, and compare them.           │
 │ sweep     Search recipe keys (rank, lr, ...) over a grid, seeded random draws or Optuna's TPE.   │
+│ push      Upload a run's adapter and its model card to a model repo on the Hugging Face Hub.     │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯"""
 
 TRAIN_HELP = """\
@@ -105,6 +106,7 @@ USAGE = {
     "inspect": "peft inspect [OPTIONS] TARGET [key.path=value ...]",
     "compare": "peft compare [OPTIONS] RECIPE... [key.path=value ...]",
     "sweep": "peft sweep [OPTIONS] RECIPE [key.path=value ...]",
+    "push": "peft push [OPTIONS] RUN REPO_ID",
 }
 
 

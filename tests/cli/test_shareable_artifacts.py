@@ -1,7 +1,8 @@
 """Artifacts others can use (issue 24, items 2, 3 and 9): every file and folder a run, a checkpoint,
 eval and merge write gets the mode a plain open() or mkdir() would give under the umask; an adapter
 names a base another machine can load (model.hub_id, else the given folder) and `peft inspect` says
-which; HF peft and transformers load it with the real label names, as its model card shows."""
+which; HF peft and transformers load it with the real label names, as its model card shows. And the
+model card in full (issue 22, part 4a), read back with huggingface_hub's own parsers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState
+from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoModelForSequenceClassification, pipeline
 
@@ -24,8 +27,10 @@ from peftcli.commands.inspection import run_inspect
 from peftcli.commands.merge import run_merge
 from peftcli.commands.train import run_train
 from peftcli.errors import RecipeError
-from peftcli.model_card import CARD_NAME
+from peftcli.methods import get_method
+from peftcli.model_card import CARD_NAME, run_card
 from peftcli.recipe import load_recipe
+from peftcli.tasks import TASKS
 from tests.conftest import make_tokenizer, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,3 +212,59 @@ def test_hf_peft_and_transformers_load_the_label_names(folder_run: Path) -> None
         torch.testing.assert_close(plain.eval()(**batch).logits, reference)
     classify = pipeline("text-classification", model=str(adapter), model_kwargs=kwargs)
     assert {r["label"] for r in classify(["good film good", "bad book bad"], top_k=None)[0]} == {"negative", "positive"}
+
+
+# -- the model card in full (issue 22, part 4a) ------------------------------------------------------
+
+
+def fenced(body: str, language: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
+    assert len(blocks) == 1, body
+    return blocks[0]
+
+
+def test_model_card_reads_with_huggingface_hub(hub_run: Path) -> None:
+    """Front matter, model-index, compute, recipe and versions, read back with huggingface_hub's own parsers."""
+    path = hub_run / "adapter" / CARD_NAME
+    report = json.loads((hub_run / "report.json").read_text())
+    data = ModelCard.load(path).data
+    assert (data.base_model, data.library_name, data.pipeline_tag) == (HUB_ID, "peft", "text-classification")
+    # HF peft's own tags for a LoRA over a transformers model, and peftcli's.
+    assert data.tags == ["peftcli", "lora", "transformers", f"base_model:adapter:{HUB_ID}"]
+    assert data.datasets is None  # local files: no Hub dataset to name
+
+    name, results = model_index_to_eval_results(metadata_load(path)["model-index"])
+    assert name == "tiny"
+    saved = report["best_metrics"]  # the saved adapter is the best eval's
+    assert {r.metric_type: r.metric_value for r in results} == {k: round(v, 6) for k, v in saved.items()}
+    assert {(r.task_type, r.task_name, r.dataset_name, r.dataset_type, r.dataset_split) for r in results} == {
+        ("text-classification", "text classification", "validation.jsonl", "local", "validation")
+    }
+    assert [r.metric_name for r in results] == [f"eval {k}" for k in saved]
+
+    _, body = card(hub_run / "adapter")
+    s = report["summary"]
+    assert "\n- device: cpu, 1 process, " in body
+    assert "\n- precision: base weights in float32, no mixed precision (train.mixed_precision: no)\n" in body
+    assert (
+        f"\n- {s['steps']} steps, {s['examples']:,} examples, {s['tokens']:,} tokens in {s['train_seconds']:.1f} s "
+        f"({s['tokens_per_s']:,.0f} tokens/s); {s['wall_seconds']:.1f} s wall time in all\n"
+    ) in body
+    assert yaml.safe_load(fenced(body, "yaml")) == yaml.safe_load((hub_run / "recipe.yaml").read_text())
+    assert "### Framework versions\n\n" + "\n".join(f"- {k} {v}" for k, v in report["versions"].items()) + "\n" in body
+
+
+def test_model_card_names_a_hub_dataset(hub_run: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(hub_run / "recipe.yaml", [])
+    data = recipe.data.model_copy(update={"dataset": "stanfordnlp/sst2", "subset": "default", "files": None})
+    recipe = recipe.model_copy(update={"data": data})
+    report = json.loads((hub_run / "report.json").read_text())
+    text = run_card(recipe, get_method("lora"), TASKS["sequence_classification"], ["negative", "positive"], report, hub_run / "adapter")
+    path = tmp_path / CARD_NAME
+    path.write_text(text)
+    assert ModelCard.load(path).data.datasets == ["stanfordnlp/sst2"]
+    _, results = model_index_to_eval_results(metadata_load(path)["model-index"])
+    assert {(r.dataset_name, r.dataset_type, r.dataset_config, r.dataset_split) for r in results} == {
+        ("stanfordnlp/sst2", "stanfordnlp/sst2", "default", "validation")
+    }
+    assert "Data: `stanfordnlp/sst2` (default), split `train`; evaluated on `validation`." in text
