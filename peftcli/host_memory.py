@@ -6,13 +6,15 @@ first time such a block is freed it raises that threshold to the block's size (u
 Linux), so from then on every tensor below it comes from the heap. A training step allocates and frees
 hundreds of such tensors in a different order each time, the heap fragments, and glibc gives back only
 its free top. On SmolLM2-135M with a 4-bit base and gradient checkpointing (8 x 512 tokens) that left
-the process at 2.5 times what it needed (docs/benchmarks.md, "Host memory"). A fixed threshold
+the process at twice what it needed (docs/benchmarks.md, "Host memory"). A fixed threshold
 (mallopt M_MMAP_THRESHOLD) keeps large tensors on their own mappings and turns the dynamic rise off.
 
 What changes: where the C library puts blocks of 128 KiB and more; never a value computed.
-The cost: the pages of a fresh mapping are zero-filled on first touch, measured in docs/benchmarks.md.
-Not applied where the user tuned malloc already (any MALLOC_* variable, or GLIBC_TUNABLES), where the C
-library is not glibc (musl, macOS, Windows), or twice.
+The cost: every such block is a fresh mapping whose pages are zero-filled on first touch, so steps are
+slower (measured in docs/benchmarks.md, "Host memory": about 0.5x on SmolLM2, 0.6-0.7x on the
+quickstart). Hence a lever the recipe turns on (`train.return_freed_memory: true`), for a CPU run short
+of memory, not a default. Not applied where the user tuned malloc already (any MALLOC_* variable, or
+GLIBC_TUNABLES), where the C library is not glibc (musl, macOS, Windows), or twice.
 """
 
 from __future__ import annotations

@@ -210,6 +210,11 @@ class TrainSpec(Strict):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, about 30% slower"
     )
+    return_freed_memory: bool = Field(
+        False,
+        description="CPU runs on Linux: freed tensor memory goes back to the OS at once (glibc mmap threshold): "
+        "a lower peak, slower steps (docs/benchmarks.md, Host memory)",
+    )
     skip_nonfinite_steps: int = Field(
         0, ge=0, description="steps with a NaN/inf loss skipped (no update) before the run stops; 0 stops at the first"
     )

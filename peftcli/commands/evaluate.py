@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from peftcli import host_memory
 from peftcli.checkpoint import atomic_write_text, write_json
 from peftcli.data import eval_loader, prepare_eval_data, words_cut
 from peftcli.errors import RecipeError
@@ -45,8 +44,6 @@ def run_eval(
     max_new_tokens: int = 128,
     labels: list[str] | None = None,
 ) -> dict[str, Any]:
-    if not torch.cuda.is_available():  # the model lives in the host's memory: return what it frees
-        host_memory.return_freed_memory()
     target = resolve_target(target_path, overrides)
     if labels:
         target.label_names = with_label_names(target, labels)

@@ -82,7 +82,7 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     run_dir = recipe.run_dir()
     trackers = tracking.trackers_for(recipe.train.report_to, run_dir, str(recipe.name))  # started once the run directory is ours
     accelerator = make_accelerator(recipe.train, trackers)
-    if accelerator.device.type == "cpu":  # tensors live in the host's memory: return what they free
+    if recipe.train.return_freed_memory and accelerator.device.type == "cpu":
         host_memory.return_freed_memory()
     keep = kept_paths(recipe, recipe_path)
     # The main process checks the run directory (the others could see the main process's own lock
@@ -414,6 +414,7 @@ def set_value(recipe: Recipe, key: str, value: Any) -> None:
 
 RESUME_MAY_CHANGE = {
     "train.save_every", "train.save_total_limit", "train.log_every", "train.skip_nonfinite_steps", "train.report_to",
+    "train.return_freed_memory",
 }
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,21 @@ def test_a_user_s_own_malloc_settings_are_left_alone(monkeypatch: pytest.MonkeyP
     assert host_memory.user_tuned()
     monkeypatch.delenv("GLIBC_TUNABLES")
     assert not host_memory.user_tuned()
+
+
+def test_the_recipe_key_turns_it_on_and_the_adapter_is_the_same(
+    tmp_path: Path, tiny_dirs: dict[str, Path], tiny_data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftcli.commands.train import run_train
+    from tests.cli.test_cli import write_recipe
+    from tests.conftest import tiny_recipe
+
+    calls: list[bool] = []
+    monkeypatch.setattr(host_memory, "return_freed_memory", lambda: calls.append(True) or True)
+    path = write_recipe(tmp_path, tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification"))
+    run_train(path, [f"output_dir={tmp_path / 'off'}"])
+    assert calls == []  # off by default: it costs speed (docs/benchmarks.md)
+    run_train(path, [f"output_dir={tmp_path / 'on'}", "train.return_freed_memory=true"])
+    assert calls == [True]
+    off, on = ((tmp_path / d / "adapter" / "adapter_model.safetensors").read_bytes() for d in ("off", "on"))
+    assert off == on
