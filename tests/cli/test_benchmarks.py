@@ -10,9 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.cli.test_cli import ROOT
 
 
+# Both tools' full loops and a second benchmark process (about 40 s on 2 quiet cores): `heavy`, so .ci/run
+# runs it after the default run.
+@pytest.mark.heavy
 def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text(
