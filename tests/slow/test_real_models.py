@@ -27,6 +27,8 @@ def peft(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "peftcli", *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
+# The whole quickstart (about a minute on 2 quiet cores): `heavy`, so .ci/run runs it after the default run.
+@pytest.mark.heavy
 def test_quickstart_trains_minilm_to_high_accuracy(tmp_path: Path) -> None:
     run_dir = tmp_path / "quickstart"
     result = peft("train", "recipes/quickstart.yaml", f"output_dir={run_dir}")
