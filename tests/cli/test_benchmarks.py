@@ -70,6 +70,8 @@ def load_benchmark_module(name: str = "train_vs_hf") -> Any:
     return bench
 
 
+# Builds the 1B Llama shape (20 s on 2 cores): `heavy`, so .ci/run runs it after the default run.
+@pytest.mark.heavy
 def test_the_gpu_workloads_build_their_models_from_a_config_with_smollm2s_tokenizer(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig

@@ -95,6 +95,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(recipe: P
     assert result.stderr.count("done in") == 1  # one process reports
 
 
+# Three multi-process runs (25 s on 2 cores): `heavy`, so .ci/run runs it after the default run.
+@pytest.mark.heavy
 def test_resume_with_two_processes_gives_the_same_bytes_and_refuses_one(recipe: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert peft("train", str(recipe), f"output_dir={run}", "--num-processes", "2").returncode == 0

@@ -355,6 +355,8 @@ def test_sigterm_stops_every_parallel_trial_at_a_step_and_writes_no_table(tmp_pa
     assert not (out / "sweep.json").exists()
 
 
+# Two parallel trainings and a rerun (25 s on 2 cores): `heavy`, so .ci/run runs it after the default run.
+@pytest.mark.heavy
 def test_optuna_in_parallel_trains_every_trial_and_a_rerun_reads_them(tmp_path: Path, tiny_dirs, tiny_data) -> None:
     pytest.importorskip("optuna")
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification"))
