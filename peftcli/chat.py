@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.errors import DataError
+from peftcli.errors import DataError, first_line
 from peftcli.tasks import IGNORE_INDEX
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -68,7 +68,7 @@ def render(
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         # Templates raise their own rules (roles must alternate, a system message first only, ...).
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise DataError(
             f"{where}: the chat template refused this conversation ({first}). Fix the conversation to fit the model's template."
         ) from None

@@ -23,8 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from peftcli import hub
 from peftcli.chat import as_messages, encode_chat, require_chat_template, require_fast
-from peftcli.errors import DataError
-from peftcli.recipe import HUB_ID, DataSpec
+from peftcli.errors import DataError, first_line
+from peftcli.recipe import DataSpec, is_hub_id
 from peftcli.tasks import IGNORE_INDEX, TASKS
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -61,7 +61,7 @@ def dataset_revision(spec: DataSpec) -> str | None:
     """What to load a hub dataset at: the commit data.revision (or the default branch) points to,
     resolved once a process (hub.py), so every split comes from one commit; None for a local folder."""
     name = str(spec.dataset)
-    if Path(name).is_dir() or not HUB_ID.fullmatch(name):
+    if not is_hub_id(name):
         return None
     offline = datasets.config.HF_HUB_OFFLINE  # HF_DATASETS_OFFLINE or HF_HUB_OFFLINE
     return hub.resolve_commit(name, "dataset", spec.revision, "data.dataset", offline, DataError) or spec.revision
@@ -82,7 +82,7 @@ def _load_split(spec: DataSpec, split: str) -> datasets.Dataset:
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         if refused := hub.refusal_line(exc, str(spec.dataset), "dataset", spec.revision, "data.dataset"):
             raise DataError(refused) from None
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 300)
         raise DataError(f"data: cannot load split {split!r} from {spec.dataset}: {first}. Check the dataset id, split and files.") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow/csv parse errors have many types; name the file and the cause
         if isinstance(exc.__cause__, UnicodeDecodeError) and (where := first_non_utf8(_text_files(spec))):

@@ -7,6 +7,13 @@ The CLI turns a PeftcliError into `error: <message>` on stderr and exit code 2, 
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's first line of text (cut at `limit` characters), or its type's name when it has none:
+    what a one-line error quotes of the library error behind it."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class PeftcliError(Exception):
     """A problem with the user's input (recipe, files, arguments), reported as one or more lines."""
 

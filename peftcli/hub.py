@@ -10,7 +10,7 @@ the revision as given and the report records no commit.
 
 from __future__ import annotations
 
-from peftcli.errors import PeftcliError
+from peftcli.errors import PeftcliError, first_line
 
 LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
 # (repo id, repo type, revision as given) -> the commit, for the process's life: one look-up a repo.
@@ -126,7 +126,7 @@ def http_line(exc: BaseException, repo_id: str, repo_type: str, key: str) -> str
     from huggingface_hub.errors import HfHubHTTPError
 
     status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc, 200)
     fix = LOGIN[0].upper() + LOGIN[1:] if status == 401 else "Try again later, or check HF_ENDPOINT if you set it"
     return f"{key}: the Hub refused {repo_id} (got HTTP {status}: {first}). {fix}."
 

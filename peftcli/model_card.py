@@ -17,7 +17,7 @@ import yaml
 from peftcli.checkpoint import atomic_write_text
 from peftcli.methods import Method
 from peftcli.models import model_location
-from peftcli.recipe import HUB_ID, PACKAGE_PREFIX, ModelSpec, Recipe
+from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, Recipe, is_hub_id
 from peftcli.tasks import Task
 
 CARD_NAME = "README.md"
@@ -82,11 +82,6 @@ def adapter_base(config: dict[str, Any], spec: ModelSpec) -> Base:
     named = str(config.get("base_model_name_or_path") or "")
     location = model_location(spec) + (f" (gguf_file {spec.gguf_file})" if spec.gguf_file else "")
     return Base(named, is_hub_id(named), "as adapter_config.json names it", location)
-
-
-def is_hub_id(name: str) -> bool:
-    """`name` reads as a Hub id (org/name) and is no folder here."""
-    return bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
 
 
 def target_base(config: dict[str, Any] | None, spec: ModelSpec, from_recipe: bool) -> Base:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftcli import hub, quantization
 from peftcli.errors import ModelError
-from peftcli.recipe import HUB_ID, PACKAGE_PREFIX, ModelSpec, package_folder
+from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, is_hub_id, package_folder
 from peftcli.tasks import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +44,7 @@ def pinned_revision(name: str, revision: str | None, key: str) -> str | None:
     """What to load `name` at: for a Hub id, the commit `revision` (or the default branch) points to,
     resolved once a process (hub.py), so the tokenizer and the weights come from one commit; else
     `revision` as given."""
-    if name.startswith(PACKAGE_PREFIX) or Path(name).exists() or not HUB_ID.fullmatch(name):
+    if name.startswith(PACKAGE_PREFIX) or not is_hub_id(name):
         return revision
     from huggingface_hub import constants
 

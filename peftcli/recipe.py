@@ -36,6 +36,11 @@ MAX_ALIAS_VALUES = 10_000
 MAX_TOKENS = 2**31 - 1
 
 
+def is_hub_id(name: str) -> bool:
+    """`name` reads as a Hub id (org/name) and is no file or folder here."""
+    return bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
 class Strict(BaseModel):
     # inf and nan parse as floats (YAML .inf, an override lr=inf) and pass gt/ge bounds or fail them
     # with a misleading message; no setting of a recipe means either.

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
 
 from peftcli.checkpoint import finite
-from peftcli.errors import PeftcliError
+from peftcli.errors import PeftcliError, first_line
 from peftcli.recipe import TRACKERS
 
 PROJECT = "peftcli"  # W&B's project, MLflow's experiment and Trackio's project unless the user names one
@@ -185,7 +185,7 @@ def start(accelerator: Accelerator, recipe: dict[str, Any], history: list[dict[s
     except Exception as exc:  # noqa: BLE001 - any tracker's failure, said in one line
         names = ", ".join(t.name for t in accelerator.trackers) or "a tracker"
         raise PeftcliError(
-            f"train.report_to: {names} could not start ({first_line(exc)}). Check the tracker's settings "
+            f"train.report_to: {names} could not start ({first_line(exc, 200)}). Check the tracker's settings "
             "(docs/trackers.md), or remove it from train.report_to."
         ) from None
     for record in history:
@@ -202,7 +202,7 @@ def log(accelerator: Accelerator, record: dict[str, Any]) -> None:
         except Exception as exc:  # noqa: BLE001 - a tracker's failure must not stop the training
             accelerator.trackers.remove(tracker)
             print(
-                f"train.report_to: {tracker.name} stopped logging ({first_line(exc)}); training goes on.",
+                f"train.report_to: {tracker.name} stopped logging ({first_line(exc, 200)}); training goes on.",
                 file=sys.stderr,
             )
 
@@ -236,7 +236,7 @@ def close(accelerator: Accelerator, failed: bool = False) -> None:
         except Exception as exc:  # noqa: BLE001
             if not failed:
                 raise PeftcliError(
-                    f"train.report_to: {tracker.name} could not finish its run ({first_line(exc)})."
+                    f"train.report_to: {tracker.name} could not finish its run ({first_line(exc, 200)})."
                 ) from None
 
 
@@ -261,7 +261,3 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
     return flat
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

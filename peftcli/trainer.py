@@ -47,7 +47,7 @@ from peftcli.distributed import (
     unused_parameters,
 )
 from peftcli.dropout_masks import cheaper_dropout
-from peftcli.errors import PeftcliError
+from peftcli.errors import PeftcliError, first_line
 from peftcli.first_position import first_position_only
 from peftcli.methods.base import TrainingHooks, trainable_parameters
 from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
@@ -131,7 +131,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def out_of_memory(exc: BaseException, phase: str, step: int, batches: list[dict[str, torch.Tensor]]) -> OutOfMemory:
-    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc, 160)
     examples = max(b["input_ids"].shape[0] for b in batches) if batches else 0
     length = max(b["input_ids"].shape[1] for b in batches) if batches else 0
     return OutOfMemory(phase, step, examples, length, first)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.errors import CheckpointError, MethodError
+from peftcli.errors import CheckpointError, MethodError, first_line
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
@@ -265,7 +265,7 @@ def load_model_tokenizer(model: nn.Module, name: str | None) -> tuple[Any, str]:
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs), source
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise MethodError(
             f"method.tokenizer_name_or_path: cannot load a tokenizer from {source!r} for init: text ({first[:200]}). "
             "Name a folder or hub id holding the model's tokenizer."
