@@ -9,7 +9,7 @@ examples `train_vs_hf.py` gives both tools (tokenized by the same code) and each
 
 - peftcli: its length-grouped sampler (training) and longest-first eval batches; for sequence
   classification the last layer's attention output and feed-forward at the first position only
-  (`peftcli/first_position.py`); for causal LM the LM head at the positions with a target only.
+  (`peftcli/training/speedups/first_position.py`); for causal LM the LM head at the positions with a target only.
 - Trainer defaults: random batches in training (the mean over 5 seeds), file order in evaluation.
 - Trainer grouped: transformers' `LengthGroupedSampler`, which transformers 5 uses for evaluation
   too when training is length-grouped (`Trainer._get_eval_sampler`); the mean over 5 seeds.
@@ -61,7 +61,7 @@ def model_shape(w: Workload) -> Shape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-    from peftcli.first_position import last_layer, residual_output
+    from peftcli.training.speedups.first_position import last_layer, residual_output
 
     if w.task == "causal_lm":
         config = LlamaConfig(**(w.config or SMOLLM2_SHAPE))  # SmolLM2's GGUF config (checked in tests)
@@ -149,16 +149,16 @@ def examples(w: Workload, steps: int) -> dict[str, tuple[list[int], list[int] | 
     (`peft train`'s grouped steps, `peft eval`'s batches), as train_vs_hf gives both tools the examples."""
     from transformers import AutoTokenizer
 
-    from peftcli.data import GroupedBatchSampler, eval_loader, lengths_of, prepare_data
-    from peftcli.recipe import Recipe
-    from peftcli.tasks import IGNORE_INDEX
+    from peftcli.config.recipe import Recipe
+    from peftcli.data.prepare import GroupedBatchSampler, eval_loader, lengths_of, prepare_data
+    from peftcli.tasks.registry import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder(w.model), gguf_file=w.gguf_file)
     spec = Recipe.model_validate(w.recipe(steps, Path("unused"))).data
     data = prepare_data(spec, w.task, tokenizer)
     out = {}
     for split, ds in (("train", data.train), ("eval", data.eval)):
-        # peftcli's head runs where the next token is a target (peftcli.tasks.next_token_targets).
+        # peftcli's head runs where the next token is a target (peftcli.tasks.registry.next_token_targets).
         targets = (
             [sum(t != IGNORE_INDEX for t in labels[1:]) for labels in ds["labels"]] if w.task == "causal_lm" else None
         )

@@ -19,9 +19,9 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from peftcli.commands.evaluate import eval_data_spec, merge_for_eval
-from peftcli.data import eval_loader, prepare_eval_data
-from peftcli.target import build, resolve_target
-from peftcli.trainer import evaluate
+from peftcli.data.prepare import eval_loader, prepare_eval_data
+from peftcli.models.target import build, resolve_target
+from peftcli.training.loop import evaluate
 
 
 def main() -> None:

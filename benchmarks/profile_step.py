@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from peftcli import trainer
-from peftcli.commands.train import run_train
+from peftcli.training import loop as trainer
+from peftcli.training.run import run_train
 
 
 def main() -> None:

@@ -60,7 +60,12 @@ def timed(argv: list[str], root: Path) -> tuple[float, float, int]:
 def heavy_imports(argv: list[str], root: Path) -> list[str]:
     """The HEAVY top-level packages the command imports, read from `-X importtime` (one line per module)."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", *argv], check=False, cwd=root, env=environment(root), capture_output=True, text=True
+        [sys.executable, "-X", "importtime", *argv],
+        check=False,
+        cwd=root,
+        env=environment(root),
+        capture_output=True,
+        text=True,
     )
     names = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     return [name for name in HEAVY if name in names]
@@ -68,7 +73,9 @@ def heavy_imports(argv: list[str], root: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, nargs="+", default=[ROOT], help="checkouts whose peftcli and recipes/ are timed")
+    parser.add_argument(
+        "--root", type=Path, nargs="+", default=[ROOT], help="checkouts whose peftcli and recipes/ are timed"
+    )
     parser.add_argument("--runs", type=int, default=7, help="timed runs per command (the median is reported)")
     parser.add_argument("--recipes", nargs="+", default=RECIPES, help="recipe files under ROOT/recipes to validate")
     args = parser.parse_args()

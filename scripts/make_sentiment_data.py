@@ -44,11 +44,26 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "sentiment"
 
 DOMAINS = {
     "film": {
-        "subjects": ["the film", "this movie", "the new thriller", "the documentary",
-                     "the sequel", "this comedy", "the animated feature"],
+        "subjects": [
+            "the film",
+            "this movie",
+            "the new thriller",
+            "the documentary",
+            "the sequel",
+            "this comedy",
+            "the animated feature",
+        ],
         "nouns": ["film", "movie", "thriller", "documentary", "comedy"],
-        "aspects": ["the acting", "the plot", "the soundtrack", "the dialogue",
-                    "the pacing", "the camera work", "the ending", "the cast"],
+        "aspects": [
+            "the acting",
+            "the plot",
+            "the soundtrack",
+            "the dialogue",
+            "the pacing",
+            "the camera work",
+            "the ending",
+            "the cast",
+        ],
         "early_late": ("the opening", "the ending"),
         "pos_details": [
             "the lead actress gave the performance of her career",
@@ -70,12 +85,26 @@ DOMAINS = {
         ],
     },
     "restaurant": {
-        "subjects": ["the restaurant", "this cafe", "the bistro on the corner",
-                     "the new pizza place", "the steakhouse", "the ramen bar",
-                     "our brunch spot"],
+        "subjects": [
+            "the restaurant",
+            "this cafe",
+            "the bistro on the corner",
+            "the new pizza place",
+            "the steakhouse",
+            "the ramen bar",
+            "our brunch spot",
+        ],
         "nouns": ["restaurant", "cafe", "bistro", "meal", "dinner"],
-        "aspects": ["the food", "the service", "the dessert", "the atmosphere",
-                    "the staff", "the wine list", "the portions", "the bread"],
+        "aspects": [
+            "the food",
+            "the service",
+            "the dessert",
+            "the atmosphere",
+            "the staff",
+            "the wine list",
+            "the portions",
+            "the bread",
+        ],
         "early_late": ("the starters", "the main course"),
         "pos_details": [
             "the pasta was cooked perfectly",
@@ -97,11 +126,26 @@ DOMAINS = {
         ],
     },
     "book": {
-        "subjects": ["the book", "this novel", "the memoir", "this short story collection",
-                     "the cookbook", "the new mystery", "this biography"],
+        "subjects": [
+            "the book",
+            "this novel",
+            "the memoir",
+            "this short story collection",
+            "the cookbook",
+            "the new mystery",
+            "this biography",
+        ],
         "nouns": ["book", "novel", "memoir", "read", "mystery"],
-        "aspects": ["the writing", "the characters", "the plot", "the ending",
-                    "the prose", "the pacing", "the dialogue", "the world building"],
+        "aspects": [
+            "the writing",
+            "the characters",
+            "the plot",
+            "the ending",
+            "the prose",
+            "the pacing",
+            "the dialogue",
+            "the world building",
+        ],
         "early_late": ("the first chapters", "the final chapters"),
         "pos_details": [
             "I stayed up until three to finish it",
@@ -123,11 +167,27 @@ DOMAINS = {
         ],
     },
     "product": {
-        "subjects": ["the blender", "these headphones", "the phone case", "this vacuum cleaner",
-                     "the kettle", "the backpack", "this desk lamp", "the running shoes"],
+        "subjects": [
+            "the blender",
+            "these headphones",
+            "the phone case",
+            "this vacuum cleaner",
+            "the kettle",
+            "the backpack",
+            "this desk lamp",
+            "the running shoes",
+        ],
         "nouns": ["blender", "gadget", "purchase", "kettle", "backpack", "lamp"],
-        "aspects": ["the build quality", "the battery", "the design", "the price",
-                    "the instructions", "the packaging", "the customer support", "the sound"],
+        "aspects": [
+            "the build quality",
+            "the battery",
+            "the design",
+            "the price",
+            "the instructions",
+            "the packaging",
+            "the customer support",
+            "the sound",
+        ],
         "early_late": ("the setup", "daily use"),
         "pos_details": [
             "it arrived a day early and works perfectly",
@@ -149,11 +209,26 @@ DOMAINS = {
         ],
     },
     "hotel": {
-        "subjects": ["the hotel", "our room", "the resort", "this guesthouse",
-                     "the inn by the lake", "the hostel", "our stay"],
+        "subjects": [
+            "the hotel",
+            "our room",
+            "the resort",
+            "this guesthouse",
+            "the inn by the lake",
+            "the hostel",
+            "our stay",
+        ],
         "nouns": ["hotel", "resort", "guesthouse", "stay", "inn"],
-        "aspects": ["the room", "the staff", "the breakfast", "the location",
-                    "the bed", "the pool", "the view", "the bathroom"],
+        "aspects": [
+            "the room",
+            "the staff",
+            "the breakfast",
+            "the location",
+            "the bed",
+            "the pool",
+            "the view",
+            "the bathroom",
+        ],
         "early_late": ("the check-in", "the rest of the stay"),
         "pos_details": [
             "the staff upgraded our room without being asked",
@@ -175,11 +250,26 @@ DOMAINS = {
         ],
     },
     "game": {
-        "subjects": ["the game", "this puzzle game", "the board game", "the new racing game",
-                     "the expansion", "this strategy game", "the remake"],
+        "subjects": [
+            "the game",
+            "this puzzle game",
+            "the board game",
+            "the new racing game",
+            "the expansion",
+            "this strategy game",
+            "the remake",
+        ],
         "nouns": ["game", "puzzle game", "board game", "remake", "expansion"],
-        "aspects": ["the controls", "the graphics", "the story", "the levels",
-                    "the music", "the multiplayer", "the puzzles", "the art style"],
+        "aspects": [
+            "the controls",
+            "the graphics",
+            "the story",
+            "the levels",
+            "the music",
+            "the multiplayer",
+            "the puzzles",
+            "the art style",
+        ],
         "early_late": ("the tutorial", "the main campaign"),
         "pos_details": [
             "I lost track of time every time I played",
@@ -201,11 +291,26 @@ DOMAINS = {
         ],
     },
     "concert": {
-        "subjects": ["the concert", "the show", "the gig", "the festival set",
-                     "the orchestra's performance", "last night's recital", "the tour stop"],
+        "subjects": [
+            "the concert",
+            "the show",
+            "the gig",
+            "the festival set",
+            "the orchestra's performance",
+            "last night's recital",
+            "the tour stop",
+        ],
         "nouns": ["concert", "show", "gig", "performance", "night out"],
-        "aspects": ["the sound", "the band", "the setlist", "the venue",
-                    "the crowd", "the lighting", "the encore", "the singer"],
+        "aspects": [
+            "the sound",
+            "the band",
+            "the setlist",
+            "the venue",
+            "the crowd",
+            "the lighting",
+            "the encore",
+            "the singer",
+        ],
         "early_late": ("the opening act", "the headliner"),
         "pos_details": [
             "the whole crowd sang along to every song",
@@ -232,9 +337,19 @@ for _name, _d in DOMAINS.items():
     _d["name"] = _name
 
 PLURAL = {
-    "these headphones", "the running shoes", "the portions", "the characters",
-    "the controls", "the graphics", "the levels", "the puzzles", "the instructions",
-    "the first chapters", "the final chapters", "the starters", "the staff",
+    "these headphones",
+    "the running shoes",
+    "the portions",
+    "the characters",
+    "the controls",
+    "the graphics",
+    "the levels",
+    "the puzzles",
+    "the instructions",
+    "the first chapters",
+    "the final chapters",
+    "the starters",
+    "the staff",
 }
 
 # ---------------------------------------------------------------------------
@@ -243,47 +358,132 @@ PLURAL = {
 
 ADJ = {
     "positive": [
-        "wonderful", "excellent", "delightful", "superb", "charming", "brilliant",
-        "fantastic", "lovely", "impressive", "memorable", "enjoyable", "outstanding",
-        "terrific", "splendid", "marvellous", "satisfying", "refreshing", "polished",
-        "thoughtful", "gorgeous", "stunning", "magnificent", "heartwarming", "clever",
-        "fun", "exceptional", "pleasant", "inspiring", "flawless", "first-rate",
-        "wonderfully crafted", "a real treat", "a joy", "great value",
+        "wonderful",
+        "excellent",
+        "delightful",
+        "superb",
+        "charming",
+        "brilliant",
+        "fantastic",
+        "lovely",
+        "impressive",
+        "memorable",
+        "enjoyable",
+        "outstanding",
+        "terrific",
+        "splendid",
+        "marvellous",
+        "satisfying",
+        "refreshing",
+        "polished",
+        "thoughtful",
+        "gorgeous",
+        "stunning",
+        "magnificent",
+        "heartwarming",
+        "clever",
+        "fun",
+        "exceptional",
+        "pleasant",
+        "inspiring",
+        "flawless",
+        "first-rate",
+        "wonderfully crafted",
+        "a real treat",
+        "a joy",
+        "great value",
     ],
     "negative": [
-        "awful", "dreadful", "disappointing", "dull", "tedious", "mediocre",
-        "terrible", "forgettable", "sloppy", "bland", "frustrating", "overpriced",
-        "lifeless", "painful", "clumsy", "messy", "underwhelming", "tiresome",
-        "poor", "annoying", "shoddy", "flat", "awkward", "pointless", "boring",
-        "horrible", "weak", "lazy", "uninspired", "miserable", "a letdown",
-        "a waste of money", "a mess", "a chore",
+        "awful",
+        "dreadful",
+        "disappointing",
+        "dull",
+        "tedious",
+        "mediocre",
+        "terrible",
+        "forgettable",
+        "sloppy",
+        "bland",
+        "frustrating",
+        "overpriced",
+        "lifeless",
+        "painful",
+        "clumsy",
+        "messy",
+        "underwhelming",
+        "tiresome",
+        "poor",
+        "annoying",
+        "shoddy",
+        "flat",
+        "awkward",
+        "pointless",
+        "boring",
+        "horrible",
+        "weak",
+        "lazy",
+        "uninspired",
+        "miserable",
+        "a letdown",
+        "a waste of money",
+        "a mess",
+        "a chore",
     ],
 }
 
-ADV = ["really", "truly", "absolutely", "genuinely", "quite", "surprisingly",
-       "remarkably", "simply", "completely", "honestly"]
+ADV = [
+    "really",
+    "truly",
+    "absolutely",
+    "genuinely",
+    "quite",
+    "surprisingly",
+    "remarkably",
+    "simply",
+    "completely",
+    "honestly",
+]
 
 VP = {  # first-person verb phrases
     "positive": [
-        "loved every minute of it", "would happily go back", "cannot wait to try it again",
-        "recommend it to everyone", "left with a big smile on my face",
-        "was impressed from start to finish", "enjoyed it far more than I expected",
-        "felt it was worth every penny", "have already told all my friends about it",
-        "would give it five stars", "was pleasantly surprised",
-        "keep thinking about it days later", "had a great time",
-        "will definitely return", "was hooked from the first minute",
-        "would buy it again without thinking twice", "felt completely at home",
+        "loved every minute of it",
+        "would happily go back",
+        "cannot wait to try it again",
+        "recommend it to everyone",
+        "left with a big smile on my face",
+        "was impressed from start to finish",
+        "enjoyed it far more than I expected",
+        "felt it was worth every penny",
+        "have already told all my friends about it",
+        "would give it five stars",
+        "was pleasantly surprised",
+        "keep thinking about it days later",
+        "had a great time",
+        "will definitely return",
+        "was hooked from the first minute",
+        "would buy it again without thinking twice",
+        "felt completely at home",
         "smiled the whole way through",
     ],
     "negative": [
-        "regretted it almost immediately", "want my money back", "would not go again",
-        "left early", "was bored after ten minutes", "felt completely let down",
-        "could not wait for it to end", "wasted an entire evening on it",
-        "will not be returning", "would give it zero stars if I could",
-        "was annoyed the whole time", "cannot recommend it to anyone",
-        "almost fell asleep", "was disappointed from start to finish",
-        "expected much more", "returned it the next day",
-        "felt cheated", "kept checking the time",
+        "regretted it almost immediately",
+        "want my money back",
+        "would not go again",
+        "left early",
+        "was bored after ten minutes",
+        "felt completely let down",
+        "could not wait for it to end",
+        "wasted an entire evening on it",
+        "will not be returning",
+        "would give it zero stars if I could",
+        "was annoyed the whole time",
+        "cannot recommend it to anyone",
+        "almost fell asleep",
+        "was disappointed from start to finish",
+        "expected much more",
+        "returned it the next day",
+        "felt cheated",
+        "kept checking the time",
     ],
 }
 
@@ -328,54 +528,95 @@ CLAUSE = {  # full, domain-neutral clauses
 
 NEG_PRED = {  # negation-based predicates that follow a subject
     "positive": [
-        "was not bad at all", "was never boring", "did not disappoint",
-        "was nothing short of brilliant", "never felt too long",
-        "left me with no complaints", "was not overpriced at all",
-        "never lost my interest", "was not the letdown I had feared",
-        "could not have been better", "was not perfect, but it came very close",
-        "did not have a single weak moment", "never stopped surprising me",
+        "was not bad at all",
+        "was never boring",
+        "did not disappoint",
+        "was nothing short of brilliant",
+        "never felt too long",
+        "left me with no complaints",
+        "was not overpriced at all",
+        "never lost my interest",
+        "was not the letdown I had feared",
+        "could not have been better",
+        "was not perfect, but it came very close",
+        "did not have a single weak moment",
+        "never stopped surprising me",
         "was not just good, it was great",
     ],
     "negative": [
-        "was not worth it", "was hardly enjoyable", "was not worth the money",
-        "did not live up to the hype", "was not good at all", "never got interesting",
-        "was nowhere near as good as promised", "could not hold my attention",
-        "was no fun at all", "did not work as advertised", "never felt finished",
-        "was hardly worth the effort", "was not something I would try again",
+        "was not worth it",
+        "was hardly enjoyable",
+        "was not worth the money",
+        "did not live up to the hype",
+        "was not good at all",
+        "never got interesting",
+        "was nowhere near as good as promised",
+        "could not hold my attention",
+        "was no fun at all",
+        "did not work as advertised",
+        "never felt finished",
+        "was hardly worth the effort",
+        "was not something I would try again",
         "did not have a single good moment",
     ],
 }
 
 SHORT = {  # short verdicts
-    "positive": ["Absolutely lovely.", "Loved it.", "Highly recommended.",
-                 "Better than expected.", "A total delight.", "Worth it.",
-                 "No regrets at all.", "Pure joy."],
-    "negative": ["Absolutely awful.", "Hated it.", "Avoid at all costs.",
-                 "Worse than expected.", "A total letdown.", "Not worth it.",
-                 "Nothing but regrets.", "Pure frustration."],
+    "positive": [
+        "Absolutely lovely.",
+        "Loved it.",
+        "Highly recommended.",
+        "Better than expected.",
+        "A total delight.",
+        "Worth it.",
+        "No regrets at all.",
+        "Pure joy.",
+    ],
+    "negative": [
+        "Absolutely awful.",
+        "Hated it.",
+        "Avoid at all costs.",
+        "Worse than expected.",
+        "A total letdown.",
+        "Not worth it.",
+        "Nothing but regrets.",
+        "Pure frustration.",
+    ],
 }
 
 RECOMMEND = {
-    "positive": ["Without a doubt.", "Yes, to everyone I know.", "Absolutely, go tonight.",
-                 "Yes, and I already have."],
-    "negative": ["Not a chance.", "Absolutely not.", "Only to people I dislike.",
-                 "No, save your money."],
+    "positive": ["Without a doubt.", "Yes, to everyone I know.", "Absolutely, go tonight.", "Yes, and I already have."],
+    "negative": ["Not a chance.", "Absolutely not.", "Only to people I dislike.", "No, save your money."],
 }
 
 COMPARE = {
-    "positive": ["much better", "a huge improvement", "even better than I remembered",
-                 "a big step up"],
-    "negative": ["far worse", "a real step down", "much worse than I remembered",
-                 "a big disappointment"],
+    "positive": ["much better", "a huge improvement", "even better than I remembered", "a big step up"],
+    "negative": ["far worse", "a real step down", "much worse than I remembered", "a big disappointment"],
 }
 
 EXPECT = {"positive": ("low", "turned out to be"), "negative": ("high", "turned out to be")}
 
-PEOPLE = ["my sister", "my partner", "my dad", "my best friend", "my roommate",
-          "my kids", "my colleague", "my grandmother"]
+PEOPLE = [
+    "my sister",
+    "my partner",
+    "my dad",
+    "my best friend",
+    "my roommate",
+    "my kids",
+    "my colleague",
+    "my grandmother",
+]
 
-OPENERS = ["Honestly,", "To be fair,", "In the end,", "All things considered,",
-           "I have to say,", "Overall,", "Frankly,", "Believe it or not,"]
+OPENERS = [
+    "Honestly,",
+    "To be fair,",
+    "In the end,",
+    "All things considered,",
+    "I have to say,",
+    "Overall,",
+    "Frankly,",
+    "Believe it or not,",
+]
 
 
 def other(label: str) -> str:
@@ -402,6 +643,7 @@ def attributive(adj: str) -> bool:
 # ---------------------------------------------------------------------------
 # Templates: each takes (rng, domain dict, label) and returns a sentence.
 # ---------------------------------------------------------------------------
+
 
 def t_simple(r, d, y):
     s = r.choice(d["subjects"])
@@ -445,23 +687,20 @@ def t_negation(r, d, y):
 
 def t_early_late(r, d, y):
     early, late = d["early_late"]
-    return (f"{cap(early)} {be(early)} {r.choice(ADJ[other(y)])}, "
-            f"but {late} {be(late)} {r.choice(ADJ[y])}.")
+    return f"{cap(early)} {be(early)} {r.choice(ADJ[other(y)])}, but {late} {be(late)} {r.choice(ADJ[y])}."
 
 
 def t_mixed_detail(r, d, y):
     ko = "pos_details" if y == "negative" else "neg_details"
     ky = "pos_details" if y == "positive" else "neg_details"
     s = r.choice(d["subjects"])
-    return (f"{cap(r.choice(d[ko]))}, but {r.choice(d[ky])}, "
-            f"so overall {s} {be(s)} {r.choice(ADJ[y])}.")
+    return f"{cap(r.choice(d[ko]))}, but {r.choice(d[ky])}, so overall {s} {be(s)} {r.choice(ADJ[y])}."
 
 
 def t_although(r, d, y):
     a = r.choice(d["aspects"])
     s = r.choice(d["subjects"])
-    return (f"Although {a} {be(a)} {r.choice(ADJ[other(y)])}, "
-            f"{s} {be(s)} {r.choice(ADJ[y])} overall.")
+    return f"Although {a} {be(a)} {r.choice(ADJ[other(y)])}, {s} {be(s)} {r.choice(ADJ[y])} overall."
 
 
 def t_people(r, d, y):
@@ -511,9 +750,13 @@ def t_long(r, d, y):
 
 
 END_PHRASE = {  # how to say "by the end" for each domain; {s} is a subject
-    "film": "By the end of {s}", "book": "By the end of {s}", "game": "After a weekend with {s}",
-    "concert": "By the end of {s}", "restaurant": "After dinner at {s}",
-    "product": "After a month with {s}", "hotel": "By the end of our week at {s}",
+    "film": "By the end of {s}",
+    "book": "By the end of {s}",
+    "game": "After a weekend with {s}",
+    "concert": "By the end of {s}",
+    "restaurant": "After dinner at {s}",
+    "product": "After a month with {s}",
+    "hotel": "By the end of our week at {s}",
 }
 
 
@@ -530,10 +773,27 @@ def t_clause_after_simple(r, d, y):
 
 
 TEMPLATES = [
-    t_simple, t_adverb, t_vp, t_two_aspects, t_what_a, t_detail, t_detail_clause,
-    t_negation, t_early_late, t_mixed_detail, t_although, t_people,
-    t_question_short, t_expect, t_recommend, t_everything, t_compare,
-    t_in_a_word, t_long, t_by_the_end, t_clause_after_simple,
+    t_simple,
+    t_adverb,
+    t_vp,
+    t_two_aspects,
+    t_what_a,
+    t_detail,
+    t_detail_clause,
+    t_negation,
+    t_early_late,
+    t_mixed_detail,
+    t_although,
+    t_people,
+    t_question_short,
+    t_expect,
+    t_recommend,
+    t_everything,
+    t_compare,
+    t_in_a_word,
+    t_long,
+    t_by_the_end,
+    t_clause_after_simple,
 ]
 
 
@@ -553,8 +813,7 @@ def generate(rng: random.Random, label: str, n: int) -> list[str]:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def main() -> None:

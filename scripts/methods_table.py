@@ -57,7 +57,14 @@ GSM8K_ROWS = [
 
 
 def command(recipe: str, data: str, examples: int, out: Path) -> list[str]:
-    return ["peft", "train", f"recipes/{recipe}", f"data.dataset={data}", f"data.max_train_examples={examples}", f"output_dir={out}"]
+    return [
+        "peft",
+        "train",
+        f"recipes/{recipe}",
+        f"data.dataset={data}",
+        f"data.max_train_examples={examples}",
+        f"output_dir={out}",
+    ]
 
 
 def gsm8k_command(recipe: str, data: str, steps: int, evals: int, out: Path) -> list[str]:
@@ -76,7 +83,10 @@ def run(cmd: list[str], recipe: str, out: Path) -> dict:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
-        return {"recipe": recipe, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return {
+            "recipe": recipe,
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+        }
     (out / "table-run.json").write_text(json.dumps({"load_average_before": load, "process_wall_seconds": wall}) + "\n")
     return {"recipe": recipe}
 
@@ -128,7 +138,10 @@ def gsm8k_table(args: argparse.Namespace) -> None:
             continue
         print(f"training {label} ({recipe})...", flush=True)
         out = args.runs / Path(recipe).stem
-        print(json.dumps(run(gsm8k_command(recipe, data, args.gsm8k_steps, args.gsm8k_eval, out), recipe, out)), flush=True)
+        print(
+            json.dumps(run(gsm8k_command(recipe, data, args.gsm8k_steps, args.gsm8k_eval, out), recipe, out)),
+            flush=True,
+        )
     page = args.out.read_text()
     kept = kept_rows(page, GSM8K_START, GSM8K_END)
     lines = [
@@ -139,7 +152,10 @@ def gsm8k_table(args: argparse.Namespace) -> None:
         "| method | trainable parameters | eval loss | wall time | train tok/s | peak memory | load avg before | command |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [gsm8k_row(label, recipe, data, args.gsm8k_steps, args.gsm8k_eval, args.runs / Path(recipe).stem, kept) for label, recipe in GSM8K_ROWS]
+    lines += [
+        gsm8k_row(label, recipe, data, args.gsm8k_steps, args.gsm8k_eval, args.runs / Path(recipe).stem, kept)
+        for label, recipe in GSM8K_ROWS
+    ]
     if GSM8K_START not in page:
         page = f"{page.rstrip()}\n\n{GSM8K_START}\n{GSM8K_END}\n"
     start, end = page.index(GSM8K_START) + len(GSM8K_START), page.index(GSM8K_END)
@@ -152,7 +168,12 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/sst2")
     parser.add_argument("--train-examples", type=int, default=8000)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "table")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "methods.md", help="the table replaces the block between the table markers")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs" / "methods.md",
+        help="the table replaces the block between the table markers",
+    )
     parser.add_argument("--only", nargs="*", help="recipe file names to (re)train; default all")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--table", choices=["sst2", "gsm8k"], default="sst2")
@@ -180,7 +201,10 @@ def main() -> None:
     ]
     page = args.out.read_text()
     kept = kept_rows(page, START, END)
-    lines += [row(label, recipe, args.data, args.train_examples, args.runs / Path(recipe).stem, kept) for label, recipe in ROWS]
+    lines += [
+        row(label, recipe, args.data, args.train_examples, args.runs / Path(recipe).stem, kept)
+        for label, recipe in ROWS
+    ]
     start, end = page.index(START) + len(START), page.index(END)
     args.out.write_text(page[:start] + "\n" + "\n".join(lines) + "\n" + page[end:])
     print(f"wrote {args.out}")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from peftcli.config.recipe import Columns, DataSpec, ModelSpec, OptimizerSpec, Recipe, ScheduleSpec, TrainSpec
 from peftcli.methods import METHODS
-from peftcli.recipe import Columns, DataSpec, ModelSpec, OptimizerSpec, Recipe, ScheduleSpec, TrainSpec
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
 
@@ -40,11 +40,30 @@ def render() -> str:
         "| key | default | meaning |",
         "|---|---|---|",
     ]
-    lines += [r for r in rows("", Recipe) if not r.startswith(("| `model`", "| `data`", "| `optimizer`", "| `schedule`", "| `train`"))]
-    for prefix, schema in [("model.", ModelSpec), ("data.", DataSpec), ("data.columns.", Columns), ("optimizer.", OptimizerSpec), ("schedule.", ScheduleSpec), ("train.", TrainSpec)]:
+    lines += [
+        r
+        for r in rows("", Recipe)
+        if not r.startswith(("| `model`", "| `data`", "| `optimizer`", "| `schedule`", "| `train`"))
+    ]
+    for prefix, schema in [
+        ("model.", ModelSpec),
+        ("data.", DataSpec),
+        ("data.columns.", Columns),
+        ("optimizer.", OptimizerSpec),
+        ("schedule.", ScheduleSpec),
+        ("train.", TrainSpec),
+    ]:
         lines += [r for r in rows(prefix, schema) if not r.startswith("| `data.columns` ")]
     for name, method in METHODS.items():
-        lines += ["", f"## method: {name}", "", f"{method.summary} ({method.paper}).", "", "| key | default | meaning |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## method: {name}",
+            "",
+            f"{method.summary} ({method.paper}).",
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
         lines += rows("method.", method.params)
     return "\n".join(lines) + "\n"
 

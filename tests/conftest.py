@@ -55,25 +55,49 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def _bert_cls(num_labels: int = 2) -> torch.nn.Module:
     cfg = BertConfig(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        num_labels=num_labels, pad_token_id=0,
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        pad_token_id=0,
     )
     return BertForSequenceClassification(cfg)
 
 
 def _gpt2() -> torch.nn.Module:
     cfg = GPT2Config(
-        vocab_size=len(VOCAB), n_embd=32, n_layer=2, n_head=4, n_positions=128,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        vocab_size=len(VOCAB),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
     )
     return GPT2LMHeadModel(cfg)
 
 
 def _llama_config() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
     )
 
 
@@ -89,18 +113,41 @@ def _llama_cls(num_labels: int = 2) -> torch.nn.Module:
 
 def _t5() -> torch.nn.Module:
     cfg = T5Config(
-        vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+        vocab_size=len(VOCAB),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=3,
+        decoder_start_token_id=0,
     )
     return T5ForConditionalGeneration(cfg)
 
 
 def _bart() -> torch.nn.Module:
     cfg = BartConfig(
-        vocab_size=len(VOCAB), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-        decoder_start_token_id=3, forced_eos_token_id=None,
+        vocab_size=len(VOCAB),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        decoder_start_token_id=3,
+        forced_eos_token_id=None,
     )
     return BartForConditionalGeneration(cfg)
 
@@ -183,17 +230,29 @@ def make_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", NER_VOCAB.index("[CLS]")), ("[SEP]", NER_VOCAB.index("[SEP]"))]
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", NER_VOCAB.index("[CLS]")), ("[SEP]", NER_VOCAB.index("[SEP]"))],
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def bert_tagger(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=len(NER_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
-        num_labels=len(NER_TAGS), id2label=dict(enumerate(NER_TAGS)), label2id={t: i for i, t in enumerate(NER_TAGS)},
+        vocab_size=len(NER_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+        num_labels=len(NER_TAGS),
+        id2label=dict(enumerate(NER_TAGS)),
+        label2id={t: i for i, t in enumerate(NER_TAGS)},
         pad_token_id=0,
     )
     return BertForTokenClassification(cfg).eval()

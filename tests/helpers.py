@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from peftcli.data import eval_loader, prepare_data, train_loader
+from peftcli.config.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.prepare import eval_loader, prepare_data, train_loader
 from peftcli.methods import Method, context_for
 from peftcli.methods.base import Adapted, Calibration, TrainingHooks
-from peftcli.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import TASKS
-from peftcli.trainer import TrainResult, model_inputs, train
+from peftcli.tasks.registry import TASKS
+from peftcli.training.loop import TrainResult, model_inputs, train
 from tests.conftest import tiny_data_section
 
 
@@ -27,7 +27,9 @@ def adapt(model: torch.nn.Module, method: Method, task: str, **params: Any) -> t
     return p, adapted
 
 
-def random_batches(model: torch.nn.Module, task: str, n: int = 4, size: int = 4, length: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def random_batches(
+    model: torch.nn.Module, task: str, n: int = 4, size: int = 4, length: int = 12, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
     """Labelled batches of random token ids (no tokenizer needed), the last two positions padded."""
     g = torch.Generator().manual_seed(seed)
     batches = []
@@ -89,9 +91,27 @@ def run_training(
     method_hooks: TrainingHooks | None = None,
 ) -> TrainResult:
     prepared = prepare_data(data_spec(task, data), task, tokenizer)
-    loader = train_loader(prepared.train, tokenizer.pad_token_id, train_spec.batch_size, train_spec.grad_accum, group_by_length, train_spec.seed)
+    loader = train_loader(
+        prepared.train,
+        tokenizer.pad_token_id,
+        train_spec.batch_size,
+        train_spec.grad_accum,
+        group_by_length,
+        train_spec.seed,
+    )
     evals = eval_loader(prepared.eval, tokenizer.pad_token_id, 16)
     optim = optim or OptimizerSpec(lr=1e-2)
     schedule = ScheduleSpec(name="constant", warmup_steps=0)
     model.train()
-    return train(model, TASKS[task], loader, evals, train_spec, optim, schedule, prepared.label_names, accelerator=Accelerator(cpu=True), method_hooks=method_hooks)
+    return train(
+        model,
+        TASKS[task],
+        loader,
+        evals,
+        train_spec,
+        optim,
+        schedule,
+        prepared.label_names,
+        accelerator=Accelerator(cpu=True),
+        method_hooks=method_hooks,
+    )

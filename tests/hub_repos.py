@@ -14,7 +14,11 @@ import datasets
 from tests.conftest import _bert_cls, make_tokenizer, qa_rows, sentiment_rows
 
 SST2_FEATURES = datasets.Features(
-    {"idx": datasets.Value("int32"), "sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    {
+        "idx": datasets.Value("int32"),
+        "sentence": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=["negative", "positive"]),
+    }
 )
 # The front matter of stanfordnlp/sst2's dataset card, less its split sizes (datasets would check them).
 SST2_CARD = """---

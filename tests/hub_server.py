@@ -90,7 +90,9 @@ class HubServer:
     gated repos; `write_tokens` may also create repos and commit (to any repo, as its owner);
     `other_tokens` are accounts with neither right. Any other token is refused as invalid (401)."""
 
-    def __init__(self, read_tokens: tuple[str, ...] = (), write_tokens: tuple[str, ...] = (), other_tokens: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, read_tokens: tuple[str, ...] = (), write_tokens: tuple[str, ...] = (), other_tokens: tuple[str, ...] = ()
+    ) -> None:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.read_tokens = set(read_tokens) | set(write_tokens)
         self.write_tokens = set(write_tokens)
@@ -115,7 +117,14 @@ class HubServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def add(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model", gated: bool = False, tag: str | None = None) -> Repo:
+    def add(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        repo_type: str = "model",
+        gated: bool = False,
+        tag: str | None = None,
+    ) -> Repo:
         repo = Repo(repo_id, repo_type, gated)
         repo.commit(files, tag)
         self.repos[(repo_type, repo_id)] = repo
@@ -139,7 +148,11 @@ class HubServer:
     def files_of(self, repo: Repo, revision: str, token: str | None) -> tuple[str, dict[str, bytes]]:
         if repo.gated and token not in self.read_tokens:
             status = 401 if token is None else 403
-            raise HubError(status, "GatedRepo", f"Access to model {repo.repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.")
+            raise HubError(
+                status,
+                "GatedRepo",
+                f"Access to model {repo.repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.",
+            )
         found = repo.resolve(revision)
         if found is None:
             raise HubError(404, "RevisionNotFound", "Invalid rev id: " + revision)
@@ -175,7 +188,9 @@ class HubServer:
                 if depth > 1 and not recursive:
                     break
                 sub = prefix + "/".join(parts[:depth])
-                entries.setdefault(sub, {"type": "directory", "oid": hashlib.sha1(sub.encode()).hexdigest(), "size": 0, "path": sub})
+                entries.setdefault(
+                    sub, {"type": "directory", "oid": hashlib.sha1(sub.encode()).hexdigest(), "size": 0, "path": sub}
+                )
             if recursive or len(parts) == 1:
                 entries[path] = entry(path, files[path])
         if prefix and not entries:
@@ -189,7 +204,9 @@ class HubServer:
             if path in files:
                 out.append(entry(path, files[path]))
             elif any(p.startswith(path + "/") for p in files):
-                out.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path})
+                out.append(
+                    {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path}
+                )
         return out
 
     def create_repo(self, body: dict[str, Any], token: str | None) -> dict[str, Any]:
@@ -255,7 +272,9 @@ class HubServer:
                 token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
                 try:
                     with hub.lock:
-                        status, headers, content = route(hub, method, split.path, parse_qs(split.query), body, token, self.headers.get("Range"))
+                        status, headers, content = route(
+                            hub, method, split.path, parse_qs(split.query), body, token, self.headers.get("Range")
+                        )
                 except HubError as exc:
                     status, content = exc.status, json.dumps({"error": exc.message}).encode()
                     headers = {"Content-Type": "application/json", "X-Error-Message": exc.message}
@@ -304,7 +323,11 @@ def validate_yaml(card: str) -> tuple[int, dict[str, str], bytes]:
         ok, message = False, " ".join(str(exc).split())
     if ok:
         return as_json({"errors": [], "warnings": []})
-    return 400, {"Content-Type": "application/json"}, json.dumps({"errors": [{"message": message}], "warnings": []}).encode()
+    return (
+        400,
+        {"Content-Type": "application/json"},
+        json.dumps({"errors": [{"message": message}], "warnings": []}).encode(),
+    )
 
 
 def repo_and_rest(segments: list[str], hub: HubServer, repo_type: str) -> tuple[str, list[str]]:
@@ -316,7 +339,15 @@ def repo_and_rest(segments: list[str], hub: HubServer, repo_type: str) -> tuple[
     return "/".join(segments[:n]), segments[n:]
 
 
-def route(hub: HubServer, method: str, path: str, query: dict[str, list[str]], body: bytes, token: str | None, byte_range: str | None) -> tuple[int, dict[str, str], bytes]:
+def route(
+    hub: HubServer,
+    method: str,
+    path: str,
+    query: dict[str, list[str]],
+    body: bytes,
+    token: str | None,
+    byte_range: str | None,
+) -> tuple[int, dict[str, str], bytes]:
     if path == "/api/repos/create" and method == "POST":
         return as_json(hub.create_repo(json.loads(body), token))
     if path == "/api/agent-harnesses":  # huggingface_hub's telemetry: which AI agent runs it (none here)
@@ -331,7 +362,9 @@ def route(hub: HubServer, method: str, path: str, query: dict[str, list[str]], b
     raise HubError(400, "", f"the stand-in Hub has no answer for {method} {path}")
 
 
-def api(hub: HubServer, method: str, repo_type: str, rest: str, query: dict[str, list[str]], body: bytes, token: str | None) -> tuple[int, dict[str, str], bytes]:
+def api(
+    hub: HubServer, method: str, repo_type: str, rest: str, query: dict[str, list[str]], body: bytes, token: str | None
+) -> tuple[int, dict[str, str], bytes]:
     repo_id, tail = repo_and_rest([unquote(s) for s in rest.split("/")], hub, repo_type)
     repo = hub.readable(repo_type, repo_id)
     action, revision = (tail[0], tail[1]) if len(tail) >= 2 else ("revision", "main")
@@ -353,7 +386,9 @@ def api(hub: HubServer, method: str, repo_type: str, rest: str, query: dict[str,
     raise HubError(400, "", f"the stand-in Hub has no answer for {method} /api/{repo_type}s/{rest}")
 
 
-def resolve(hub: HubServer, method: str, path: str, token: str | None, byte_range: str | None) -> tuple[int, dict[str, str], bytes]:
+def resolve(
+    hub: HubServer, method: str, path: str, token: str | None, byte_range: str | None
+) -> tuple[int, dict[str, str], bytes]:
     head, tail = path.split("/resolve/", 1)
     repo_type = "dataset" if head.startswith("/datasets/") else "model"
     repo_id = unquote(head[len("/datasets/") :] if repo_type == "dataset" else head[1:])

@@ -20,16 +20,16 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.commands.own_process import Job, run_jobs
-from peftcli.comparison import ended_line, ended_row, markdown, read_report, run_row, sort_rows, to_json
+from peftcli.adapter_io import atomic_write_text, write_json
+from peftcli.config.recipe import load_recipe, read_yaml
 from peftcli.errors import PeftcliError, RecipeError
-from peftcli.html_report import comparison_html
 from peftcli.methods import METHODS
-from peftcli.recipe import load_recipe, read_yaml
-from peftcli.run_dir import check_run_dir, kept_paths
-from peftcli.slots import Slot, machine_slots
-from peftcli.tasks import TASKS, higher_is_better
+from peftcli.reporting.comparison import ended_line, ended_row, markdown, read_report, run_row, sort_rows, to_json
+from peftcli.reporting.html import comparison_html
+from peftcli.tasks.registry import TASKS, higher_is_better
+from peftcli.training.own_process import Job, run_jobs
+from peftcli.training.run_dir import check_run_dir, kept_paths
+from peftcli.training.slots import Slot, machine_slots
 
 # emoji=False: a run named `a:fire:b` is printed as it is written (escape() leaves emoji codes).
 console = Console(stderr=True, soft_wrap=True, emoji=False)

@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.data import PreparedData, prepare_data, words_cut
-from peftcli.models import load_tokenizer
-from peftcli.recipe import Recipe, load_recipe
-from peftcli.tasks import IGNORE_INDEX, TASKS
+from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.data.prepare import PreparedData, prepare_data, words_cut
+from peftcli.models.loading import load_tokenizer
+from peftcli.tasks.registry import IGNORE_INDEX, TASKS
 
 # emoji=False: an example's text or a name with `:fire:` in it is printed as written.
 console = Console(soft_wrap=True, highlight=False, emoji=False)
@@ -48,7 +48,12 @@ def split_counts(ds: datasets.Dataset, data: PreparedData, encoder_decoder: bool
     if "num_words" in ds.column_names:  # token classification: one tag per word
         assert data.label_names is not None
         per_tag = Counter(data.label_names[y] for labels in ds["labels"] for y in labels if y != IGNORE_INDEX)
-        return {"examples": len(ds), "tokens": tokens, "labels": dict(sorted(per_tag.items())), "words_cut": words_cut(ds)}
+        return {
+            "examples": len(ds),
+            "tokens": tokens,
+            "labels": dict(sorted(per_tag.items())),
+            "words_cut": words_cut(ds),
+        }
     if encoder_decoder:  # the targets are a sequence of their own, every token trained
         return {"examples": len(ds), "tokens": tokens, "target_tokens": sum(len(t) for t in ds["labels"])}
     if data.label_names is not None:  # classification: one label per example
@@ -113,9 +118,13 @@ def print_example(data: PreparedData, tokenizer: PreTrainedTokenizerBase, encode
     ids, labels = row["input_ids"], row["labels"]
     if encoder_decoder:
         console.print(f"first training example: source ({len(ids)} tokens, the encoder's input):", markup=False)
-        console.print(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), markup=False)
+        console.print(
+            tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), markup=False
+        )
         console.print(f"target ({len(labels)} tokens, all trained):", markup=False)
-        console.print(tokenizer.decode(labels, skip_special_tokens=False, clean_up_tokenization_spaces=False), markup=False)
+        console.print(
+            tokenizer.decode(labels, skip_special_tokens=False, clean_up_tokenization_spaces=False), markup=False
+        )
         return
     if data.label_names is not None and isinstance(labels, list):
         console.print(
@@ -150,7 +159,9 @@ def print_counts(counts: dict[str, dict[str, Any]], data: PreparedData, recipe: 
         if "labels" in c:
             line += "; labels: " + ", ".join(f"{name} {n:,}" for name, n in c["labels"].items())
         if c.get("words_cut"):
-            line += f"; {c['words_cut']:,} words cut by data.max_length {recipe.data.max_length} (not trained or scored)"
+            line += (
+                f"; {c['words_cut']:,} words cut by data.max_length {recipe.data.max_length} (not trained or scored)"
+            )
         if data.dropped.get(split):
             line += (
                 f"; {data.dropped[split]:,} dropped (nothing to learn within data.max_length {recipe.data.max_length})"

@@ -19,15 +19,15 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.data import eval_loader, prepare_eval_data, words_cut
+from peftcli.adapter_io import atomic_write_text, write_json
+from peftcli.config.recipe import DataSpec, data_problems, describe, parse_override, resolve_data_paths, set_path
+from peftcli.data.prepare import eval_loader, prepare_eval_data, words_cut
 from peftcli.errors import RecipeError
-from peftcli.generation import Decoding, complete, greedy_answers
-from peftcli.recipe import DataSpec, data_problems, describe, parse_override, resolve_data_paths, set_path
-from peftcli.target import Built, Target, build, resolve_target
-from peftcli.tasks import IGNORE_INDEX
-from peftcli.text_metrics import generation_scores
-from peftcli.trainer import evaluate
+from peftcli.models.target import Built, Target, build, resolve_target
+from peftcli.tasks.generation import Decoding, complete, greedy_answers
+from peftcli.tasks.registry import IGNORE_INDEX
+from peftcli.tasks.text_metrics import generation_scores
+from peftcli.training.loop import evaluate
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)
 
@@ -50,14 +50,18 @@ def run_eval(
     spec = eval_data_spec(target, overrides, split, max_examples)
     out = out or default_output(target, base, spec.eval_split)
     if out.is_dir():
-        raise RecipeError(f"--out: a folder, not a file (got '{out}'). Give a file name, e.g. --out {out / 'eval.json'}.")
+        raise RecipeError(
+            f"--out: a folder, not a file (got '{out}'). Give a file name, e.g. --out {out / 'eval.json'}."
+        )
     built = build(target, with_adapter=not base)
     merged = merge_for_eval(built)
     task = target.task
     data = prepare_eval_data(spec, task.name, built.tokenizer, target.label_names)
 
     accelerator = Accelerator()
-    loader = eval_loader(data, built.tokenizer.pad_token_id, batch_size, accelerator.process_index, accelerator.num_processes)
+    loader = eval_loader(
+        data, built.tokenizer.pad_token_id, batch_size, accelerator.process_index, accelerator.num_processes
+    )
     model = accelerator.prepare(built.model)
     with Progress(console=console, transient=True, disable=not accelerator.is_main_process) as progress:
         bar = progress.add_task("eval", total=len(loader))
@@ -84,7 +88,11 @@ def run_eval(
         report["metrics"] |= scores
         report["generation"] = {"decoding": "greedy", "max_new_tokens": spec.max_target_length}
     if generate:
-        samples = samples[:generate] if samples is not None else generate_samples(built.model, built.tokenizer, data, generate, max_new_tokens)
+        samples = (
+            samples[:generate]
+            if samples is not None
+            else generate_samples(built.model, built.tokenizer, data, generate, max_new_tokens)
+        )
         path = out.with_name(out.stem + "-generations.jsonl")
         atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in samples))
         report["generations"] = str(path)
@@ -97,7 +105,9 @@ def run_eval(
     return report
 
 
-UNTRAINED_HEAD = "untrained (the base checkpoint has none for these labels: newly initialized, as `peft train` starts it)"
+UNTRAINED_HEAD = (
+    "untrained (the base checkpoint has none for these labels: newly initialized, as `peft train` starts it)"
+)
 
 
 def new_head(model: torch.nn.Module, task: Any) -> bool:
@@ -124,7 +134,9 @@ def with_label_names(target: Target, labels: list[str]) -> list[str]:
     if target.task.label_column is None:
         raise RecipeError(f"--labels: only classification tasks have labels (the task is {target.task.name}).")
     if target.label_names is not None and len(labels) != len(target.label_names):
-        raise RecipeError(f"--labels: the adapter's head has {len(target.label_names)} classes (got {len(labels)}: {', '.join(labels)}).")
+        raise RecipeError(
+            f"--labels: the adapter's head has {len(target.label_names)} classes (got {len(labels)}: {', '.join(labels)})."
+        )
     return labels
 
 
@@ -150,12 +162,23 @@ def eval_data_spec(target: Target, overrides: list[str], split: str | None, max_
     try:
         spec = DataSpec.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(*(f"{origin}: data.{'.'.join(map(str, e['loc']))}: {describe(e, DataSpec)}" for e in exc.errors())) from None
+        raise RecipeError(
+            *(f"{origin}: data.{'.'.join(map(str, e['loc']))}: {describe(e, DataSpec)}" for e in exc.errors())
+        ) from None
     spec = resolve_data_paths(spec, Path.cwd(), {("data",): "override"})
     # Eval reads one split, named by --split (train_split is set to it): a missing one is reported once.
-    problems = [(loc, m) for loc, m in data_problems(spec, target.task.name) if loc not in (("data", "train_split"), ("data", "eval_split"))]
+    problems = [
+        (loc, m)
+        for loc, m in data_problems(spec, target.task.name)
+        if loc not in (("data", "train_split"), ("data", "eval_split"))
+    ]
     if spec.files is not None and spec.eval_split not in spec.files:
-        problems.append((("--split",), f"no such split in data.files (got {spec.eval_split!r}; files give {', '.join(spec.files)}). Choose one of them, or add data.files.{spec.eval_split}=FILE."))
+        problems.append(
+            (
+                ("--split",),
+                f"no such split in data.files (got {spec.eval_split!r}; files give {', '.join(spec.files)}). Choose one of them, or add data.files.{spec.eval_split}=FILE.",
+            )
+        )
     if problems:
         raise RecipeError(*(f"{origin}: {'.'.join(loc)}: {message}" for loc, message in problems))
     return spec
@@ -187,28 +210,40 @@ def trained_split(target: Target) -> str:
 
 
 @torch.inference_mode()
-def generate_samples(model: torch.nn.Module, tokenizer: Any, data: Any, n: int, max_new_tokens: int) -> list[dict[str, str]]:
+def generate_samples(
+    model: torch.nn.Module, tokenizer: Any, data: Any, n: int, max_new_tokens: int
+) -> list[dict[str, str]]:
     """Greedy answers to the first n eval prompts, beside the reference answers."""
     model.eval()
     samples = []
     for row in data.select(range(min(n, len(data)))):
         ids, labels = row["input_ids"], row["labels"]
         start = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids))
-        samples.append({
-            "prompt": tokenizer.decode(ids[:start], skip_special_tokens=True),
-            "reference": tokenizer.decode([t for t in labels[start:] if t != IGNORE_INDEX], skip_special_tokens=True),
-            "generated": complete(model, tokenizer, ids[:start], Decoding(max_new_tokens=max_new_tokens)),
-        })
+        samples.append(
+            {
+                "prompt": tokenizer.decode(ids[:start], skip_special_tokens=True),
+                "reference": tokenizer.decode(
+                    [t for t in labels[start:] if t != IGNORE_INDEX], skip_special_tokens=True
+                ),
+                "generated": complete(model, tokenizer, ids[:start], Decoding(max_new_tokens=max_new_tokens)),
+            }
+        )
     return samples
 
 
-def generation_eval(model: torch.nn.Module, tokenizer: Any, loader: Any, max_new_tokens: int, accelerator: Accelerator) -> tuple[dict[str, float], list[dict[str, str]]]:
+def generation_eval(
+    model: torch.nn.Module, tokenizer: Any, loader: Any, max_new_tokens: int, accelerator: Accelerator
+) -> tuple[dict[str, float], list[dict[str, str]]]:
     """ROUGE-L and exact match of greedy answers to every eval example (each process answers its own
     share), and the answers as samples."""
     with Progress(console=console, transient=True, disable=not accelerator.is_main_process) as progress:
         bar = progress.add_task("generate", total=len(loader))
-        sources, generated, references = greedy_answers(model, tokenizer, tracked(loader, lambda: progress.advance(bar)), max_new_tokens)
-    sources, generated, references = (gather_object(x) if accelerator.num_processes > 1 else x for x in (sources, generated, references))
+        sources, generated, references = greedy_answers(
+            model, tokenizer, tracked(loader, lambda: progress.advance(bar)), max_new_tokens
+        )
+    sources, generated, references = (
+        gather_object(x) if accelerator.num_processes > 1 else x for x in (sources, generated, references)
+    )
     samples = [{"prompt": s, "reference": r, "generated": g} for s, g, r in zip(sources, generated, references)]
     return generation_scores(generated, references), samples
 
@@ -242,10 +277,15 @@ def print_report(report: dict[str, Any], out: Path, replaced: bool = False) -> N
     # print(width=) can only narrow a console: a wide one of its own, on the same stream.
     (console if terminal else Console(stderr=True, emoji=False, width=1000)).print(table)
     if report.get("words_cut"):
-        console.print(f"{report['words_cut']} words past data.max_length were cut: not predicted, and their entities not counted.")
+        console.print(
+            f"{report['words_cut']} words past data.max_length were cut: not predicted, and their entities not counted."
+        )
     if "confusion_matrix" in report.get("classes", {}):
         classes = report["classes"]
-        console.print(f"confusion matrix (rows true, columns predicted; {', '.join(classes['labels'])}): {classes['confusion_matrix']}", markup=False)
+        console.print(
+            f"confusion matrix (rows true, columns predicted; {', '.join(classes['labels'])}): {classes['confusion_matrix']}",
+            markup=False,
+        )
     if "head" in report:
         console.print(
             f"The base model's classification head is {report['head']}: these metrics are near chance and measure "

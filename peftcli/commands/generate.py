@@ -12,11 +12,11 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.chat import as_messages, render, require_chat_template
+from peftcli.data.chat import as_messages, render, require_chat_template
 from peftcli.errors import PeftcliError
-from peftcli.generation import Decoding, complete
-from peftcli.models import load_tokenizer
-from peftcli.target import Target, build, resolve_target
+from peftcli.models.loading import load_tokenizer
+from peftcli.models.target import Target, build, resolve_target
+from peftcli.tasks.generation import Decoding, complete
 
 Prompt = str | list[dict[str, str]]  # plain text, or a conversation
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)*=")

@@ -15,11 +15,11 @@ from rich.markup import escape
 from rich.table import Table
 from safetensors import safe_open
 
-from peftcli.checkpoint import WEIGHTS_NAME, read_adapter_config
+from peftcli.adapter_io import WEIGHTS_NAME, read_adapter_config
 from peftcli.methods.base import count_parameters, is_linear, layer_features, name_matches
-from peftcli.model_card import target_base
-from peftcli.serving import vllm_verdict
-from peftcli.target import build, resolve_target
+from peftcli.models.target import build, resolve_target
+from peftcli.reporting.model_card import target_base
+from peftcli.reporting.serving import vllm_verdict
 
 console = Console(soft_wrap=True, emoji=False)
 
@@ -45,12 +45,16 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
     info = {
         "method": built.method.name,
         "model": target.model.name,
-        "base": {"name": base.name, "hub_id": base.hub_id, "loaded_from": base.loaded_from, "description": base.describe()},
+        "base": {
+            "name": base.name,
+            "hub_id": base.hub_id,
+            "loaded_from": base.loaded_from,
+            "description": base.describe(),
+        },
         "task": target.task.name,
         "adapted_modules": len(built.adapted.adapted_modules),
         "modules_to_save": [
-            {"name": n, "trainable_parameters": saved_parameters(built.model, n)}
-            for n in built.adapted.modules_to_save
+            {"name": n, "trainable_parameters": saved_parameters(built.model, n)} for n in built.adapted.modules_to_save
         ],
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -65,7 +69,9 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
         },
         "module_groups": module_groups(built.model, built.adapted.adapted_modules),
         # Whether vLLM would serve the saved adapter (a recipe has none yet).
-        "vllm": None if config is None or adapter_file is None else vllm_verdict(
+        "vllm": None
+        if config is None or adapter_file is None
+        else vllm_verdict(
             config, tensor_names(adapter_file), type(built.model).__name__, mergeable=built.method.merge is not None
         ).as_dict(),
     }

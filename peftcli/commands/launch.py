@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peftcli.run_dir import check_run_dir, kept_paths
+from peftcli.config.recipe import load_recipe
 from peftcli.errors import PeftcliError
-from peftcli.recipe import load_recipe
+from peftcli.training.run_dir import check_run_dir, kept_paths
 
 
 def launch_command(recipe_path: Path, overrides: list[str], num_processes: int, flags: list[str]) -> list[str]:

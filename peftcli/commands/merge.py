@@ -12,14 +12,14 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from peftcli.checkpoint import atomic_dir, plain_modes, read_adapter_config
+from peftcli.adapter_io import atomic_dir, plain_modes, read_adapter_config
 from peftcli.errors import PeftcliError
-from peftcli.gguf_export import check_exportable, is_gguf_file, round_as_stored, write_gguf
-from peftcli.model_card import merged_card, target_base, write_card
-from peftcli.models import DTYPES, model_location
-from peftcli.quantization import dequantize
-from peftcli.run_dir import within
-from peftcli.target import build, resolve_target
+from peftcli.models.gguf_export import check_exportable, is_gguf_file, round_as_stored, write_gguf
+from peftcli.models.loading import DTYPES, model_location
+from peftcli.models.quantization import dequantize
+from peftcli.models.target import build, resolve_target
+from peftcli.reporting.model_card import merged_card, target_base, write_card
+from peftcli.training.run_dir import within
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)
 
@@ -36,14 +36,24 @@ PROBE_TEXTS = [
 
 
 def run_merge(
-    target_path: Path, out: Path, dtype: str = "float32", overrides: list[str] | None = None, tolerance: float = 1e-3, overwrite: bool = False,
-    fmt: str = "safetensors", gguf_type: str = "f16",
+    target_path: Path,
+    out: Path,
+    dtype: str = "float32",
+    overrides: list[str] | None = None,
+    tolerance: float = 1e-3,
+    overwrite: bool = False,
+    fmt: str = "safetensors",
+    gguf_type: str = "f16",
 ) -> dict[str, Any]:
     target = resolve_target(target_path, overrides or [])
     if target.adapter_dir is None:
-        raise PeftcliError(f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory.")
+        raise PeftcliError(
+            f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory."
+        )
     if target.path.resolve().is_relative_to(out.resolve()):
-        raise PeftcliError(f"{out}: holds the adapter being merged ({target_path}), which --out would replace. Choose another --out.")
+        raise PeftcliError(
+            f"{out}: holds the adapter being merged ({target_path}), which --out would replace. Choose another --out."
+        )
     if fmt == "gguf":
         check_gguf_out(out, target, overwrite)
     else:
@@ -56,7 +66,8 @@ def run_merge(
     if method.merge is None:
         raise PeftcliError(
             f"{target.adapter_dir}: {method.name} {method.kind.value} and cannot be merged into the weights. "
-            "Use the adapter as it is: `peft eval`" + (", or HF peft's PeftModel.from_pretrained." if method.in_hf_peft else ".")
+            "Use the adapter as it is: `peft eval`"
+            + (", or HF peft's PeftModel.from_pretrained." if method.in_hf_peft else ".")
         )
     model = built.model.eval()
     batches = probe_batches(built.tokenizer)
@@ -77,14 +88,28 @@ def run_merge(
         )
     if fmt == "gguf":
         said = f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
-        return {"difference": difference} | export_gguf(model, built.tokenizer, target, out, gguf_type, batches, before, said)
+        return {"difference": difference} | export_gguf(
+            model, built.tokenizer, target, out, gguf_type, batches, before, said
+        )
     model.to(DTYPES[dtype])
     cast_difference = max(float((logits(model, b).float() - ref).abs().max()) for b, ref in zip(batches, before))
     base = target_base(read_adapter_config(target.adapter_dir), target.model, target.recipe is not None)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         built.tokenizer.save_pretrained(tmp)
-        write_card(tmp, merged_card(method=method.name, task=target.task, base=base, adapter=str(target.adapter_dir), model_class=type(model).__name__, out=str(out), dtype=dtype, label_names=target.label_names))
+        write_card(
+            tmp,
+            merged_card(
+                method=method.name,
+                task=target.task,
+                base=base,
+                adapter=str(target.adapter_dir),
+                model_class=type(model).__name__,
+                out=str(out),
+                dtype=dtype,
+                label_names=target.label_names,
+            ),
+        )
         plain_modes(tmp)  # safetensors writes model.safetensors owner-only
     result = {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
     said = f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
@@ -104,7 +129,9 @@ def run_merge(
     return result
 
 
-def quantization_errors(target: Any, batches: list[Any], adapted_quantized: list[torch.Tensor], dequantized: list[torch.Tensor]) -> dict[str, float]:
+def quantization_errors(
+    target: Any, batches: list[Any], adapted_quantized: list[torch.Tensor], dequantized: list[torch.Tensor]
+) -> dict[str, float]:
     """What a quantized run's merge shows beside the merge error: how far the dequantized model is from
     the quantized one as it computes (LLM.int8 also rounds the activations), and how far both are from
     the full-precision base with the same adapter (the cost of the bits)."""
@@ -118,7 +145,9 @@ def quantization_errors(target: Any, batches: list[Any], adapted_quantized: list
 
 def check_folder_out(out: Path, target: Any, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise PeftcliError(f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite).")
+        raise PeftcliError(
+            f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite)."
+        )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
     if out.exists() and any(out.iterdir()):
@@ -131,16 +160,24 @@ def check_gguf_out(out: Path, target: Any, overwrite: bool) -> None:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:
-        raise PeftcliError("--format gguf: needs the gguf package, which is not installed. Install it: pip install 'peftcli[gguf]'.")
+        raise PeftcliError(
+            "--format gguf: needs the gguf package, which is not installed. Install it: pip install 'peftcli[gguf]'."
+        )
     if out.suffix != ".gguf" or out.is_dir():
-        raise PeftcliError(f"{out}: with --format gguf, --out is the .gguf file to write (got a {'folder' if out.is_dir() else 'name without .gguf'}). Give a file name ending in .gguf.")
+        raise PeftcliError(
+            f"{out}: with --format gguf, --out is the .gguf file to write (got a {'folder' if out.is_dir() else 'name without .gguf'}). Give a file name ending in .gguf."
+        )
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
         raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
     base = base_gguf(target.model)
     if out.is_symlink() or not is_gguf_file(out) or (base is not None and base.resolve() == out.resolve()):
-        what = "the base model's GGUF file" if base is not None and base.resolve() == out.resolve() else "not a GGUF file peft merge wrote"
+        what = (
+            "the base model's GGUF file"
+            if base is not None and base.resolve() == out.resolve()
+            else "not a GGUF file peft merge wrote"
+        )
         raise PeftcliError(f"{out}: {what}, so --overwrite will not replace it. Choose another --out.")
 
 
@@ -157,7 +194,16 @@ def base_gguf(spec: Any) -> Path | None:
     return Path(found) if found else None
 
 
-def export_gguf(model: Any, tokenizer: Any, target: Any, out: Path, gguf_type: str, batches: list[Any], merged: list[torch.Tensor], said: str) -> dict[str, Any]:
+def export_gguf(
+    model: Any,
+    tokenizer: Any,
+    target: Any,
+    out: Path,
+    gguf_type: str,
+    batches: list[Any],
+    merged: list[torch.Tensor],
+    said: str,
+) -> dict[str, Any]:
     """Writes the merged model as a GGUF file and reports what its f16 or q8_0 matrices cost: the logits
     of the merged model with its matrices rounded as the file stores them, against the float32 ones."""
     name = target.recipe.name if target.recipe is not None else out.stem
@@ -178,10 +224,14 @@ def check_replaceable_model(out: Path, target: Any) -> None:
     if Path(model_location(target.model)).exists():
         keep.append((Path(model_location(target.model)), "the base model"))
     if out.is_symlink():
-        raise PeftcliError(f"{out}: a symbolic link; --overwrite replaces only a merged model folder itself. Give --out the real folder, or another one.")
+        raise PeftcliError(
+            f"{out}: a symbolic link; --overwrite replaces only a merged model folder itself. Give --out the real folder, or another one."
+        )
     for path, what in keep:
         if within(path, out):
-            raise PeftcliError(f"{out}: --overwrite would delete {what} ({path}), which is inside it. Choose another --out.")
+            raise PeftcliError(
+                f"{out}: --overwrite would delete {what} ({path}), which is inside it. Choose another --out."
+            )
     if not (out / "config.json").is_file() or any(p.is_dir() for p in out.iterdir()):
         raise PeftcliError(
             f"{out}: not a model folder peft merge wrote (config.json and files only), so --overwrite will not delete it. "
@@ -201,7 +251,10 @@ def plain_parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 def probe_batches(tokenizer: Any, size: int = 4) -> list[dict[str, torch.Tensor]]:
-    return [dict(tokenizer(PROBE_TEXTS[i : i + size], padding=True, return_tensors="pt")) for i in range(0, len(PROBE_TEXTS), size)]
+    return [
+        dict(tokenizer(PROBE_TEXTS[i : i + size], padding=True, return_tensors="pt"))
+        for i in range(0, len(PROBE_TEXTS), size)
+    ]
 
 
 @torch.inference_mode()

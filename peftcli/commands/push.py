@@ -16,7 +16,7 @@ from typing import Any
 
 from peftcli.errors import PeftcliError
 
-CONFIG_NAME = "adapter_config.json"  # as peftcli.checkpoint names it; not imported: it imports torch
+CONFIG_NAME = "adapter_config.json"  # as peftcli.adapter_io names it; not imported: it imports torch
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 LOGIN = "Log in with `hf auth login` (a token with write access), or set HF_TOKEN"
@@ -35,12 +35,16 @@ def run_push(run: Path, repo_id: str, private: bool = False) -> str:
     check_repo_id(repo_id)
     token = get_token()  # HF_TOKEN, else the login `hf auth login` saved
     if token is None:
-        raise PeftcliError(f"push: pushing to {repo_id} needs a Hugging Face login (got no HF_TOKEN and no saved token). {LOGIN}.")
+        raise PeftcliError(
+            f"push: pushing to {repo_id} needs a Hugging Face login (got no HF_TOKEN and no saved token). {LOGIN}."
+        )
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         commit = api.upload_folder(
-            repo_id=url.repo_id, folder_path=folder, commit_message=f"Upload the adapter of the peftcli run {folder.parent.name if folder.name == 'adapter' else folder.name}"
+            repo_id=url.repo_id,
+            folder_path=folder,
+            commit_message=f"Upload the adapter of the peftcli run {folder.parent.name if folder.name == 'adapter' else folder.name}",
         )
     except Exception as exc:  # the Hub's errors (HTTP, connection) become one line; others keep their traceback
         if not (is_hub_error(exc) or is_hub_error(exc.__cause__)):
@@ -53,12 +57,18 @@ def run_push(run: Path, repo_id: str, private: bool = False) -> str:
 def adapter_folder(run: Path) -> Path:
     """The adapter folder to upload: RUN/adapter for a run directory, or RUN itself for an adapter folder."""
     if not run.exists():
-        raise PeftcliError(f"{run}: not found. Give a run directory (peft train writes runs/<name>) or its adapter folder.")
+        raise PeftcliError(
+            f"{run}: not found. Give a run directory (peft train writes runs/<name>) or its adapter folder."
+        )
     folder = run / "adapter" if (run / "adapter" / CONFIG_NAME).is_file() else run
     if not (folder / CONFIG_NAME).is_file():
-        raise PeftcliError(f"{run}: not a run directory (no adapter/{CONFIG_NAME}) nor an adapter folder (no {CONFIG_NAME}). Give the folder `peft train` wrote, e.g. runs/<name>.")
+        raise PeftcliError(
+            f"{run}: not a run directory (no adapter/{CONFIG_NAME}) nor an adapter folder (no {CONFIG_NAME}). Give the folder `peft train` wrote, e.g. runs/<name>."
+        )
     if not (folder / WEIGHTS_NAME).is_file():
-        raise PeftcliError(f"{folder}: no {WEIGHTS_NAME} beside {CONFIG_NAME}; the adapter is incomplete. Train it again, or push a finished run.")
+        raise PeftcliError(
+            f"{folder}: no {WEIGHTS_NAME} beside {CONFIG_NAME}; the adapter is incomplete. Train it again, or push a finished run."
+        )
     return folder
 
 
@@ -68,9 +78,13 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise PeftcliError(f"push: REPO_ID is not a Hub repo id (got {repo_id!r}). Give your-name/repo-name (letters, digits, '-', '_', '.').") from None
+        raise PeftcliError(
+            f"push: REPO_ID is not a Hub repo id (got {repo_id!r}). Give your-name/repo-name (letters, digits, '-', '_', '.')."
+        ) from None
     if repo_id.count("/") != 1:
-        raise PeftcliError(f"push: REPO_ID names its owner too (got {repo_id!r}). Give your-name/{repo_id} or your-org/{repo_id}.")
+        raise PeftcliError(
+            f"push: REPO_ID names its owner too (got {repo_id!r}). Give your-name/{repo_id} or your-org/{repo_id}."
+        )
 
 
 def is_hub_error(exc: BaseException | None) -> bool:

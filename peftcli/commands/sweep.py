@@ -18,15 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from peftcli.checkpoint import atomic_write_text, write_json
-from peftcli.commands.own_process import Job, run_jobs
-from peftcli.commands.train import flatten
-from peftcli.comparison import ended_line, ended_row, run_row, sort_rows
+from peftcli.adapter_io import atomic_write_text, write_json
+from peftcli.config.recipe import Recipe, load_recipe
 from peftcli.errors import PeftcliError, RecipeError
-from peftcli.html_report import sweep_html
-from peftcli.recipe import Recipe, load_recipe
-from peftcli.slots import Slot, machine_slots
-from peftcli.sweep import (
+from peftcli.reporting.comparison import ended_line, ended_row, run_row, sort_rows
+from peftcli.reporting.html import sweep_html
+from peftcli.reporting.sweep import (
     Search,
     Space,
     best_sentence,
@@ -38,7 +35,10 @@ from peftcli.sweep import (
     table_headers,
     trial_label,
 )
-from peftcli.tasks import TASKS, higher_is_better
+from peftcli.tasks.registry import TASKS, higher_is_better
+from peftcli.training.own_process import Job, run_jobs
+from peftcli.training.run import flatten
+from peftcli.training.slots import Slot, machine_slots
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)
 

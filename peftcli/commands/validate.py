@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftcli.recipe import Recipe, load_recipe
+from peftcli.config.recipe import Recipe, load_recipe
 
 
 def run_validate(recipe_path: Path, overrides: list[str]) -> Recipe:

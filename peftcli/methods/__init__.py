@@ -43,9 +43,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise MethodError(
-            f"method.name: unknown method {name!r}. Available: {', '.join(sorted(METHODS))}."
-        ) from None
+        raise MethodError(f"method.name: unknown method {name!r}. Available: {', '.join(sorted(METHODS))}.") from None
 
 
 __all__ = ["BY_PEFT_TYPE", "METHODS", "ApplyContext", "Kind", "Method", "context_for", "get_method"]

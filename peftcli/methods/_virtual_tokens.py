@@ -100,7 +100,9 @@ def attach_to_encoder(model: nn.Module, n: int) -> None:
     encoder_params = list(inspect.signature(encoder.forward).parameters)
     model_params = list(inspect.signature(model.forward).parameters)
 
-    def before_encoder(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def before_encoder(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kwargs = {**dict(zip(encoder_params, args)), **kwargs}
         input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.get("inputs_embeds")
@@ -108,12 +110,16 @@ def attach_to_encoder(model: nn.Module, n: int) -> None:
             embeds = model.get_input_embeddings()(input_ids)
         prompt = getattr(model, PROMPT_MODULE)().to(embeds.dtype)
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[1] == embeds.shape[1]:  # not extended by the model's hook
+        if (
+            mask is not None and mask.dim() == 2 and mask.shape[1] == embeds.shape[1]
+        ):  # not extended by the model's hook
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
         kwargs["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds], dim=1)
         return (), kwargs
 
-    def before_model(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def before_model(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kwargs = {**dict(zip(model_params, args)), **kwargs}
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
@@ -133,7 +139,9 @@ class VirtualTokenHooks:
         self.forward_params = forward_params
         self.prepended = False  # whether the current call got the prompt (cached decoding steps do not)
 
-    def before(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def before(
+        self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kwargs = {**dict(zip(self.forward_params, args)), **kwargs}
         # The positions count the virtual tokens; the model numbers the sequence (and the cache) itself.
         kwargs.pop("position_ids", None)
@@ -260,7 +268,11 @@ def load_model_tokenizer(model: nn.Module, name: str | None) -> tuple[Any, str]:
     kwargs: dict[str, Any] = {}
     folder = Path(source)
     ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
-    if len(ggufs) == 1 and not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+    if (
+        len(ggufs) == 1
+        and not (folder / "tokenizer_config.json").is_file()
+        and not (folder / "tokenizer.json").is_file()
+    ):
         kwargs["gguf_file"] = ggufs[0].name
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs), source

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 from torch import nn
 
+from peftcli.adapter_io import PREFIX
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods.base import (
     Adapted,
@@ -325,7 +326,6 @@ def training_hooks(model: nn.Module, params: AdaLoraParams, adapted: Adapted) ->
 def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
     """The trainable tensors, each layer cut to the triplets its rank pattern keeps (HF peft's
     resize_state_dict_by_rank_pattern: masked triplets are dropped, not stored as zeros)."""
-    from peftcli.checkpoint import PREFIX  # checkpoint imports the registry, which imports this file
 
     tensors = {PREFIX + n: p for n, p in trainable_parameters(model).items()}
     for key, kept in (adapted.config_extras.get("rank_pattern") or {}).items():

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from peftcli.adapter_io import PREFIX
 from peftcli.errors import CheckpointError, MethodError
 
 
@@ -210,14 +211,16 @@ def resolve_all_linear(model: nn.Module, ctx: ApplyContext) -> list[str]:
 def find_targets(model: nn.Module, targets: list[str] | str, ctx: ApplyContext, key: str) -> list[str]:
     """Names of the linear layers the method adapts; a clear error when nothing matches."""
     names = [
-        n
-        for n in linear_layer_names(model)
-        if name_matches(n, targets) and not is_excluded(n, ctx.excluded_modules)
+        n for n in linear_layer_names(model) if name_matches(n, targets) and not is_excluded(n, ctx.excluded_modules)
     ]
     if not names:
         available = sorted({n.rsplit(".", 1)[-1] for n in linear_layer_names(model)})
         # Not strict: the targets come from a saved adapter's config, not from the user's recipe.
-        hint = "`peft inspect --modules RECIPE` lists them with their full names." if ctx.strict else "Was the adapter trained on another base model?"
+        hint = (
+            "`peft inspect --modules RECIPE` lists them with their full names."
+            if ctx.strict
+            else "Was the adapter trained on another base model?"
+        )
         raise MethodError(
             f"{key if ctx.strict else key.removeprefix('method.')} {targets!r} matched no linear layer of "
             f"{type(model).__name__} (linear layers: {', '.join(available)}). {hint}"
@@ -270,8 +273,9 @@ def merge_layers(model: nn.Module, layer_type: type[nn.Module]) -> None:
             replace_module(model, name, module.merged())
 
 
-
-def assign_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: str, target: str = "this model") -> None:
+def assign_tensors(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: str, target: str = "this model"
+) -> None:
     """Copies `tensors` into `expected` (both keyed by their file keys), which they must match exactly
     in keys and shapes; a CheckpointError names the first mismatch otherwise."""
     missing = sorted(set(expected) - set(tensors))
@@ -291,6 +295,7 @@ def assign_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
             )
         with torch.no_grad():
             param.copy_(tensor.to(param.dtype))
+
 
 # -- transformer blocks, for layer freezing (full, bitfit) ------------------------------------
 
@@ -357,3 +362,9 @@ def top_parameter_names(model: nn.Module, last: int, key: str) -> set[str]:
         if (index is not None and index >= first) or (index is None and seen_blocks):
             names.add(name)
     return names
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Copies `state` (keys `base_model.model.<name>`) into the trainable parameters, which it must
+    match exactly in names and shapes."""
+    assign_tensors({PREFIX + name: p for name, p in trainable_parameters(model).items()}, state, path)

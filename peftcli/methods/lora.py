@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from torch import nn
 
 from peftcli.errors import CheckpointError, MethodError
+from peftcli.methods._layers import dense_weight
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
@@ -51,7 +52,6 @@ from peftcli.methods.base import (
     trainable_parameters,
     unfreeze_modules,
 )
-from peftcli.quantization import dense_weight
 
 # The adapter file's key prefix (checkpoint.PREFIX, which imports the method registry).
 FILE_PREFIX = "base_model.model."

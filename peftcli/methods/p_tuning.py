@@ -32,10 +32,15 @@ class PTuningParams(BaseModel):
     name: Literal["p_tuning"] = "p_tuning"
     num_virtual_tokens: int = Field(20, gt=0, description="n: virtual tokens prepended to every input")
     encoder: Literal["mlp", "lstm"] = Field(
-        "mlp", description="the prompt encoder: mlp (three linear layers, recommended) or lstm (bidirectional LSTM, then an MLP)"
+        "mlp",
+        description="the prompt encoder: mlp (three linear layers, recommended) or lstm (bidirectional LSTM, then an MLP)",
     )
-    encoder_hidden_size: int | None = Field(None, gt=0, description="h: the encoder's hidden size; default: the model's hidden size")
-    encoder_num_layers: int = Field(2, gt=0, description="LSTM layers (lstm only; the mlp always has three linear layers)")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="h: the encoder's hidden size; default: the model's hidden size"
+    )
+    encoder_num_layers: int = Field(
+        2, gt=0, description="LSTM layers (lstm only; the mlp always has three linear layers)"
+    )
     encoder_dropout: float = Field(0.0, ge=0, lt=1, description="dropout between LSTM layers (lstm only)")
     modules_to_save: list[str] | None = Field(
         None, description="modules trained in full and saved; default: the classification head"
@@ -66,16 +71,23 @@ class PromptEncoder(nn.Module):
         self.lstm_head: nn.LSTM | None = None
         if params.encoder == "lstm":
             self.lstm_head = nn.LSTM(
-                input_size=dim, hidden_size=hidden, num_layers=params.encoder_num_layers,
-                dropout=params.encoder_dropout, bidirectional=True, batch_first=True, device=device,
+                input_size=dim,
+                hidden_size=hidden,
+                num_layers=params.encoder_num_layers,
+                dropout=params.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+                device=device,
             )
             self.mlp_head = nn.Sequential(
                 nn.Linear(2 * hidden, 2 * hidden, device=device), nn.ReLU(), nn.Linear(2 * hidden, dim, device=device)
             )
         else:
             self.mlp_head = nn.Sequential(
-                nn.Linear(dim, hidden, device=device), nn.ReLU(),
-                nn.Linear(hidden, hidden, device=device), nn.ReLU(),
+                nn.Linear(dim, hidden, device=device),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden, device=device),
+                nn.ReLU(),
                 nn.Linear(hidden, dim, device=device),
             )
 

@@ -47,6 +47,7 @@ FILE_KEY = "prompt_embeddings"  # HF peft's key for the (folded) prefix table
 # not `base_model.model.<name>` as for LoRA.
 HEAD_PREFIX = "base_model."
 
+
 class PrefixTuningParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -177,11 +178,16 @@ def decoder_prefix_hook(forward_params: list[str]) -> Any:
     front, as HF peft's forward does; the first step of `generate` (an empty cache) has the prefix put
     into generate's own cache, with the masks as generate made them, as HF peft's generate does."""
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         kwargs = {**dict(zip(forward_params, args)), **kwargs}
         encoder: PrefixEncoder = getattr(module, ENCODER)
         n = encoder.embedding.weight.shape[0]
-        sized = [kwargs.get(k) for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels")]
+        sized = [
+            kwargs.get(k)
+            for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels")
+        ]
         sized = [t for t in sized if t is not None]
         if not sized:
             return (), kwargs
@@ -286,7 +292,9 @@ def check_decoder_shape(model: nn.Module, shape: KVShape) -> None:
     """HF peft sizes an encoder-decoder's prefix by the encoder's layers and d_model / heads; the
     decoder's self-attention must have as many layers and that head size for the prefix to fit."""
     config = model.config
-    decoder_layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or shape.layers
+    decoder_layers = (
+        getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or shape.layers
+    )
     head_dim = getattr(config, "d_kv", None) or shape.head_dim
     if decoder_layers != shape.layers or head_dim != shape.head_dim:
         raise MethodError(

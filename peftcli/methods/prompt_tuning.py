@@ -35,7 +35,11 @@ class PromptTuningParams(BaseModel):
         description="sample_vocab: rows of the input embedding for random token ids; text: the embeddings of "
         "init_text's tokens, repeated or cut to n; random: N(0, 1) vectors (may sit far from real embeddings)",
     )
-    init_text: str | None = Field(None, validate_default=True, description="with init: text, a task description, e.g. 'Classify the sentiment of this review'")
+    init_text: str | None = Field(
+        None,
+        validate_default=True,
+        description="with init: text, a task description, e.g. 'Classify the sentiment of this review'",
+    )
     tokenizer_name_or_path: str | None = Field(
         None, description="with init: text, the tokenizer that splits init_text; default: the model's own"
     )
@@ -48,9 +52,15 @@ class PromptTuningParams(BaseModel):
     def _only_with_text_init(cls, value: str | None, info: ValidationInfo) -> str | None:
         init = info.data.get("init")
         if init == "text" and info.field_name == "init_text" and not value:
-            raise PydanticCustomError("value_error", "init: text needs the text whose token embeddings start the prompt, e.g. init_text: 'Classify the sentiment of this review'")
+            raise PydanticCustomError(
+                "value_error",
+                "init: text needs the text whose token embeddings start the prompt, e.g. init_text: 'Classify the sentiment of this review'",
+            )
         if init not in ("text", None) and value is not None:
-            raise PydanticCustomError("value_error", f"{info.field_name} is used by init: text only (init is {init}). Set init: text, or remove {info.field_name}")
+            raise PydanticCustomError(
+                "value_error",
+                f"{info.field_name} is used by init: text only (init is {init}). Set init: text, or remove {info.field_name}",
+            )
         return value
 
 

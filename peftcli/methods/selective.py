@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 from torch import nn
 
+from peftcli.adapter_io import PREFIX
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods.base import (
     Adapted,
@@ -54,6 +55,7 @@ from peftcli.methods.base import (
     Kind,
     Method,
     WrappedLayer,
+    assign_state,
     default_modules_to_save,
     find_targets,
     freeze,
@@ -363,7 +365,6 @@ def from_main_process(indices: torch.Tensor) -> torch.Tensor:
 
 def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
     """Selected indices and deltas under the plain model's tensor names, plus the modules trained in full."""
-    from peftcli.checkpoint import PREFIX  # checkpoint imports the method registry, so not at the top
 
     out: dict[str, torch.Tensor] = {}
     deltas = set()
@@ -387,8 +388,6 @@ def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
 
 def load_state(model: nn.Module, adapted: Adapted, tensors: dict[str, torch.Tensor], path: str) -> None:
     """Rebuilds the wrappers from the saved indices, then loads the deltas and the head."""
-    from peftcli.checkpoint import PREFIX, assign_state  # checkpoint imports the method registry
-
     unwrap(model)
     layers = adapted.config_extras["eligible"]
     eligible = {n: t.numel() for n, t in eligible_tensors(model, layers, include_biases=True).items()}

@@ -24,12 +24,12 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from peftcli.checkpoint import adapter_state
-from peftcli.data import eval_loader, prepare_data, train_loader
+from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.prepare import eval_loader, prepare_data, train_loader
 from peftcli.methods import METHODS
-from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import TASKS
-from peftcli.trainer import Hooks, train
+from peftcli.models.adapters import adapter_state
+from peftcli.tasks.registry import TASKS
+from peftcli.training.loop import Hooks, train
 from tests.conftest import make_tokenizer, tiny_model
 from tests.helpers import adapt, data_spec
 

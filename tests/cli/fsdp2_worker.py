@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from peftcli.checkpoint import adapter_state, save_adapter
-from peftcli.distributed import fsdp_full_parameters
 from peftcli.errors import CheckpointError
 from peftcli.methods import METHODS
+from peftcli.models.adapters import adapter_state, save_adapter
+from peftcli.training.distributed import fsdp_full_parameters
 from tests.conftest import make_tokenizer, tiny_model
 from tests.helpers import adapt, randomize_trainable
 

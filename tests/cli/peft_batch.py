@@ -33,7 +33,11 @@ def run(args: list[str], token: str | None) -> dict[str, Any]:
             main()
         except SystemExit as exc:
             code = exc.code
-    return {"code": code if isinstance(code, int) else int(code is not None), "stdout": out.getvalue(), "stderr": err.getvalue()}
+    return {
+        "code": code if isinstance(code, int) else int(code is not None),
+        "stdout": out.getvalue(),
+        "stderr": err.getvalue(),
+    }
 
 
 if __name__ == "__main__":

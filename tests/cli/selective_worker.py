@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from peftcli.methods import METHODS, context_for
 from peftcli.methods.base import Calibration
 from peftcli.methods.selective import SelectiveLinear
-from peftcli.tasks import TASKS
+from peftcli.tasks.registry import TASKS
 from tests.conftest import tiny_model
 from tests.helpers import mean_loss, random_batches
 

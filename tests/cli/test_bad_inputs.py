@@ -29,11 +29,11 @@ import yaml
 from transformers import BertConfig, BertForSequenceClassification
 from typer.testing import CliRunner
 
-from peftcli.checkpoint import adapter_config, method_state, save_adapter
 from peftcli.cli import app
+from peftcli.config.recipe import MAX_ALIAS_VALUES, MAX_YAML_DEPTH
 from peftcli.methods import BY_PEFT_TYPE, METHODS, context_for
-from peftcli.recipe import MAX_ALIAS_VALUES, MAX_YAML_DEPTH
-from peftcli.tasks import BY_PEFT_TASK_TYPE, TASKS
+from peftcli.models.adapters import adapter_config, method_state, save_adapter
+from peftcli.tasks.registry import BY_PEFT_TASK_TYPE, TASKS
 from tests.cli.test_cli import ROOT
 from tests.conftest import make_tokenizer, tiny_model, tiny_recipe, write_jsonl
 from tests.helpers import randomize_trainable
@@ -161,7 +161,9 @@ RECIPES = [
     Case(
         "task-a-list",
         sets(task=[1]),
-        [f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or 'token_classification' (got [1])."],
+        [
+            f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or 'token_classification' (got [1])."
+        ],
     ),
     Case(
         "method-name-a-list",
@@ -183,7 +185,9 @@ RECIPES = [
     Case(
         "unknown-key-no-match",
         sets(optimizer__zzz=1),
-        [f"{RECIPE}: optimizer.zzz: unknown key. Valid keys here: name, lr, weight_decay, betas, eps, momentum, loraplus_lr_ratio."],
+        [
+            f"{RECIPE}: optimizer.zzz: unknown key. Valid keys here: name, lr, weight_decay, betas, eps, momentum, loraplus_lr_ratio."
+        ],
     ),
     # missing required keys
     Case("missing-task", drops("task"), [TASK_MISSING]),
@@ -451,8 +455,14 @@ def test_recipe_file_not_found(work: Path) -> None:
 
 
 USAGE = [
-    (("generate", "runs/x", "hi", "--temperature", "abc"), "peft generate: invalid value for '--temperature': Input should be a valid number, unable to parse string as a number (got 'abc')"),
-    (("generate", "runs/x", "hi", "--top-k=1.5"), "peft generate: invalid value for '--top-k': Input should be a valid integer, unable to parse string as an integer (got '1.5')"),
+    (
+        ("generate", "runs/x", "hi", "--temperature", "abc"),
+        "peft generate: invalid value for '--temperature': Input should be a valid number, unable to parse string as a number (got 'abc')",
+    ),
+    (
+        ("generate", "runs/x", "hi", "--top-k=1.5"),
+        "peft generate: invalid value for '--top-k': Input should be a valid integer, unable to parse string as an integer (got '1.5')",
+    ),
     (("train",), "peft train: missing argument 'RECIPE'"),
     (("train", "r.yaml", "--bogus"), "peft train: no such option: --bogus"),
     (("merge", "runs/x"), "peft merge: missing option '--out'"),
@@ -906,8 +916,10 @@ def test_merge_overwrite_replaces_only_a_model_folder(run: Path, work: Path) -> 
         "docs",
         "--overwrite",
         lines=[
-            "docs: not a model folder peft merge wrote (config.json and files only), so --overwrite will not delete it. "
-            "Choose another --out, or empty the folder yourself."
+            (
+                "docs: not a model folder peft merge wrote (config.json and files only), so --overwrite will not delete it. "
+                "Choose another --out, or empty the folder yourself."
+            )
         ],
     )
 
@@ -923,7 +935,9 @@ def test_merge_overwrite_never_deletes_the_base_model(run: Path, work: Path, tin
             "--out",
             str(out),
             "--overwrite",
-            lines=[f"{out}: --overwrite would delete the base model ({base}), which is inside it. Choose another --out."],
+            lines=[
+                f"{out}: --overwrite would delete the base model ({base}), which is inside it. Choose another --out."
+            ],
         )
     assert snapshot(base) == before
 
@@ -939,7 +953,9 @@ def test_merge_overwrite_never_deletes_the_working_folder(run: Path, work: Path)
         "--out",
         ".",
         "--overwrite",
-        lines=[f".: --overwrite would delete the folder you run from ({work / 'sub'}), which is inside it. Choose another --out."],
+        lines=[
+            f".: --overwrite would delete the folder you run from ({work / 'sub'}), which is inside it. Choose another --out."
+        ],
     )
 
 

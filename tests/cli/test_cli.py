@@ -13,8 +13,8 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from peftcli.checkpoint import load_adapter
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import load_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import make_tokenizer, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def peft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "peftcli", *args], check=False, capture_output=True, text=True, cwd=cwd or ROOT, timeout=600
+        [sys.executable, "-m", "peftcli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=600,
     )
 
 

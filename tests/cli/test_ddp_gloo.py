@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peftcli.commands.train import run_train
+from peftcli.training.run import run_train
 from tests.cli.selective_worker import selected, selective_model
 from tests.cli.test_cli import ROOT, peft, write_recipe
 from tests.cli.test_distributed import TRAIN

@@ -14,9 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peftcli.commands.train import run_train
-from peftcli.data import eval_loader
+from peftcli.data.prepare import eval_loader
 from peftcli.errors import CheckpointError
+from peftcli.training.run import run_train
 from tests.cli.test_cli import ROOT, peft
 from tests.conftest import tiny_recipe, write_jsonl
 
@@ -137,7 +137,7 @@ def test_eval_shares_hold_every_example_once(tokenizer) -> None:
 
 def test_an_adapter_read_while_sharded_is_refused(tmp_path: Path) -> None:
     """What ZeRO-3 or FSDP hands out for a parameter outside a gather: an empty or flat tensor."""
-    from peftcli.checkpoint import check_whole
+    from peftcli.adapter_io import check_whole
 
     shapes = {"base_model.model.layer.lora_A.weight": (4, 8), "base_model.model.layer.lora_B.weight": (8, 4)}
     check_whole({"base_model.model.layer.lora_A.weight": torch.ones(4, 8)}, shapes)
@@ -188,9 +188,9 @@ def test_fsdp2_sharded_adapter_is_saved_whole_inside_full_parameters(tmp_path: P
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
 def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monkeypatch) -> None:
+    from peftcli.config.recipe import TrainSpec
     from peftcli.errors import PeftcliError
-    from peftcli.recipe import TrainSpec
-    from peftcli.trainer import make_accelerator
+    from peftcli.training.loop import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(PeftcliError) as exc:
@@ -214,9 +214,20 @@ def test_two_process_ddp_evaluates_when_one_process_has_no_eval_batch(recipe: Pa
     """33 eval examples in one batch of 64: process 1 has none. DDP's forward broadcasts buffers, a
     collective the other process never joined: evals run on the unwrapped model, and the run ends."""
     run = tmp_path / "run"
-    result = launch(str(recipe), f"output_dir={run}", "train.eval_batch_size=64", "train.max_steps=6", "train.save_every=null")
+    result = launch(
+        str(recipe), f"output_dir={run}", "train.eval_batch_size=64", "train.max_steps=6", "train.save_every=null"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one = tmp_path / "one"
-    run_train(recipe, [f"output_dir={one}", "train.eval_batch_size=64", "train.max_steps=6", "train.save_every=null", "train.grad_accum=2"])
+    run_train(
+        recipe,
+        [
+            f"output_dir={one}",
+            "train.eval_batch_size=64",
+            "train.max_steps=6",
+            "train.save_every=null",
+            "train.grad_accum=2",
+        ],
+    )
     r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, run))
     assert r2["final_metrics"]["loss"] == pytest.approx(r1["final_metrics"]["loss"], rel=1e-5)

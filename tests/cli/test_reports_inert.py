@@ -16,15 +16,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from peftcli.checkpoint import adapter_config, method_state, save_adapter
 from peftcli.cli import app
 from peftcli.commands.generate import show
-from peftcli.comparison import run_row
-from peftcli.html_report import sweep_html
+from peftcli.config.recipe import load_recipe
 from peftcli.methods import METHODS, context_for
-from peftcli.recipe import load_recipe
-from peftcli.sweep import override
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, method_state, save_adapter
+from peftcli.reporting.comparison import run_row
+from peftcli.reporting.html import sweep_html
+from peftcli.reporting.sweep import override
+from peftcli.tasks.registry import TASKS
 from tests.cli.test_bad_inputs import CLS, refused, snapshot
 from tests.conftest import make_tokenizer, tiny_model, tiny_recipe, write_jsonl
 from tests.helpers import randomize_trainable
@@ -345,7 +345,7 @@ def test_consoles_remade_for_a_log_file_keep_printing_names_as_written(
     from rich.console import Console
 
     from peftcli.commands import compare
-    from peftcli.commands.own_process import remake_consoles
+    from peftcli.training.own_process import remake_consoles
 
     for name, module in list(sys.modules.items()):  # every console remade here is put back afterwards
         if name.startswith("peftcli.") and isinstance(getattr(module, "console", None), Console):

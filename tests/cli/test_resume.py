@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-import peftcli.trainer
-from peftcli.checkpoint import read_state
-from peftcli.commands.train import run_train
+import peftcli.training.loop
+from peftcli.adapter_io import read_state
 from peftcli.errors import CheckpointError, TrainingDiverged
 from peftcli.methods import METHODS
 from peftcli.methods.base import TrainingHooks
-from peftcli.resume import checkpoint_steps, read_loop_state
+from peftcli.training.checkpoints import checkpoint_steps, read_loop_state
+from peftcli.training.run import run_train
 from tests.cli.test_cli import ROOT, peft
 from tests.conftest import tiny_recipe
 
@@ -83,7 +83,7 @@ def uninterrupted(tmp_path_factory, tiny_dirs, tiny_data) -> dict[str, Any]:
 def crash_at(monkeypatch, micro_batch: int) -> None:
     """The forward pass of training micro-batch number `micro_batch` (counting from 1) raises."""
     calls = {"n": 0}
-    real = peftcli.trainer.train_step
+    real = peftcli.training.loop.train_step
 
     def counting_step(model, optimizer, scheduler, window, *args):
         for i in range(len(window)):
@@ -93,7 +93,7 @@ def crash_at(monkeypatch, micro_batch: int) -> None:
                 raise RuntimeError("simulated crash")  # ...and the process died in this one
         return real(model, optimizer, scheduler, window, *args)
 
-    monkeypatch.setattr(peftcli.trainer, "train_step", counting_step)
+    monkeypatch.setattr(peftcli.training.loop, "train_step", counting_step)
 
 
 def test_crash_mid_window_and_mid_epoch_then_resume_gives_the_same_bytes(
@@ -148,13 +148,15 @@ def test_resume_refuses_a_changed_recipe_and_a_run_without_checkpoints(tmp_path,
 
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_dirs, tiny_data, monkeypatch) -> None:
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run")
-    real = peftcli.trainer.train_step
+    real = peftcli.training.loop.train_step
 
     def nan_at_steps_7_and_12(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest):
-        loss, tokens, examples = real(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest)
+        loss, tokens, examples = real(
+            model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest
+        )
         return (float("nan") if step in (7, 12) else loss), tokens, examples
 
-    monkeypatch.setattr(peftcli.trainer, "train_step", nan_at_steps_7_and_12)
+    monkeypatch.setattr(peftcli.training.loop, "train_step", nan_at_steps_7_and_12)
     with pytest.raises(TrainingDiverged) as exc:
         run_train(recipe, [])
     assert exc.value.exit_code == 1
@@ -175,9 +177,9 @@ def test_nonfinite_gradient_step_changes_nothing(tmp_path, tiny_dirs, tiny_data)
     """A skipped step leaves the weights and the optimizer as they were."""
     import torch
 
-    from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-    from peftcli.tasks import TASKS
-    from peftcli.trainer import make_accelerator, make_optimizer, make_scheduler, train_step
+    from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+    from peftcli.tasks.registry import TASKS
+    from peftcli.training.loop import make_accelerator, make_optimizer, make_scheduler, train_step
     from tests.conftest import make_tokenizer, tiny_model
     from tests.helpers import adapt
 
@@ -324,7 +326,15 @@ METHOD_SETTINGS = {"adalora": {"init_r": 8, "target_r": 1, "tinit": 1, "tfinal":
 def test_every_method_resumes_to_the_same_bytes(method: str, tmp_path, tiny_dirs, tiny_data) -> None:
     recipe = tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(tmp_path / "run"))
     recipe["method"] = {"name": method} | METHOD_SETTINGS.get(method, {})
-    recipe["train"] = {"batch_size": 8, "max_steps": 12, "save_every": 5, "eval_every": 4, "log_every": 1, "seed": 0, "mixed_precision": "no"}
+    recipe["train"] = {
+        "batch_size": 8,
+        "max_steps": 12,
+        "save_every": 5,
+        "eval_every": 4,
+        "log_every": 1,
+        "seed": 0,
+        "mixed_precision": "no",
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run_train(path, [])

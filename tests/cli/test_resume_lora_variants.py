@@ -14,7 +14,7 @@ import json
 import pytest
 import yaml
 
-from peftcli.commands.train import run_train
+from peftcli.training.run import run_train
 from tests.cli.test_resume import outcome
 from tests.conftest import tiny_recipe
 

@@ -36,7 +36,9 @@ def piped(tmp_path_factory, tiny_dirs, tiny_data) -> SimpleNamespace:
     run = root / "run"
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((run / "report.json").read_text())
-    return SimpleNamespace(run=run, stdout=result.stdout, lines=result.stderr.splitlines(), history=history, report=report)
+    return SimpleNamespace(
+        run=run, stdout=result.stdout, lines=result.stderr.splitlines(), history=history, report=report
+    )
 
 
 def test_piped_training_prints_whole_lines_on_stderr(piped: SimpleNamespace) -> None:

@@ -20,12 +20,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import peftcli.checkpoint
+import peftcli.adapter_io
 from peftcli.cli import app
-from peftcli.commands.train import resume_command, run_train
 from peftcli.errors import CheckpointError, PeftcliError, TrainingDiverged
-from peftcli.resume import checkpoint_steps, find_checkpoint, read_loop_state
-from peftcli.run_dir import lock_path
+from peftcli.training.checkpoints import checkpoint_steps, find_checkpoint, read_loop_state
+from peftcli.training.run import resume_command, run_train
+from peftcli.training.run_dir import lock_path
 from tests.cli.test_bad_inputs import snapshot
 from tests.cli.test_resume import recipe_file, start, wait_for_step
 
@@ -46,7 +46,7 @@ def hold_lock(run_dir: Path) -> subprocess.Popen[str]:
         f"""
         import sys, time
         from pathlib import Path
-        from peftcli.run_dir import RunLock
+        from peftcli.training.run_dir import RunLock
         lock = RunLock(Path({str(run_dir)!r}))
         lock.acquire()
         print("locked", flush=True)
@@ -91,12 +91,12 @@ def test_a_second_run_on_a_live_run_directory_is_refused_and_deletes_nothing(tmp
 def test_the_lock_is_checked_again_after_loading(tmp_path, tiny_dirs, tiny_data, monkeypatch) -> None:
     """A run that passed the early check takes the lock before it writes: one that another run took
     meanwhile stops it with the same line, and nothing is written."""
-    import peftcli.commands.train
+    import peftcli.training.run
 
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=2)
     holders: list[subprocess.Popen[str]] = []
     # Another run takes the lock just after this one's early check.
-    monkeypatch.setattr(peftcli.commands.train, "check_run_dir", lambda run_dir, *a: holders.append(hold_lock(run_dir)))
+    monkeypatch.setattr(peftcli.training.run, "check_run_dir", lambda run_dir, *a: holders.append(hold_lock(run_dir)))
     try:
         with pytest.raises(PeftcliError) as exc:
             run_train(recipe, [])
@@ -134,12 +134,12 @@ def finished_run(tmp_path: Path, tiny_dirs, tiny_data, **train) -> Path:
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_saved(tmp_path, tiny_dirs, tiny_data, monkeypatch) -> None:
-    import peftcli.trainer
+    import peftcli.training.loop
 
     recipe = finished_run(tmp_path, tiny_dirs, tiny_data)
     run_dir = tmp_path / "run"
     before = snapshot(run_dir)
-    real = peftcli.trainer.train_step
+    real = peftcli.training.loop.train_step
 
     def diverges(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest):
         _loss, tokens, examples = real(
@@ -149,7 +149,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_saved(tmp_path, tiny_dirs
 
     # The new run diverges at step 1, before it saved anything: the old run is back, byte for byte.
     with monkeypatch.context() as m:
-        m.setattr(peftcli.trainer, "train_step", diverges)
+        m.setattr(peftcli.training.loop, "train_step", diverges)
         with pytest.raises(TrainingDiverged):
             run_train(recipe, [], overwrite=True)
     assert snapshot(run_dir) == before
@@ -278,7 +278,7 @@ def test_overwrite_refuses_a_symbolic_link_as_the_run_directory(tmp_path, tiny_d
 
 
 def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path, tiny_dirs, tiny_data, monkeypatch) -> None:
-    import peftcli.trainer
+    import peftcli.training.loop
 
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=12, save_every=2, save_total_limit=3)
     run_dir = tmp_path / "run"
@@ -288,15 +288,15 @@ def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path, tin
 
     # Back to step 6 with one checkpoint kept; the run is stopped (as by SIGTERM) after step 7.
     taken = {"steps": 6}
-    real_step = peftcli.trainer.train_step
+    real_step = peftcli.training.loop.train_step
 
     def counting(*args, **kwargs):
         taken["steps"] += 1
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(peftcli.trainer, "train_step", counting)
+    monkeypatch.setattr(peftcli.training.loop, "train_step", counting)
     monkeypatch.setattr(
-        peftcli.trainer, "stop_requested", lambda stop, acc: signal.SIGTERM if taken["steps"] == 7 else None
+        peftcli.training.loop, "stop_requested", lambda stop, acc: signal.SIGTERM if taken["steps"] == 7 else None
     )
     with pytest.raises(PeftcliError) as exc:
         run_train(recipe, ["train.save_total_limit=1"], resume=str(run_dir / "checkpoints" / "step-6"))
@@ -369,14 +369,14 @@ def test_the_resume_line_carries_the_process_count() -> None:
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_dirs, tiny_data, monkeypatch) -> None:
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=6, save_every=2)
     run_dir = tmp_path / "run"
-    real = peftcli.checkpoint.save_file
+    real = peftcli.adapter_io.save_file
 
     def fills_up(state, filename, *args, **kwargs):
         if ".step-4.tmp" in filename:  # the disk is full by the second checkpoint
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(state, filename, *args, **kwargs)
 
-    monkeypatch.setattr(peftcli.checkpoint, "save_file", fills_up)
+    monkeypatch.setattr(peftcli.adapter_io, "save_file", fills_up)
     code, lines = invoke("train", str(recipe))
     assert (code, lines) == (
         2,
@@ -416,8 +416,10 @@ def test_out_of_memory_names_the_batch_and_what_to_lower(tmp_path, tiny_dirs, ti
     assert not lock_path(tmp_path / "run").exists()
 
 
-def test_a_resumed_run_that_fails_before_saving_leaves_the_newer_checkpoints_aside(tmp_path, tiny_dirs, tiny_data, monkeypatch) -> None:
-    import peftcli.trainer
+def test_a_resumed_run_that_fails_before_saving_leaves_the_newer_checkpoints_aside(
+    tmp_path, tiny_dirs, tiny_data, monkeypatch
+) -> None:
+    import peftcli.training.loop
 
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run", max_steps=8, save_every=2, save_total_limit=3)
     run_dir = tmp_path / "run"
@@ -427,12 +429,15 @@ def test_a_resumed_run_that_fails_before_saving_leaves_the_newer_checkpoints_asi
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(peftcli.trainer, "train_step", crash)
+    monkeypatch.setattr(peftcli.training.loop, "train_step", crash)
     with pytest.raises(RuntimeError):
         run_train(recipe, [], resume=str(run_dir / "checkpoints" / "step-2"))
     # `latest` no longer sees step-4 and step-6, and they are not lost either.
     assert [p.name for p in checkpoint_steps(run_dir)] == ["step-2"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob(".abandoned-*")) == [".abandoned-step-4", ".abandoned-step-6"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob(".abandoned-*")) == [
+        ".abandoned-step-4",
+        ".abandoned-step-6",
+    ]
     assert find_checkpoint(run_dir, "latest") == run_dir / "checkpoints" / "step-2"
 
 
@@ -462,7 +467,11 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, tiny_dirs, ti
 def test_one_lock_per_folder_however_it_is_spelled(tmp_path) -> None:
     (tmp_path / "runs" / "a").mkdir(parents=True)
     (tmp_path / "alias").symlink_to(tmp_path / "runs")
-    assert lock_path(tmp_path / "alias" / "a") == lock_path(tmp_path / "runs" / "x" / ".." / "a") == tmp_path / "runs" / ".a.lock"
+    assert (
+        lock_path(tmp_path / "alias" / "a")
+        == lock_path(tmp_path / "runs" / "x" / ".." / "a")
+        == tmp_path / "runs" / ".a.lock"
+    )
 
 
 def test_a_run_started_before_a_default_changed_resumes_with_its_own_value(tmp_path, tiny_dirs, tiny_data) -> None:
@@ -479,7 +488,9 @@ def test_a_run_started_before_a_default_changed_resumes_with_its_own_value(tmp_p
     old = yaml.safe_load(saved.read_text())
     del old["train"]["tf32"]
     saved.write_text("# Resolved from an older peftcli\n" + yaml.safe_dump(old))
-    result = CliRunner().invoke(app, ["train", str(recipe), "--resume", str(tmp_path / "run" / "checkpoints" / "step-2")])
+    result = CliRunner().invoke(
+        app, ["train", str(recipe), "--resume", str(tmp_path / "run" / "checkpoints" / "step-2")]
+    )
     assert result.exit_code == 0, result.stderr
     assert "resuming with train.mixed_precision: no, as the run started (a default changed since)" in result.stderr
     assert json.loads((tmp_path / "run" / "report.json").read_text())["summary"]["mixed_precision"] == "no"

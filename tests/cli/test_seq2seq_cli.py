@@ -12,8 +12,8 @@ from transformers import AutoModelForSeq2SeqLM
 from peftcli.commands.evaluate import run_eval
 from peftcli.commands.generate import run_generate
 from peftcli.commands.merge import run_merge
-from peftcli.generation import Decoding
-from peftcli.text_metrics import exact_match, rouge_l
+from peftcli.tasks.generation import Decoding
+from peftcli.tasks.text_metrics import exact_match, rouge_l
 from tests.cli.test_cli import peft, write_recipe
 from tests.conftest import make_tokenizer, tiny_recipe
 

@@ -1,4 +1,4 @@
-"""Would vLLM serve an adapter (issue 22, part 3): each of vLLM's load-time rules (peftcli/serving.py)
+"""Would vLLM serve an adapter (issue 22, part 3): each of vLLM's load-time rules (peftcli/reporting/serving.py)
 from an adapter_config.json and its tensor names, the same rules over adapters HF peft itself saved,
 and `peft inspect` on real tiny runs, line for line."""
 
@@ -13,10 +13,10 @@ from peft import AdaLoraConfig, IA3Config, LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from peftcli.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from peftcli.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from peftcli.commands.inspection import run_inspect
-from peftcli.commands.train import run_train
-from peftcli.serving import MAX_LORA_RANKS, vllm_verdict
+from peftcli.reporting.serving import MAX_LORA_RANKS, vllm_verdict
+from peftcli.training.run import run_train
 from tests.cli.test_cli import peft
 from tests.conftest import tiny_recipe
 

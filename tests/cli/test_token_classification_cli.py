@@ -113,9 +113,7 @@ def test_dry_run_shows_each_word_tag_on_its_first_sub_token(work: Path, tiny_ner
         work / "one.jsonl",
         [{"tokens": ["Zorvath", "Quenby", "lives", "in", "Paris"], "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"]}],
     )
-    path = write(
-        work, ner_recipe(tiny_ner, files={"train": str(one), "validation": str(one)}, max_length=6)
-    )
+    path = write(work, ner_recipe(tiny_ner, files={"train": str(one), "validation": str(one)}, max_length=6))
     result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
     assert result.exit_code == 0, result.output + result.stderr
     assert "[CLS] zor/B-PER ##va ##th qu/I-PER [SEP]" in result.output

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from peftcli.config.recipe import load_recipe
 from peftcli.errors import RecipeError
-from peftcli.recipe import load_recipe
 from tests.cli.test_cli import ROOT, write_recipe
 from tests.conftest import tiny_recipe
 

@@ -17,7 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peftcli.dropout_masks import CheaperDropout
+from peftcli.training.speedups.dropout_masks import CheaperDropout
 from tests.cli.test_cli import ROOT, peft, write_recipe
 from tests.conftest import make_tokenizer, tiny_recipe
 

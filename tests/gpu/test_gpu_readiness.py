@@ -131,11 +131,11 @@ def test_a_training_step_syncs_the_host_a_fixed_number_of_times(tiny_dirs, tiny_
     from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM
 
-    from peftcli.data import train_loader
+    from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+    from peftcli.data.prepare import train_loader
     from peftcli.methods import METHODS
-    from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-    from peftcli.tasks import TASKS
-    from peftcli.trainer import train as train_loop
+    from peftcli.tasks.registry import TASKS
+    from peftcli.training.loop import train as train_loop
     from tests.helpers import adapt, data_spec
 
     counts = {}
@@ -143,7 +143,7 @@ def test_a_training_step_syncs_the_host_a_fixed_number_of_times(tiny_dirs, tiny_
         AcceleratorState._reset_state()
         model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama-lm"])
         adapt(model, METHODS["lora"], "causal_lm")
-        from peftcli.data import prepare_data
+        from peftcli.data.prepare import prepare_data
 
         prepared = prepare_data(data_spec("causal_lm", tiny_data), "causal_lm", tokenizer)
         spec = TrainSpec(batch_size=2, grad_accum=accum, max_steps=6, log_every=100, seed=0, mixed_precision="no")
@@ -153,7 +153,9 @@ def test_a_training_step_syncs_the_host_a_fixed_number_of_times(tiny_dirs, tiny_
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train_loop(model, TASKS["causal_lm"], loader, None, spec, optim, schedule, None, accelerator=Accelerator())
+                train_loop(
+                    model, TASKS["causal_lm"], loader, None, spec, optim, schedule, None, accelerator=Accelerator()
+                )
         finally:
             torch.cuda.set_sync_debug_mode(0)
         counts[accum] = sum("synchronizing" in str(w.message) for w in caught) / 6

@@ -14,12 +14,12 @@ import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import TrainSpec, validate_method
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS
 from peftcli.methods.adalora import RankBudget, SVDLinear, svd_layers
-from peftcli.recipe import TrainSpec, validate_method
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, random_batches, randomize_trainable, run_training, training_hooks
 

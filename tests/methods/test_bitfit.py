@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftcli.checkpoint import PREFIX, adapter_config, load_adapter, method_state, save_adapter
+from peftcli.adapter_io import PREFIX
+from peftcli.config.recipe import TrainSpec
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS, context_for
 from peftcli.methods.bitfit import BitfitParams
-from peftcli.recipe import TrainSpec
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable, run_training
 

@@ -11,12 +11,13 @@ import torch
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 
-from peftcli.checkpoint import PREFIX, adapter_config, load_adapter, method_state, save_adapter
+from peftcli.adapter_io import PREFIX
+from peftcli.config.recipe import validate_recipe
 from peftcli.errors import MethodError, RecipeError
 from peftcli.methods import METHODS
 from peftcli.methods.bottleneck import BottleneckAdapter
-from peftcli.recipe import validate_recipe
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.cli.test_cli import files_under, peft, write_recipe
 from tests.conftest import TINY, sample_batch, tiny_model, tiny_recipe
 from tests.helpers import adapt, logits, randomize_trainable
@@ -27,7 +28,10 @@ LAYERS = 2
 
 # The output projections each placement follows, as suffixes of the full module names.
 PLACES = {
-    "bert-cls": {"houlsby": ["attention.output.dense", "layer.{i}.output.dense"], "pfeiffer": ["layer.{i}.output.dense"]},
+    "bert-cls": {
+        "houlsby": ["attention.output.dense", "layer.{i}.output.dense"],
+        "pfeiffer": ["layer.{i}.output.dense"],
+    },
     "llama-lm": {"houlsby": ["self_attn.o_proj", "mlp.down_proj"], "pfeiffer": ["mlp.down_proj"]},
     "llama-cls": {"houlsby": ["self_attn.o_proj", "mlp.down_proj"], "pfeiffer": ["mlp.down_proj"]},
     "gpt2-lm": {"houlsby": ["attn.c_proj", "mlp.c_proj"], "pfeiffer": ["mlp.c_proj"]},
@@ -71,12 +75,22 @@ def test_base_layer_keeps_its_weights_under_a_stable_name() -> None:
     name = "model.layers.0.mlp.down_proj"
     assert torch.equal(params[f"{name}.base_layer.weight"], reference[f"{name}.weight"])
     assert not params[f"{name}.base_layer.weight"].requires_grad
-    assert {f"{name}.adapter_down.weight", f"{name}.adapter_down.bias", f"{name}.adapter_up.weight", f"{name}.adapter_up.bias"} <= set(params)
+    assert {
+        f"{name}.adapter_down.weight",
+        f"{name}.adapter_down.bias",
+        f"{name}.adapter_up.weight",
+        f"{name}.adapter_up.bias",
+    } <= set(params)
 
 
 @pytest.mark.parametrize(
     "settings,width",
-    [({}, HIDDEN // 16), ({"reduction_factor": 4}, HIDDEN // 4), ({"bottleneck_size": 5}, 5), ({"reduction_factor": 64}, 1)],
+    [
+        ({}, HIDDEN // 16),
+        ({"reduction_factor": 4}, HIDDEN // 4),
+        ({"bottleneck_size": 5}, 5),
+        ({"reduction_factor": 64}, 1),
+    ],
     ids=["default-16", "factor-4", "size-5", "factor-64-at-least-1"],
 )
 def test_width_from_reduction_factor_or_bottleneck_size(settings: dict, width: int) -> None:
@@ -100,7 +114,12 @@ def test_gpt2_conv1d_width_is_the_output_size() -> None:
 
 
 def recipe_problems(method: dict) -> list[str]:
-    raw = {"task": "sequence_classification", "model": {"name": "x"}, "method": method, "data": {"files": {"train": ["t.jsonl"]}}}
+    raw = {
+        "task": "sequence_classification",
+        "model": {"name": "x"},
+        "method": method,
+        "data": {"files": {"train": ["t.jsonl"]}},
+    }
     with pytest.raises(RecipeError) as info:
         validate_recipe(raw, source="r.yaml")
     return [line for line in info.value.lines if ": method" in line]
@@ -131,7 +150,13 @@ def test_bad_activation_and_sizes_are_errors() -> None:
     ]
 
 
-@pytest.mark.parametrize("config,keys", [("houlsby", "method.attention_modules and method.feedforward_modules"), ("pfeiffer", "method.feedforward_modules")])
+@pytest.mark.parametrize(
+    "config,keys",
+    [
+        ("houlsby", "method.attention_modules and method.feedforward_modules"),
+        ("pfeiffer", "method.feedforward_modules"),
+    ],
+)
 def test_auto_on_an_unknown_model_type_names_the_keys_to_set(config: str, keys: str) -> None:
     model = tiny_model("llama-lm")
     model.config.model_type = "mystery"
@@ -149,14 +174,31 @@ def test_auto_on_an_unknown_model_type_names_the_keys_to_set(config: str, keys: 
 def test_explicit_lists_and_regex_override_auto() -> None:
     model = tiny_model("llama-lm")
     model.config.model_type = "mystery"  # explicit keys need no table entry
-    _, adapted = adapt(model, BOTTLENECK, "causal_lm", config="houlsby", attention_modules=["o_proj"], feedforward_modules=r".*\.1\.mlp\.down_proj")
-    assert adapted.adapted_modules == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    _, adapted = adapt(
+        model,
+        BOTTLENECK,
+        "causal_lm",
+        config="houlsby",
+        attention_modules=["o_proj"],
+        feedforward_modules=r".*\.1\.mlp\.down_proj",
+    )
+    assert adapted.adapted_modules == [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
 
 
 def test_overlapping_module_lists_are_an_error() -> None:
     # On BERT the suffix `output.dense` matches BertSelfOutput.dense too.
     with pytest.raises(MethodError) as info:
-        adapt(tiny_model("bert-cls"), BOTTLENECK, "sequence_classification", config="houlsby", feedforward_modules=["output.dense"])
+        adapt(
+            tiny_model("bert-cls"),
+            BOTTLENECK,
+            "sequence_classification",
+            config="houlsby",
+            feedforward_modules=["output.dense"],
+        )
     assert str(info.value) == (
         "method.attention_modules and method.feedforward_modules both match "
         "['bert.encoder.layer.0.attention.output.dense', 'bert.encoder.layer.1.attention.output.dense'] (2 in all). "
@@ -165,12 +207,16 @@ def test_overlapping_module_lists_are_an_error() -> None:
 
 
 def test_modules_matching_nothing_is_an_error() -> None:
-    with pytest.raises(MethodError, match=r"^method\.feedforward_modules \['fc9'\] matched no linear layer of LlamaForCausalLM"):
+    with pytest.raises(
+        MethodError, match=r"^method\.feedforward_modules \['fc9'\] matched no linear layer of LlamaForCausalLM"
+    ):
         adapt(tiny_model("llama-lm"), BOTTLENECK, "causal_lm", config="pfeiffer", feedforward_modules=["fc9"])
 
 
 @pytest.mark.parametrize("arch", list(TINY))
-@pytest.mark.parametrize("settings", [{}, {"layer_norm": True, "activation": "gelu", "bottleneck_size": 8}], ids=["default", "layer-norm"])
+@pytest.mark.parametrize(
+    "settings", [{}, {"layer_norm": True, "activation": "gelu", "bottleneck_size": 8}], ids=["default", "layer-norm"]
+)
 def test_zero_up_projection_is_the_identity_whatever_the_down_projection(arch: str, settings: dict, tokenizer) -> None:
     batch = sample_batch(arch, tokenizer)
     expected = logits(tiny_model(arch), batch)
@@ -187,7 +233,15 @@ def test_zero_up_projection_is_the_identity_whatever_the_down_projection(arch: s
     assert torch.equal(logits(model, batch), expected)
 
 
-@pytest.mark.parametrize("activation,fn", [("relu", torch.relu), ("gelu", torch.nn.functional.gelu), ("silu", torch.nn.functional.silu), ("tanh", torch.tanh)])
+@pytest.mark.parametrize(
+    "activation,fn",
+    [
+        ("relu", torch.relu),
+        ("gelu", torch.nn.functional.gelu),
+        ("silu", torch.nn.functional.silu),
+        ("tanh", torch.tanh),
+    ],
+)
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_adapter_output_is_h_plus_up_act_down_h(activation: str, fn, layer_norm: bool) -> None:
     model = tiny_model("bert-cls")
@@ -197,7 +251,11 @@ def test_adapter_output_is_h_plus_up_act_down_h(activation: str, fn, layer_norm:
     x = torch.randn(3, 5, 64)
     with torch.no_grad():
         h = adapter.base_layer(x)
-        z = torch.nn.functional.layer_norm(h, (HIDDEN,), adapter.adapter_norm.weight, adapter.adapter_norm.bias) if layer_norm else h
+        z = (
+            torch.nn.functional.layer_norm(h, (HIDDEN,), adapter.adapter_norm.weight, adapter.adapter_norm.bias)
+            if layer_norm
+            else h
+        )
         down, up = adapter.adapter_down, adapter.adapter_up
         expected = h + fn(z @ down.weight.T + down.bias) @ up.weight.T + up.bias
         torch.testing.assert_close(adapter(x), expected, rtol=1e-6, atol=1e-6)
@@ -205,7 +263,11 @@ def test_adapter_output_is_h_plus_up_act_down_h(activation: str, fn, layer_norm:
 
 def save(model: torch.nn.Module, params, adapted, task_name: str, folder: Path) -> None:
     task = TASKS[task_name]
-    save_adapter(folder, method_state(BOTTLENECK, model, adapted), adapter_config(BOTTLENECK, params, adapted, task, "tiny-base", None))
+    save_adapter(
+        folder,
+        method_state(BOTTLENECK, model, adapted),
+        adapter_config(BOTTLENECK, params, adapted, task, "tiny-base", None),
+    )
 
 
 def test_saved_folder_layout(tmp_path: Path) -> None:
@@ -216,7 +278,12 @@ def test_saved_folder_layout(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "BOTTLENECK"
     assert config["task_type"] == "SEQ_CLS" and config["base_model_name_or_path"] == "tiny-base"
-    assert (config["config"], config["reduction_factor"], config["bottleneck_size"], config["activation"]) == ("houlsby", 8, None, "relu")
+    assert (config["config"], config["reduction_factor"], config["bottleneck_size"], config["activation"]) == (
+        "houlsby",
+        8,
+        None,
+        "relu",
+    )
     # The resolved placement, not 'auto', so the folder loads the same way if the table changes.
     assert config["attention_modules"] == r".*\.attention\.output\.dense"
     assert config["feedforward_modules"] == r".*\.layer\.\d+\.output\.dense"
@@ -232,7 +299,9 @@ def test_saved_folder_layout(tmp_path: Path) -> None:
 def test_pfeiffer_layer_norm_variant_saves_and_loads(arch: str, tokenizer, tmp_path: Path) -> None:
     task = TINY[arch][1]
     model = tiny_model(arch)
-    params, adapted = adapt(model, BOTTLENECK, task, config="pfeiffer", layer_norm=True, activation="silu", bottleneck_size=3)
+    params, adapted = adapt(
+        model, BOTTLENECK, task, config="pfeiffer", layer_norm=True, activation="silu", bottleneck_size=3
+    )
     randomize_trainable(model)
     batch = sample_batch(arch, tokenizer)
     expected = logits(model, batch)
@@ -241,7 +310,12 @@ def test_pfeiffer_layer_norm_variant_saves_and_loads(arch: str, tokenizer, tmp_p
 
     fresh = tiny_model(arch)
     _, loaded, loaded_adapted = load_adapter(tmp_path, fresh, TASKS[task])
-    assert (loaded.config, loaded.layer_norm, loaded.activation, loaded.bottleneck_size) == ("pfeiffer", True, "silu", 3)
+    assert (loaded.config, loaded.layer_norm, loaded.activation, loaded.bottleneck_size) == (
+        "pfeiffer",
+        True,
+        "silu",
+        3,
+    )
     assert loaded_adapted.adapted_modules == adapted.adapted_modules
     assert torch.equal(logits(fresh, batch), expected)
 
@@ -257,7 +331,13 @@ def test_hf_peft_refuses_our_folder_naming_bottleneck(tmp_path: Path) -> None:
 
 
 def test_peft_merge_refuses_in_one_line(tmp_path: Path, tiny_dirs, tiny_data) -> None:
-    recipe = tiny_recipe(tiny_dirs["bert-cls"], tiny_data, "sequence_classification", output_dir=str(tmp_path / "run"), method={"name": "bottleneck"})
+    recipe = tiny_recipe(
+        tiny_dirs["bert-cls"],
+        tiny_data,
+        "sequence_classification",
+        output_dir=str(tmp_path / "run"),
+        method={"name": "bottleneck"},
+    )
     recipe["method"] = {"name": "bottleneck"}  # tiny_recipe merges sections: drop LoRA's keys
     trained = peft("train", str(write_recipe(tmp_path, recipe)))
     assert trained.returncode == 0, trained.stderr
@@ -265,11 +345,15 @@ def test_peft_merge_refuses_in_one_line(tmp_path: Path, tiny_dirs, tiny_data) ->
     result = peft("merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: {tmp_path / 'run' / 'adapter'}: bottleneck inserts new modules and cannot be merged into the weights.")
+    assert line.startswith(
+        f"error: {tmp_path / 'run' / 'adapter'}: bottleneck inserts new modules and cannot be merged into the weights."
+    )
     assert "`peft eval`" in line
     assert not (tmp_path / "merged").exists()
 
     ev = peft("eval", str(tmp_path / "run"))
     assert ev.returncode == 0, ev.stderr
     trained_metrics = json.loads((tmp_path / "run" / "report.json").read_text())["final_metrics"]
-    assert json.loads((tmp_path / "run" / "eval.json").read_text())["metrics"] == pytest.approx(trained_metrics, rel=1e-6)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["metrics"] == pytest.approx(
+        trained_metrics, rel=1e-6
+    )

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import peftcli.methods
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import TrainSpec
 from peftcli.methods import METHODS, Kind
-from peftcli.recipe import TrainSpec
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable, run_training, training_hooks
 
@@ -75,7 +75,9 @@ def test_training_changes_only_adapter_and_lowers_loss(method_name: str, arch: s
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     spec = TrainSpec(batch_size=8, max_steps=12, log_every=1, seed=0)
-    result = run_training(model, task, tokenizer, tiny_data, spec, method_hooks=training_hooks(model, method, params, adapted))
+    result = run_training(
+        model, task, tokenizer, tiny_data, spec, method_hooks=training_hooks(model, method, params, adapted)
+    )
     params_now = dict(model.named_parameters())
     changed = {n for n, p in params_now.items() if not torch.equal(p, before[n])}
     assert changed <= trainable
@@ -97,7 +99,11 @@ def test_save_then_load_keeps_outputs(method_name: str, arch: str, tokenizer, tm
     randomize_trainable(model)
     batch = sample_batch(arch, tokenizer)
     expected = logits(model, batch)
-    save_adapter(tmp_path / "adapter", method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None))
+    save_adapter(
+        tmp_path / "adapter",
+        method_state(method, model, adapted),
+        adapter_config(method, params, adapted, task, "tiny", None),
+    )
 
     fresh = tiny_model(arch)
     load_adapter(tmp_path / "adapter", fresh, task)

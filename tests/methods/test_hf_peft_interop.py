@@ -9,15 +9,20 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from peftcli.checkpoint import adapter_config, adapter_state, load_adapter, save_adapter
 from peftcli.methods import METHODS
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, adapter_state, load_adapter, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable
 
 LORA_SETTINGS = [
     {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
-    {"rank": 2, "alpha": 16, "target_modules": ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"], "use_rslora": True},
+    {
+        "rank": 2,
+        "alpha": 16,
+        "target_modules": ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v"],
+        "use_rslora": True,
+    },
 ]
 
 

@@ -10,11 +10,11 @@ import torch
 from peft import IA3Config, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS, context_for
 from peftcli.methods.ia3 import IA3Linear, IA3Params
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable
 

@@ -19,13 +19,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from pydantic import ValidationError
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import OptimizerSpec
 from peftcli.errors import MethodError, PeftcliError
 from peftcli.methods import METHODS
 from peftcli.methods.lora import LoraLinear, LoraParams
-from peftcli.recipe import OptimizerSpec
-from peftcli.tasks import TASKS
-from peftcli.trainer import make_optimizer
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
+from peftcli.training.loop import make_optimizer
 from tests.conftest import TINY, make_tokenizer, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable
 

@@ -10,11 +10,11 @@ import torch
 from peft import PeftModel, PromptEncoderConfig, get_peft_model
 from safetensors.torch import load_file
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import TrainSpec, validate_method
 from peftcli.methods import METHODS
 from peftcli.methods._virtual_tokens import PromptEmbedding
-from peftcli.recipe import TrainSpec, validate_method
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import SINGLE_STACK, TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, run_training
 from tests.methods.test_prompt_tuning import assert_generation_matches, load_theirs, save_ours, trainable_count
@@ -80,7 +80,9 @@ def test_encoder_is_hf_peft_s_prompt_encoder(encoder: str) -> None:
 
 @pytest.mark.parametrize("encoder", list(ENCODERS))
 @pytest.mark.parametrize("arch", ["gpt2-lm", "llama-lm"])
-def test_both_encoders_train_and_fold_into_the_saved_embeddings(arch: str, encoder: str, tokenizer, tiny_data, tmp_path: Path) -> None:
+def test_both_encoders_train_and_fold_into_the_saved_embeddings(
+    arch: str, encoder: str, tokenizer, tiny_data, tmp_path: Path
+) -> None:
     """On the causal LMs: the tiny random classifiers read their label from position 0 (BERT) or the
     last, often padding, position (Llama), where prepended virtual tokens leave almost no trace of the
     input (pooled output std ~1e-4 across inputs), so 12 steps cannot lower their loss."""
@@ -89,16 +91,24 @@ def test_both_encoders_train_and_fold_into_the_saved_embeddings(arch: str, encod
     model = tiny_model(arch)
     params, adapted = adapt(model, method, task.name, num_virtual_tokens=N, **ENCODERS[encoder])
     before = {n: p.detach().clone() for n, p in model.prompt_encoder.named_parameters()}
-    result = run_training(model, task.name, tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=12, log_every=1, seed=0))
+    result = run_training(
+        model, task.name, tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=12, log_every=1, seed=0)
+    )
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert all(not torch.equal(p, before[n]) for n, p in model.prompt_encoder.named_parameters())
 
     batch = sample_batch(arch, tokenizer)
     expected = logits(model, batch)
-    save_adapter(tmp_path, method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None))
+    save_adapter(
+        tmp_path, method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None)
+    )
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
-    head = {"base_model.classifier.weight", "base_model.classifier.bias"} if task.name == "sequence_classification" else set()
+    head = (
+        {"base_model.classifier.weight", "base_model.classifier.bias"}
+        if task.name == "sequence_classification"
+        else set()
+    )
     assert set(state) == {"prompt_embeddings"} | head
     loaded = tiny_model(arch)
     load_adapter(tmp_path, loaded, task)
@@ -133,14 +143,26 @@ def test_default_hidden_size_is_the_model_s_and_is_recorded(tmp_path: Path) -> N
     params, adapted = adapt(model, method, "causal_lm")
     config = adapter_config(method, params, adapted, TASKS["causal_lm"], "tiny", None)
     assert config["encoder_hidden_size"] == model.config.hidden_size == model.prompt_encoder.mlp_head[0].out_features
-    assert (config["encoder_reparameterization_type"], config["num_virtual_tokens"], config["token_dim"]) == ("MLP", 20, 32)
+    assert (config["encoder_reparameterization_type"], config["num_virtual_tokens"], config["token_dim"]) == (
+        "MLP",
+        20,
+        32,
+    )
 
 
 @pytest.mark.parametrize(
     "settings,key,message",
     [
-        ({"encoder_num_layers": 3}, "encoder_num_layers", "encoder_num_layers sets the LSTM encoder only; the mlp has three fixed layers and no dropout. Set encoder: lstm, or remove it (got 3)."),
-        ({"encoder_dropout": 0.1}, "encoder_dropout", "encoder_dropout sets the LSTM encoder only; the mlp has three fixed layers and no dropout. Set encoder: lstm, or remove it (got 0.1)."),
+        (
+            {"encoder_num_layers": 3},
+            "encoder_num_layers",
+            "encoder_num_layers sets the LSTM encoder only; the mlp has three fixed layers and no dropout. Set encoder: lstm, or remove it (got 3).",
+        ),
+        (
+            {"encoder_dropout": 0.1},
+            "encoder_dropout",
+            "encoder_dropout sets the LSTM encoder only; the mlp has three fixed layers and no dropout. Set encoder: lstm, or remove it (got 0.1).",
+        ),
         ({"encoder": "gru"}, "encoder", "input should be 'mlp' or 'lstm' (got 'gru')."),
     ],
 )
@@ -149,6 +171,7 @@ def test_bad_params_are_reported_with_the_key_and_value(settings: dict, key: str
 
 
 def test_lstm_options_are_accepted_with_the_lstm() -> None:
-    params, problems = validate_method({"name": "p_tuning", "encoder": "lstm", "encoder_num_layers": 3, "encoder_dropout": 0.1})
+    params, problems = validate_method(
+        {"name": "p_tuning", "encoder": "lstm", "encoder_num_layers": 3, "encoder_dropout": 0.1}
+    )
     assert problems == [] and params.encoder_num_layers == 3
-

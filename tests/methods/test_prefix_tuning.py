@@ -13,14 +13,14 @@ import yaml
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.commands.evaluate import run_eval
 from peftcli.commands.merge import run_merge
-from peftcli.commands.train import run_train
+from peftcli.config.recipe import TrainSpec, load_recipe
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.methods import METHODS
-from peftcli.recipe import TrainSpec, load_recipe
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
+from peftcli.training.run import run_train
 from tests.conftest import SINGLE_STACK, TINY, make_tokenizer, sample_batch, tiny_model, tiny_recipe
 from tests.helpers import adapt, logits, randomize_trainable, run_training
 

@@ -14,11 +14,11 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import validate_method
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS
-from peftcli.recipe import validate_method
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import SINGLE_STACK, TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable
 
@@ -31,14 +31,18 @@ def hf_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], arch: str,
     return out[:, n:] if TINY[arch][1] == "causal_lm" else out
 
 
-def save_ours(method_name: str, arch: str, folder: Path, batch: dict[str, torch.Tensor], **settings: Any) -> torch.Tensor:
+def save_ours(
+    method_name: str, arch: str, folder: Path, batch: dict[str, torch.Tensor], **settings: Any
+) -> torch.Tensor:
     """Applies our method with random weights, saves it to `folder`, and returns its logits on `batch`."""
     task = TASKS[TINY[arch][1]]
     method = METHODS[method_name]
     model = tiny_model(arch)
     params, adapted = adapt(model, method, task.name, **settings)
     randomize_trainable(model)
-    save_adapter(folder, method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None))
+    save_adapter(
+        folder, method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None)
+    )
     return logits(model, batch)
 
 
@@ -67,7 +71,9 @@ def test_our_prompt_tuning_loads_in_hf_peft_with_equal_outputs(arch: str, tokeni
 def test_hf_peft_prompt_tuning_loads_in_ours_with_equal_outputs(arch: str, tokenizer, tmp_path: Path) -> None:
     task = TASKS[TINY[arch][1]]
     batch = sample_batch(arch, tokenizer)
-    expected, n_trainable = load_theirs(arch, PromptTuningConfig(task_type=task.peft_task_type, num_virtual_tokens=N), tmp_path, batch)
+    expected, n_trainable = load_theirs(
+        arch, PromptTuningConfig(task_type=task.peft_task_type, num_virtual_tokens=N), tmp_path, batch
+    )
 
     ours = tiny_model(arch)
     load_adapter(tmp_path, ours, task)
@@ -83,9 +89,15 @@ def test_saved_file_holds_the_prompt_and_the_head_under_hf_peft_keys(arch: str, 
     task = TASKS[TINY[arch][1]]
     model = tiny_model(arch)
     params, adapted = adapt(model, method, task.name, num_virtual_tokens=N)
-    save_adapter(tmp_path, method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None))
+    save_adapter(
+        tmp_path, method_state(method, model, adapted), adapter_config(method, params, adapted, task, "tiny", None)
+    )
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
-    head = {"base_model.classifier.weight", "base_model.classifier.bias"} if task.name == "sequence_classification" else set()
+    head = (
+        {"base_model.classifier.weight", "base_model.classifier.bias"}
+        if task.name == "sequence_classification"
+        else set()
+    )
     assert set(state) == {"prompt_embeddings"} | head
     assert state["prompt_embeddings"].shape == (N, model.config.hidden_size)
     assert torch.equal(state["prompt_embeddings"], model.prompt_encoder.embedding.weight)
@@ -106,7 +118,9 @@ def test_sample_vocab_rows_come_from_the_vocabulary_as_in_hf_peft() -> None:
 
     base = tiny_model("llama-lm")
     torch.manual_seed(7)
-    theirs = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=12, prompt_tuning_init="SAMPLE_VOCAB"))
+    theirs = get_peft_model(
+        base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=12, prompt_tuning_init="SAMPLE_VOCAB")
+    )
     assert torch.equal(theirs.prompt_encoder["default"].embedding.weight, prompt)
 
 
@@ -116,7 +130,9 @@ def test_random_init_equals_hf_peft_for_the_same_seed() -> None:
     adapt(model, METHODS["prompt_tuning"], "sequence_classification", num_virtual_tokens=N, init="random")
     base = tiny_model("bert-cls")
     torch.manual_seed(7)
-    theirs = get_peft_model(base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N, prompt_tuning_init="RANDOM"))
+    theirs = get_peft_model(
+        base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N, prompt_tuning_init="RANDOM")
+    )
     assert torch.equal(theirs.prompt_encoder["default"].embedding.weight, model.prompt_encoder.embedding.weight)
 
 
@@ -131,10 +147,20 @@ def test_text_init_equals_the_texts_embeddings_and_loads_in_hf_peft(tiny_dirs: d
     assert torch.equal(model.prompt_encoder.embedding.weight, expected)
 
     config = adapter_config(method, params, adapted, TASKS["causal_lm"], str(folder), None)
-    assert (config["prompt_tuning_init"], config["prompt_tuning_init_text"], config["tokenizer_name_or_path"]) == ("TEXT", "good film", str(folder))
+    assert (config["prompt_tuning_init"], config["prompt_tuning_init_text"], config["tokenizer_name_or_path"]) == (
+        "TEXT",
+        "good film",
+        str(folder),
+    )
     theirs = get_peft_model(
         AutoModelForCausalLM.from_pretrained(folder),
-        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prompt_tuning_init="TEXT", prompt_tuning_init_text="good film", tokenizer_name_or_path=str(folder)),
+        PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=5,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text="good film",
+            tokenizer_name_or_path=str(folder),
+        ),
     )
     assert torch.equal(theirs.prompt_encoder["default"].embedding.weight, expected)
 
@@ -153,9 +179,21 @@ def test_text_init_with_a_missing_tokenizer_says_what_to_set() -> None:
 @pytest.mark.parametrize(
     "settings,key,message",
     [
-        ({"init": "text"}, "init_text", "init: text needs the text whose token embeddings start the prompt, e.g. init_text: 'Classify the sentiment of this review' (got None)."),
-        ({"init_text": "good"}, "init_text", "init_text is used by init: text only (init is sample_vocab). Set init: text, or remove init_text (got 'good')."),
-        ({"init": "random", "tokenizer_name_or_path": "x"}, "tokenizer_name_or_path", "tokenizer_name_or_path is used by init: text only (init is random). Set init: text, or remove tokenizer_name_or_path (got 'x')."),
+        (
+            {"init": "text"},
+            "init_text",
+            "init: text needs the text whose token embeddings start the prompt, e.g. init_text: 'Classify the sentiment of this review' (got None).",
+        ),
+        (
+            {"init_text": "good"},
+            "init_text",
+            "init_text is used by init: text only (init is sample_vocab). Set init: text, or remove init_text (got 'good').",
+        ),
+        (
+            {"init": "random", "tokenizer_name_or_path": "x"},
+            "tokenizer_name_or_path",
+            "tokenizer_name_or_path is used by init: text only (init is random). Set init: text, or remove tokenizer_name_or_path (got 'x').",
+        ),
         ({"num_virtual_tokens": 0}, "num_virtual_tokens", "input should be greater than 0 (got 0)."),
     ],
 )
@@ -195,17 +233,30 @@ def test_generate_equals_hf_peft_and_a_greedy_loop_without_cache(arch: str, toke
     assert_generation_matches(ours, theirs, batch)
 
 
-def assert_generation_matches(ours: torch.nn.Module, theirs: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 8) -> None:
+def assert_generation_matches(
+    ours: torch.nn.Module, theirs: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 8
+) -> None:
     """Greedy generate (with the cache) equals HF peft's and a step-by-step loop over the full sequence."""
     for row in range(2):
         length = int(batch["attention_mask"][row].sum())
         prompt = batch["input_ids"][row : row + 1, :length]
-        kwargs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "max_new_tokens": steps, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+        kwargs = {
+            "input_ids": prompt,
+            "attention_mask": torch.ones_like(prompt),
+            "max_new_tokens": steps,
+            "do_sample": False,
+            "pad_token_id": 0,
+            "eos_token_id": None,
+        }
         with torch.no_grad():
             generated = ours.generate(**kwargs)
             reference = theirs.generate(**kwargs)
             ids = prompt
             for _ in range(steps):
-                next_id = ours(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                next_id = (
+                    ours(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                    .logits[:, -1]
+                    .argmax(-1, keepdim=True)
+                )
                 ids = torch.cat([ids, next_id], dim=1)
         assert generated.tolist() == reference.tolist() == ids.tolist()

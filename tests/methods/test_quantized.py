@@ -14,12 +14,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import ModelSpec, TrainSpec
 from peftcli.methods import METHODS
-from peftcli.models import load_base_model
-from peftcli.quantization import weight_memory
-from peftcli.recipe import ModelSpec, TrainSpec
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.models.loading import load_base_model
+from peftcli.models.quantization import weight_memory
+from peftcli.tasks.registry import TASKS
 from tests.conftest import VOCAB, make_tokenizer
 from tests.helpers import adapt, logits, random_batches, randomize_trainable, run_training, training_hooks
 
@@ -65,11 +65,18 @@ def frozen_bytes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 CASES = [("lora", "llama-lm", 4), ("lora", "llama-lm", 8), ("lora", "gpt2-lm", 4), ("lora", "gpt2-lm", 8)]
 CASES += [("ia3", "llama-lm", 4), ("ia3", "llama-lm", 8), ("adalora", "llama-lm", 4), ("adalora", "gpt2-lm", 8)]
 # Methods that add modules rather than wrap linear layers work over a quantized base unchanged.
-CASES += [("prompt_tuning", "llama-lm", 4), ("p_tuning", "llama-lm", 4), ("prefix_tuning", "llama-lm", 4), ("bottleneck", "llama-lm", 4)]
+CASES += [
+    ("prompt_tuning", "llama-lm", 4),
+    ("p_tuning", "llama-lm", 4),
+    ("prefix_tuning", "llama-lm", 4),
+    ("bottleneck", "llama-lm", 4),
+]
 
 
 @pytest.mark.parametrize(("method", "arch", "bits"), CASES)
-def test_methods_train_only_the_adapter_over_a_quantized_base(method, arch, bits, folders, tiny_data, tokenizer) -> None:
+def test_methods_train_only_the_adapter_over_a_quantized_base(
+    method, arch, bits, folders, tiny_data, tokenizer
+) -> None:
     model = quantized(folders[arch], bits)
     layers = quantized_layers(model)
     assert layers and all(type(m).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt") for m in layers.values())
@@ -112,7 +119,10 @@ def test_save_load_and_hf_peft_both_ways_on_the_quantized_base(bits, folders, tm
     torch.testing.assert_close(logits(theirs, batch), trained, rtol=1e-5, atol=1e-5)
 
     # HF peft's QLoRA adapter in ours.
-    hf = get_peft_model(quantized(folders["llama-lm"], bits), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    hf = get_peft_model(
+        quantized(folders["llama-lm"], bits),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     randomize_trainable(hf, seed=3)
     hf.save_pretrained(tmp_path / "theirs")
     mine = quantized(folders["llama-lm"], bits)
@@ -127,7 +137,11 @@ def test_a_quantized_adapter_loads_on_the_full_precision_base(folders, tmp_path)
     ours = quantized(folders["llama-lm"], 4)
     params, adapted = adapt(ours, METHODS["lora"], LM, rank=4, alpha=8)
     randomize_trainable(ours)
-    save_adapter(tmp_path / "a", method_state(METHODS["lora"], ours, adapted), adapter_config(METHODS["lora"], params, adapted, task, str(folders["llama-lm"]), None))
+    save_adapter(
+        tmp_path / "a",
+        method_state(METHODS["lora"], ours, adapted),
+        adapter_config(METHODS["lora"], params, adapted, task, str(folders["llama-lm"]), None),
+    )
     full = load_base_model(ModelSpec(name=str(folders["llama-lm"])), task)
     load_adapter(tmp_path / "a", full, task)
     batch = {k: v for k, v in random_batches(full, LM, n=1)[0].items() if k != "labels"}
@@ -135,7 +149,12 @@ def test_a_quantized_adapter_loads_on_the_full_precision_base(folders, tmp_path)
     # weights, the same gap the bases alone show.
     with_adapter = float((logits(full, batch) - logits(ours, batch)).abs().max())
     bases_alone = float(
-        (logits(load_base_model(ModelSpec(name=str(folders["llama-lm"])), task), batch) - logits(quantized(folders["llama-lm"], 4), batch)).abs().max()
+        (
+            logits(load_base_model(ModelSpec(name=str(folders["llama-lm"])), task), batch)
+            - logits(quantized(folders["llama-lm"], 4), batch)
+        )
+        .abs()
+        .max()
     )
     assert 0 < with_adapter <= 2 * bases_alone
 
@@ -150,8 +169,15 @@ def test_weight_memory_counts_what_the_bits_saved(arch, folders) -> None:
     values = sum(m.in_features * m.out_features for m in layers.values())
     rows = sum(m.out_features for m in layers.values())
     # LLM.int8: a byte a value instead of four, plus one float32 scale a row.
-    assert weight_memory(eight, torch.float32) == {"weights": full_bytes - 3 * values + 4 * rows, "weights_unquantized": full_bytes}
+    assert weight_memory(eight, torch.float32) == {
+        "weights": full_bytes - 3 * values + 4 * rows,
+        "weights_unquantized": full_bytes,
+    }
     # NF4: half a byte a value, plus the scales of each block of 64 (double-quantized: 8 bits each).
     four_memory = weight_memory(four, torch.float32)
     assert four_memory["weights_unquantized"] == full_bytes
-    assert full_bytes - 4 * values + values // 2 < four_memory["weights"] < full_bytes - 4 * values + values // 2 + values // 32
+    assert (
+        full_bytes - 4 * values + values // 2
+        < four_memory["weights"]
+        < full_bytes - 4 * values + values // 2 + values // 32
+    )

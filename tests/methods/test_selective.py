@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftcli.checkpoint import PREFIX, WEIGHTS_NAME, adapter_config, load_adapter, method_state, save_adapter
+from peftcli.adapter_io import PREFIX, WEIGHTS_NAME
+from peftcli.config.recipe import TrainSpec, load_recipe
 from peftcli.errors import CheckpointError, MethodError, RecipeError
 from peftcli.methods import METHODS, context_for
 from peftcli.methods.base import Calibration, count_parameters, is_excluded, is_linear
 from peftcli.methods.selective import SelectiveLinear, SelectiveParams, _SparseDeltaLinear, with_delta
-from peftcli.recipe import TrainSpec, load_recipe
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
 from tests.helpers import adapt, logits, mean_loss, random_batches, randomize_trainable, run_training
 

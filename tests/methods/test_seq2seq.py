@@ -13,12 +13,12 @@ import torch
 from transformers import EncoderDecoderModel
 
 from peftcli.commands.inspection import saved_parameters
-from peftcli.data import Collator, prepare_data
+from peftcli.config.recipe import ModelSpec, TrainSpec, validate_recipe
+from peftcli.data.prepare import Collator, prepare_data
 from peftcli.errors import MethodError, RecipeError
 from peftcli.methods import METHODS, context_for
-from peftcli.models import load_base_model
-from peftcli.recipe import ModelSpec, TrainSpec, validate_recipe
-from peftcli.tasks import IGNORE_INDEX, TASKS
+from peftcli.models.loading import load_base_model
+from peftcli.tasks.registry import IGNORE_INDEX, TASKS
 from tests.conftest import qa_rows, sample_batch, tiny_model, tiny_recipe
 from tests.helpers import adapt, data_spec, logits, randomize_trainable, run_training
 
@@ -140,7 +140,7 @@ def test_bert2bert_lora_with_its_trained_cross_attention_loads_in_hf_peft(
 ) -> None:
     from peft import PeftModel
 
-    from peftcli.checkpoint import adapter_config, method_state, save_adapter
+    from peftcli.models.adapters import adapter_config, method_state, save_adapter
 
     folder = str(tiny_dirs["bert-cls"])
 
@@ -166,7 +166,7 @@ def test_bert2bert_lora_with_its_trained_cross_attention_loads_in_hf_peft(
 def test_prompt_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, tokenizer, tmp_path: Path) -> None:
     from peft import PeftModel, PromptTuningConfig
 
-    from peftcli.checkpoint import load_adapter
+    from peftcli.models.adapters import load_adapter
     from tests.methods.test_prompt_tuning import N, load_theirs, save_ours
 
     batch = sample_batch(arch, tokenizer)
@@ -201,7 +201,7 @@ def test_p_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, encoder: 
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from peftcli.checkpoint import load_adapter
+    from peftcli.models.adapters import load_adapter
     from tests.methods.test_p_tuning import ENCODERS, N, hf_config
     from tests.methods.test_prompt_tuning import load_theirs, save_ours, trainable_count
 
@@ -231,7 +231,9 @@ def test_p_tuning_matches_hf_peft_both_ways_and_in_generate(arch: str, encoder: 
 
 
 @pytest.mark.parametrize("arch", ["t5-s2s", "bart-s2s"])
-def test_prefix_tuning_matches_hf_peft_with_a_decoder_mask_and_in_generate(arch: str, tokenizer, tmp_path: Path) -> None:
+def test_prefix_tuning_matches_hf_peft_with_a_decoder_mask_and_in_generate(
+    arch: str, tokenizer, tmp_path: Path
+) -> None:
     """The prefix reaches the decoder's self-attention only, with n ones in front of a given decoder mask;
     `generate` puts it into its own cache at the first step, as HF peft's prepare_inputs_for_generation
     does. (Both ways on plain batches, and with the projection: tests/methods/test_prefix_tuning.py.)"""

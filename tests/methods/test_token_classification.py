@@ -13,12 +13,12 @@ import torch
 from accelerate import Accelerator
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
-from peftcli.data import Collator, eval_loader, prepare_data, tokenize_tokens, train_loader
+from peftcli.config.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.prepare import Collator, eval_loader, prepare_data, tokenize_tokens, train_loader
 from peftcli.methods import METHODS, Kind
-from peftcli.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import IGNORE_INDEX, TASKS
-from peftcli.trainer import evaluate, train
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.tasks.registry import IGNORE_INDEX, TASKS
+from peftcli.training.loop import evaluate, train
 from tests.conftest import NER_TAGS, bert_tagger, make_wordpiece_tokenizer
 from tests.helpers import adapt, randomize_trainable
 

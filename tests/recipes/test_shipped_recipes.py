@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peftcli.recipe import load_recipe
+from peftcli.config.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -33,7 +33,9 @@ def test_recipe_validates(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     first_lines = path.read_text().splitlines()[:6]
-    assert any(f"peft train recipes/{path.name}" in line for line in first_lines), "a recipe's first lines show how to run it"
+    assert any(f"peft train recipes/{path.name}" in line for line in first_lines), (
+        "a recipe's first lines show how to run it"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(LOCAL_OVERRIDES))
@@ -50,4 +52,6 @@ def test_recipe_reference_is_up_to_date() -> None:
     spec = importlib.util.spec_from_file_location("recipe_reference", ROOT / "scripts" / "recipe_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (ROOT / "docs" / "recipe-reference.md").read_text() == module.render(), "run python scripts/recipe_reference.py"
+    assert (ROOT / "docs" / "recipe-reference.md").read_text() == module.render(), (
+        "run python scripts/recipe_reference.py"
+    )

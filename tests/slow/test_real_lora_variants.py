@@ -14,11 +14,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import ModelSpec, resolve_model_path
 from peftcli.methods import METHODS
-from peftcli.models import load_base_model, load_tokenizer
-from peftcli.recipe import ModelSpec, resolve_model_path
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.models.loading import load_base_model, load_tokenizer
+from peftcli.tasks.registry import TASKS
 from tests.helpers import adapt, logits, randomize_trainable
 
 pytestmark = pytest.mark.slow

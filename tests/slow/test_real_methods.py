@@ -11,16 +11,21 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftcli.checkpoint import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.config.recipe import ModelSpec, resolve_model_path
 from peftcli.methods import METHODS
-from peftcli.models import load_base_model, load_tokenizer
-from peftcli.recipe import ModelSpec, resolve_model_path
-from peftcli.tasks import TASKS
+from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.models.loading import load_base_model, load_tokenizer
+from peftcli.tasks.registry import TASKS
 from tests.helpers import adapt, logits, randomize_trainable
 
 pytestmark = pytest.mark.slow
 TASK = TASKS["sequence_classification"]
-TEXTS = ["a gripping, funny and humane film", "the plot goes nowhere", "ok", "one of the year's best performances, no doubt"]
+TEXTS = [
+    "a gripping, funny and humane film",
+    "the plot goes nowhere",
+    "ok",
+    "one of the year's best performances, no doubt",
+]
 
 
 def minilm() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -38,7 +43,9 @@ def test_method_on_minilm_saves_loads_merges_and_matches_hf_peft(name: str, tmp_
     params, adapted = adapt(model, method, TASK.name)
     randomize_trainable(model, scale=0.02)
     expected = logits(model, batch)
-    save_adapter(tmp_path, method_state(method, model, adapted), adapter_config(method, params, adapted, TASK, "minilm", None))
+    save_adapter(
+        tmp_path, method_state(method, model, adapted), adapter_config(method, params, adapted, TASK, "minilm", None)
+    )
 
     ours, _ = minilm()
     load_adapter(tmp_path, ours, TASK)

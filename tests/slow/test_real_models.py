@@ -13,10 +13,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftcli.checkpoint import load_adapter
-from peftcli.models import load_base_model, load_tokenizer
-from peftcli.recipe import load_recipe
-from peftcli.tasks import TASKS
+from peftcli.config.recipe import load_recipe
+from peftcli.models.adapters import load_adapter
+from peftcli.models.loading import load_base_model, load_tokenizer
+from peftcli.tasks.registry import TASKS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,9 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def peft(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peftcli", *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "peftcli", *args], capture_output=True, text=True, cwd=ROOT, timeout=900, check=False
+    )
 
 
 # The whole quickstart (about a minute on 2 quiet cores): `heavy`, so .ci/run runs it after the default run.
@@ -35,7 +37,11 @@ def test_quickstart_trains_minilm_to_high_accuracy(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads((run_dir / "report.json").read_text())
     assert report["best_metrics"]["accuracy"] >= 0.85
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line and "eval" not in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line and "eval" not in line
+    ]
     assert losses[-1] < losses[0]
 
     # eval reproduces the best eval of training; the base model (random head) is far worse.
@@ -68,9 +74,17 @@ def test_smollm2_instruct_trains_and_loads_in_hf_peft(tmp_path: Path) -> None:
         "data.dataset=null",
         f"data.files.train={SHARED / 'instruct' / 'gsm8k_train.jsonl'}",
         f"data.files.test={SHARED / 'instruct' / 'gsm8k_test.jsonl'}",
-        "data.max_train_examples=64", "data.max_eval_examples=16", "data.max_length=192",
-        "train.batch_size=4", "train.grad_accum=1", "train.max_steps=8", "train.log_every=1", "train.eval_every=8",
-        "method.dropout=0.0", "optimizer.lr=1e-3", f"output_dir={run_dir}",
+        "data.max_train_examples=64",
+        "data.max_eval_examples=16",
+        "data.max_length=192",
+        "train.batch_size=4",
+        "train.grad_accum=1",
+        "train.max_steps=8",
+        "train.log_every=1",
+        "train.eval_every=8",
+        "method.dropout=0.0",
+        "optimizer.lr=1e-3",
+        f"output_dir={run_dir}",
     ]
     result = peft("train", "recipes/lora-smollm2-instruct.yaml", *overrides)
     assert result.returncode == 0, result.stderr

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from peftcli.chat import encode_chat
-from peftcli.data import prepare_data
+from peftcli.config.recipe import DataSpec, load_recipe
+from peftcli.data.chat import encode_chat
+from peftcli.data.prepare import prepare_data
 from peftcli.errors import DataError
-from peftcli.recipe import DataSpec, load_recipe
-from peftcli.tasks import IGNORE_INDEX
+from peftcli.tasks.registry import IGNORE_INDEX
 from tests.conftest import make_tokenizer, write_jsonl
 from tests.unit.test_recipe import BASE, errors, write
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from peftcli.data import Collator, GroupedBatchSampler, prepare_data
+from peftcli.config.recipe import DataSpec
+from peftcli.data.prepare import Collator, GroupedBatchSampler, prepare_data
 from peftcli.errors import DataError
-from peftcli.recipe import DataSpec
-from peftcli.tasks import IGNORE_INDEX
+from peftcli.tasks.registry import IGNORE_INDEX
 from tests.conftest import write_jsonl
 
 
@@ -20,14 +20,18 @@ def spec(files: dict[str, Path], **kw) -> DataSpec:
 def test_string_labels_map_to_sorted_ids(tmp_path: Path, tokenizer) -> None:
     rows = [{"t": "good film", "y": "pos"}, {"t": "bad film", "y": "neg"}, {"t": "fine", "y": "pos"}]
     f = write_jsonl(tmp_path / "train.jsonl", rows)
-    data = prepare_data(spec({"train": f, "validation": f}, columns={"text": "t", "label": "y"}), "sequence_classification", tokenizer)
+    data = prepare_data(
+        spec({"train": f, "validation": f}, columns={"text": "t", "label": "y"}), "sequence_classification", tokenizer
+    )
     assert data.label_names == ["neg", "pos"]
     assert data.train["labels"] == [1, 0, 1]
 
 
 def test_int_labels_keep_their_ids(tmp_path: Path, tokenizer) -> None:
     f = write_jsonl(tmp_path / "train.jsonl", [{"t": "a", "y": 2}, {"t": "b", "y": 0}])
-    data = prepare_data(spec({"train": f}, eval_split=None, columns={"text": "t", "label": "y"}), "sequence_classification", tokenizer)
+    data = prepare_data(
+        spec({"train": f}, eval_split=None, columns={"text": "t", "label": "y"}), "sequence_classification", tokenizer
+    )
     assert data.label_names == ["0", "1", "2"] and data.train["labels"] == [2, 0]
 
 
@@ -35,15 +39,29 @@ def test_eval_label_unseen_in_training_is_an_error(tmp_path: Path, tokenizer) ->
     train = write_jsonl(tmp_path / "train.jsonl", [{"t": "a", "y": "pos"}, {"t": "b", "y": "neg"}])
     ev = write_jsonl(tmp_path / "validation.jsonl", [{"t": "a", "y": "neutral"}])
     with pytest.raises(DataError) as info:
-        prepare_data(spec({"train": train, "validation": ev}, columns={"text": "t", "label": "y"}), "sequence_classification", tokenizer)
-    assert str(info.value) == "data.columns.label: label 'neutral' in split 'validation' is not one of the training split's labels (neg, pos). Fix the data or the label column."
+        prepare_data(
+            spec({"train": train, "validation": ev}, columns={"text": "t", "label": "y"}),
+            "sequence_classification",
+            tokenizer,
+        )
+    assert (
+        str(info.value)
+        == "data.columns.label: label 'neutral' in split 'validation' is not one of the training split's labels (neg, pos). Fix the data or the label column."
+    )
 
 
 def test_missing_column_names_the_columns_there(tmp_path: Path, tokenizer) -> None:
     f = write_jsonl(tmp_path / "train.jsonl", [{"sentence": "a", "label": 0}])
     with pytest.raises(DataError) as info:
-        prepare_data(spec({"train": f}, eval_split=None, columns={"text": "text", "label": "label"}), "sequence_classification", tokenizer)
-    assert str(info.value) == "data.columns.text: column 'text' is not in split 'train' (columns: sentence, label). Set data.columns.text to one of them."
+        prepare_data(
+            spec({"train": f}, eval_split=None, columns={"text": "text", "label": "label"}),
+            "sequence_classification",
+            tokenizer,
+        )
+    assert (
+        str(info.value)
+        == "data.columns.text: column 'text' is not in split 'train' (columns: sentence, label). Set data.columns.text to one of them."
+    )
 
 
 def test_prompt_tokens_are_masked_and_eos_is_trained(tmp_path: Path, tokenizer) -> None:
@@ -73,14 +91,20 @@ def test_rows_whose_prompt_fills_max_length_are_dropped(tmp_path: Path, tokenize
 def test_template_naming_a_missing_column(tmp_path: Path, tokenizer) -> None:
     f = write_jsonl(tmp_path / "train.jsonl", [{"q": "x", "a": "y"}])
     s = spec({"train": f}, eval_split=None, columns={"prompt_template": "{question}", "response": "a"})
-    with pytest.raises(DataError, match=r"data.columns.prompt_template \(\{question\}\): column 'question' is not in split 'train'"):
+    with pytest.raises(
+        DataError, match=r"data.columns.prompt_template \(\{question\}\): column 'question' is not in split 'train'"
+    ):
         prepare_data(s, "causal_lm", tokenizer)
 
 
 def test_tsv_with_quotes_loads_every_row(tmp_path: Path, tokenizer) -> None:
     f = tmp_path / "train.tsv"
     f.write_text('sentence\tlabel\n"quoted start\t1\nplain "middle" quote\t0\n')
-    data = prepare_data(spec({"train": f}, eval_split=None, columns={"text": "sentence", "label": "label"}), "sequence_classification", tokenizer)
+    data = prepare_data(
+        spec({"train": f}, eval_split=None, columns={"text": "sentence", "label": "label"}),
+        "sequence_classification",
+        tokenizer,
+    )
     assert len(data.train) == 2
 
 
@@ -88,7 +112,11 @@ def test_empty_split_is_an_error(tmp_path: Path, tokenizer) -> None:
     f = tmp_path / "train.jsonl"
     f.write_text("")
     with pytest.raises(DataError):
-        prepare_data(spec({"train": f}, eval_split=None, columns={"text": "t", "label": "y"}), "sequence_classification", tokenizer)
+        prepare_data(
+            spec({"train": f}, eval_split=None, columns={"text": "t", "label": "y"}),
+            "sequence_classification",
+            tokenizer,
+        )
 
 
 @pytest.mark.parametrize("group", [True, False])
@@ -111,7 +139,7 @@ def test_accumulation_windows_are_the_large_batches(group: bool) -> None:
     lengths = [(i * 7) % 23 + 1 for i in range(203)]
     large = list(GroupedBatchSampler(lengths, 32, 1, group, seed=3))
     micro = list(GroupedBatchSampler(lengths, 8, 4, group, seed=3))
-    windows = [sum(micro[k : k + 4], []) for k in range(0, len(micro), 4)]
+    windows = [[i for batch in micro[k : k + 4] for i in batch] for k in range(0, len(micro), 4)]
     assert [sorted(w) for w in windows] == [sorted(b) for b in large]
 
 
@@ -141,7 +169,9 @@ def test_grouping_cuts_padding() -> None:
 
 
 def test_collator_pads_right_with_masks() -> None:
-    batch = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+    batch = Collator(pad_token_id=0)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]

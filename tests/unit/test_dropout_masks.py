@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from peftcli.dropout_masks import CheaperDropout, cheaper_dropout, keep_mask, kept_scale
+from peftcli.config.recipe import TrainSpec
 from peftcli.methods import METHODS
-from peftcli.models import set_dropout
-from peftcli.recipe import TrainSpec
+from peftcli.models.loading import set_dropout
+from peftcli.training.speedups.dropout_masks import CheaperDropout, cheaper_dropout, keep_mask, kept_scale
 from tests.conftest import tiny_model
 from tests.helpers import adapt, random_batches, run_training
 

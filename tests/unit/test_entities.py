@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from peftcli.entities import entities, entity_scores
-from peftcli.tasks import SENTENCE_END, TASKS, sentences, token_predictions
+from peftcli.tasks.entities import entities, entity_scores
+from peftcli.tasks.registry import SENTENCE_END, TASKS, sentences, token_predictions
 
 seqeval_metrics = pytest.importorskip("seqeval.metrics")
 

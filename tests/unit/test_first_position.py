@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from peftcli.first_position import first_position_only, last_layer, residual_output
+from peftcli.config.recipe import OptimizerSpec, TrainSpec
 from peftcli.methods import METHODS
-from peftcli.recipe import OptimizerSpec, TrainSpec
-from peftcli.tasks import TASKS
+from peftcli.tasks.registry import TASKS
+from peftcli.training.speedups.first_position import first_position_only, last_layer, residual_output
 from tests.conftest import tiny_model
 from tests.helpers import adapt, random_batches, randomize_trainable, run_training
 

@@ -1,4 +1,4 @@
-"""peftcli.host_memory: freed tensors go back to the OS, so a run's peak memory is what it uses."""
+"""peftcli.training.host_memory: freed tensors go back to the OS, so a run's peak memory is what it uses."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from peftcli import host_memory
+from peftcli.training import host_memory
 
 # Allocate 40 tensors of 4 MiB (after one freed 8 MiB block has raised glibc's dynamic threshold past
 # them), keep the last, free the rest: on the heap the kept one pins the top and nothing returns to the
@@ -19,7 +19,7 @@ PROBE = textwrap.dedent(
     """
     import sys
     import torch
-    from peftcli import host_memory
+    from peftcli.training import host_memory
 
     def rss():
         for line in open("/proc/self/status"):
@@ -63,7 +63,7 @@ def test_a_user_s_own_malloc_settings_are_left_alone(monkeypatch: pytest.MonkeyP
 def test_the_recipe_key_turns_it_on_and_the_adapter_is_the_same(
     tmp_path: Path, tiny_dirs: dict[str, Path], tiny_data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from peftcli.commands.train import run_train
+    from peftcli.training.run import run_train
     from tests.cli.test_cli import write_recipe
     from tests.conftest import tiny_recipe
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import peftcli.trainer
-from peftcli.data import prepare_data, train_loader
+import peftcli.training.loop
+from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.prepare import prepare_data, train_loader
 from peftcli.methods import METHODS
-from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import TASKS
+from peftcli.tasks.registry import TASKS
 from tests.conftest import make_tokenizer, tiny_model
 from tests.helpers import adapt, data_spec
 
@@ -34,7 +34,7 @@ READS = {
     torch.Tensor.nonzero,
     torch.nonzero,
 }
-PEFTCLI = str(Path(peftcli.trainer.__file__).parent)
+PEFTCLI = str(Path(peftcli.__file__).parent)
 
 
 class OnDevice(torch.Tensor):
@@ -59,14 +59,16 @@ def reader() -> str:
         if "/torch/" in frame.filename:
             continue
         if frame.filename.startswith(PEFTCLI):
-            return f"peftcli/{Path(frame.filename).name}:{frame.name}"
+            return f"peftcli/{Path(frame.filename).relative_to(PEFTCLI).as_posix()}:{frame.name}"
         return "elsewhere"  # the model's own code (transformers' attention-mask checks)
     return "elsewhere"
 
 
 @pytest.mark.parametrize(("task", "arch"), [("causal_lm", "llama-lm"), ("sequence_classification", "bert-cls")])
 def test_peftcli_reads_the_device_a_fixed_number_of_times_per_step(task, arch, tiny_data, monkeypatch) -> None:
-    monkeypatch.setattr(peftcli.trainer, "on_device", lambda batch, device: {k: v.as_subclass(OnDevice) for k, v in batch.items()})
+    monkeypatch.setattr(
+        peftcli.training.loop, "on_device", lambda batch, device: {k: v.as_subclass(OnDevice) for k, v in batch.items()}
+    )
     tokenizer = make_tokenizer()
     prepared = prepare_data(data_spec(task, tiny_data), task, tokenizer)
     per_step = {}
@@ -77,7 +79,17 @@ def test_peftcli_reads_the_device_a_fixed_number_of_times_per_step(task, arch, t
         loader = train_loader(prepared.train, tokenizer.pad_token_id, 2, accum, True, 0)
         OnDevice.reads = Counter()
         optim, schedule = OptimizerSpec(lr=1e-3), ScheduleSpec(name="constant", warmup_steps=0)
-        peftcli.trainer.train(model, TASKS[task], loader, None, spec, optim, schedule, prepared.label_names, accelerator=Accelerator(cpu=True))
+        peftcli.training.loop.train(
+            model,
+            TASKS[task],
+            loader,
+            None,
+            spec,
+            optim,
+            schedule,
+            prepared.label_names,
+            accelerator=Accelerator(cpu=True),
+        )
         per_step[accum] = {who: n / 4 for who, n in OnDevice.reads.items() if who.startswith("peftcli/")}
     # One read per step: the loss and the gradient norm, together (trainer.train_step).
-    assert per_step[1] == per_step[4] == {"peftcli/trainer.py:train_step": 1.0}
+    assert per_step[1] == per_step[4] == {"peftcli/training/loop.py:train_step": 1.0}

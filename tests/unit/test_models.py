@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from peftcli.models import load_base_model
-from peftcli.recipe import ModelSpec
-from peftcli.tasks import TASKS
+from peftcli.config.recipe import ModelSpec
+from peftcli.models.loading import load_base_model
+from peftcli.tasks.registry import TASKS
 from tests.conftest import VOCAB, make_tokenizer, sample_batch
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from peftcli.config.recipe import load_recipe, package_folder, parse_override, position_limit
 from peftcli.errors import RecipeError
 from peftcli.methods.lora import LoraParams
-from peftcli.recipe import load_recipe, package_folder, parse_override, position_limit
 
 BASE = """\
 task: sequence_classification
@@ -49,7 +49,9 @@ def test_defaults_and_method_params(recipe_dir: Path) -> None:
     assert r.run_dir() == Path("runs/r")
 
 
-def test_relative_paths_resolve_against_the_recipe_folder(recipe_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+def test_relative_paths_resolve_against_the_recipe_folder(
+    recipe_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory
+) -> None:
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
     r = load_recipe(write(recipe_dir, BASE))
     assert r.data.files == {s: [str(recipe_dir / "data" / f"{s}.jsonl")] for s in ("train", "validation")}
@@ -64,7 +66,13 @@ def test_override_paths_resolve_against_the_current_folder(recipe_dir: Path, mon
 def test_overrides_parse_yaml_values(recipe_dir: Path) -> None:
     r = load_recipe(
         write(recipe_dir, BASE),
-        ["method.rank=16", "method.target_modules=[query,value]", "train.max_steps=5", "optimizer.lr=1e-3", "train.mixed_precision=no"],
+        [
+            "method.rank=16",
+            "method.target_modules=[query,value]",
+            "train.max_steps=5",
+            "optimizer.lr=1e-3",
+            "train.mixed_precision=no",
+        ],
     )
     assert r.method.rank == 16 and r.method.target_modules == ["query", "value"]
     assert r.train.max_steps == 5 and r.optimizer.lr == 1e-3 and r.train.mixed_precision == "no"
@@ -119,28 +127,41 @@ def test_missing_required_keys(recipe_dir: Path) -> None:
 
 
 def test_causal_lm_columns_are_checked(recipe_dir: Path) -> None:
-    path = write(recipe_dir, BASE.replace("sequence_classification", "causal_lm").replace("{text: text, label: label}", "{prompt: q}"))
-    assert errors(path) == [f"{path}: data.columns: causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`."]
+    path = write(
+        recipe_dir,
+        BASE.replace("sequence_classification", "causal_lm").replace("{text: text, label: label}", "{prompt: q}"),
+    )
+    assert errors(path) == [
+        f"{path}: data.columns: causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`."
+    ]
 
 
 def test_warmup_steps_and_ratio_conflict(recipe_dir: Path) -> None:
     path = write(recipe_dir, BASE + "schedule: {warmup_steps: 5, warmup_ratio: 0.1}\n")
-    assert errors(path) == [f"{path}: schedule.warmup_steps: give warmup_steps or warmup_ratio, not both (got 5 and 0.1)."]
+    assert errors(path) == [
+        f"{path}: schedule.warmup_steps: give warmup_steps or warmup_ratio, not both (got 5 and 0.1)."
+    ]
 
 
 def test_invalid_yaml_names_the_line(recipe_dir: Path) -> None:
     path = write(recipe_dir, "task: causal_lm\nmodel: {name: x\n")
-    assert errors(path) == [f"{path}: line 3: invalid YAML (expected ',' or '}}', but got '<stream end>'). Fix the syntax there."]
+    assert errors(path) == [
+        f"{path}: line 3: invalid YAML (expected ',' or '}}', but got '<stream end>'). Fix the syntax there."
+    ]
 
 
 def test_recipe_must_be_a_mapping(recipe_dir: Path) -> None:
     path = write(recipe_dir, "- a\n- b\n")
-    assert errors(path) == [f"{path}: a recipe is a YAML mapping of keys (got list). Write `key: value` lines: task, model, method, data, ..."]
+    assert errors(path) == [
+        f"{path}: a recipe is a YAML mapping of keys (got list). Write `key: value` lines: task, model, method, data, ..."
+    ]
 
 
 def test_anchors_aliases_and_merge_keys_within_limits_load(recipe_dir: Path) -> None:
     # The YAML-bomb guard counts alias expansions; ordinary reuse stays well under its limit.
-    text = BASE.replace("{train: data/train.jsonl, validation: data/validation.jsonl}", "{train: &f data/train.jsonl, validation: *f}")
+    text = BASE.replace(
+        "{train: data/train.jsonl, validation: data/validation.jsonl}", "{train: &f data/train.jsonl, validation: *f}"
+    )
     text = text.replace("columns: {text: text, label: label}", "columns: {<<: {text: text, label: y}, label: label}")
     r = load_recipe(write(recipe_dir, text))
     assert r.data.files["validation"] == r.data.files["train"]
@@ -162,21 +183,34 @@ def test_package_model_is_found_without_importing_it() -> None:
 def test_missing_package_says_how_to_install(recipe_dir: Path) -> None:
     path = write(recipe_dir, BASE)
     assert errors(path, ["model.name=package:no_such_pkg/model"]) == [
-        "override 'model.name=package:no_such_pkg/model': model.name: Python package 'no_such_pkg' is not installed "
-        "(got 'package:no_such_pkg/model'). Install it, e.g. `pip install no-such-pkg`."
+        (
+            "override 'model.name=package:no_such_pkg/model': model.name: Python package 'no_such_pkg' is not installed "
+            "(got 'package:no_such_pkg/model'). Install it, e.g. `pip install no-such-pkg`."
+        )
     ]
 
 
 def test_shipped_recipes_dump_as_plain_yaml(recipe_dir: Path) -> None:
     r = load_recipe(write(recipe_dir, BASE))
     assert yaml.safe_load(r.to_yaml())["method"] == {
-        "name": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear",
-        "use_rslora": False, "use_dora": False, "init": "default", "pissa_niter": None, "modules_to_save": None,
+        "name": "lora",
+        "rank": 4,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "target_modules": "all-linear",
+        "use_rslora": False,
+        "use_dora": False,
+        "init": "default",
+        "pissa_niter": None,
+        "modules_to_save": None,
     }
 
 
 def test_parse_override_keeps_strings() -> None:
-    assert parse_override("data.columns.prompt_template=Q: {question}") == (("data", "columns", "prompt_template"), "Q: {question}")
+    assert parse_override("data.columns.prompt_template=Q: {question}") == (
+        ("data", "columns", "prompt_template"),
+        "Q: {question}",
+    )
 
 
 def test_best_metric_must_be_a_metric_of_the_task(recipe_dir: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftcli.slots import Slot, plan_slots
+from peftcli.training.slots import Slot, plan_slots
 
 
 def test_one_run_keeps_the_process_defaults() -> None:
@@ -53,8 +53,8 @@ def test_consoles_made_for_a_terminal_are_made_again_for_a_log_file(monkeypatch,
 
     from rich.console import Console
 
-    from peftcli.commands import train
-    from peftcli.commands.own_process import remake_consoles
+    from peftcli.training import run as train
+    from peftcli.training.own_process import remake_consoles
 
     for name, module in list(sys.modules.items()):  # every console remade here is put back afterwards
         if name.startswith("peftcli.") and isinstance(getattr(module, "console", None), Console):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftcli.tasks import IGNORE_INDEX, TASKS, head_at_targets
+from peftcli.tasks.registry import IGNORE_INDEX, TASKS, head_at_targets
 from tests.conftest import tiny_model
 
 
@@ -29,7 +29,9 @@ def test_head_at_targets_gives_the_full_heads_loss_and_gradients(arch: str) -> N
     batch = batch_with_prompts_and_padding(model.config.vocab_size)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
-    def loss_and_grads(head: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def loss_and_grads(
+        head: torch.nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
         with head_at_targets(head, batch):
             logits = model(**inputs).logits

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from peftcli.text_metrics import exact_match, generation_scores, lcs_length, rouge_l, tokens
+from peftcli.tasks.text_metrics import exact_match, generation_scores, lcs_length, rouge_l, tokens
 
 
 def test_tokens_are_lower_cased_alphanumeric_runs() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.methods import METHODS
-from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.trainer import make_scheduler
+from peftcli.training.loop import make_scheduler
 from tests.conftest import TINY, tiny_model
 from tests.helpers import adapt, randomize_trainable, run_training
 
@@ -62,7 +62,13 @@ def test_constant_schedule_keeps_lr_after_warmup() -> None:
 def test_best_metric_picks_the_best_eval(tokenizer, tiny_data) -> None:
     model = tiny_model("bert-cls")
     adapt(model, METHODS["lora"], "sequence_classification")
-    result = run_training(model, "sequence_classification", tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=12, eval_every=3, seed=0))
+    result = run_training(
+        model,
+        "sequence_classification",
+        tokenizer,
+        tiny_data,
+        TrainSpec(batch_size=8, max_steps=12, eval_every=3, seed=0),
+    )
     evals = [r for r in result.history if "eval_accuracy" in r]
     assert len(evals) == 4  # steps 3, 6, 9, 12
     best = max(evals, key=lambda r: r["eval_accuracy"])  # first of the best wins
@@ -85,7 +91,7 @@ def test_bf16_training_on_cpu_uses_the_math_attention_kernel_below_192_tokens(
 ) -> None:
     from types import SimpleNamespace
 
-    from peftcli.trainer import training_attention
+    from peftcli.training.loop import training_attention
 
     model = torch.nn.Linear(4, 4).to(dtype)
     # accelerate's state is a process-wide singleton: a stand-in with the two attributes read.

@@ -9,13 +9,13 @@ from pathlib import Path
 import datasets
 import torch
 
-from peftcli.data import train_loader
-from peftcli.distributed import allow_unused, data_parallel, first_batch, unused_parameters
+from peftcli.config.recipe import ModelSpec, TrainSpec
+from peftcli.data.prepare import train_loader
 from peftcli.methods import METHODS
-from peftcli.models import load_base_model, set_dropout
-from peftcli.recipe import ModelSpec, TrainSpec
-from peftcli.tasks import IGNORE_INDEX, TASKS
-from peftcli.trainer import make_accelerator
+from peftcli.models.loading import load_base_model, set_dropout
+from peftcli.tasks.registry import IGNORE_INDEX, TASKS
+from peftcli.training.distributed import allow_unused, data_parallel, first_batch, unused_parameters
+from peftcli.training.loop import make_accelerator
 from tests.conftest import sample_batch, tiny_model
 from tests.helpers import adapt, mean_loss
 

@@ -26,9 +26,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from peftcli.config.recipe import Recipe
 from peftcli.errors import PeftcliError
-from peftcli.models import location_of
-from peftcli.recipe import Recipe
+from peftcli.models.loading import location_of
 
 RUN_RECIPE = "recipe.yaml"
 RUN_HEADER = "# Resolved from "

@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from peftcli.comparison import cells, headers, markdown_table
+from peftcli.config.recipe import MAX_RECIPE_BYTES, Refused, safe_yaml
 from peftcli.errors import PeftcliError
-from peftcli.recipe import MAX_RECIPE_BYTES, Refused, safe_yaml
+from peftcli.reporting.comparison import cells, headers, markdown_table
 
 STRATEGIES = ("grid", "random", "optuna")
 SPACE_KEYS = ("strategy", "trials", "seed", "metric", "params")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcli.entities import entity_scores
+from peftcli.tasks.entities import entity_scores
 
 IGNORE_INDEX = -100
 SENTENCE_END = -1  # token classification: closes each sentence in the flat predictions (see token_predictions)
@@ -76,7 +76,9 @@ def classification_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     return loss, labels.new_full((), labels.numel())  # made on the device: no copy from the host
 
 
-def classification_predictions(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def classification_predictions(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.argmax(-1), batch["labels"]
 
 
@@ -195,7 +197,9 @@ def aligned_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[
     labelled positions (each word's first sub-token, data.tokenize_tokens), or a decoder's, whose
     position t reads the labels up to t-1 and predicts label t. IGNORE_INDEX has no target."""
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (labels != IGNORE_INDEX).sum()
 
 

@@ -24,9 +24,9 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
 
-from peftcli.checkpoint import finite
+from peftcli.adapter_io import finite
+from peftcli.config.recipe import TRACKERS
 from peftcli.errors import PeftcliError, first_line
-from peftcli.recipe import TRACKERS
 
 PROJECT = "peftcli"  # W&B's project, MLflow's experiment and Trackio's project unless the user names one
 SUMMARY = "report/"  # the prefix of the report's figures, apart from the training curves
@@ -165,7 +165,7 @@ CLASSES: dict[str, Callable[[Path, str], GeneralTracker]] = {
     "wandb": WandB,
     "trackio": Trackio,
 }
-assert CLASSES.keys() == TRACKERS.keys(), "peftcli.recipe.TRACKERS and trackers.CLASSES name the same trackers"
+assert CLASSES.keys() == TRACKERS.keys(), "peftcli.config.recipe.TRACKERS and trackers.CLASSES name the same trackers"
 
 
 def trackers_for(names: list[str], run_dir: Path, run_name: str) -> list[GeneralTracker]:
@@ -260,4 +260,3 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
     return flat
-

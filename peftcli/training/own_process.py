@@ -4,7 +4,7 @@ accelerate allows one mixed-precision setting per process. A run that fails, or 
 comes back as one line saying why; Ctrl-C stops the run at a step boundary, and then the caller.
 
 `run_jobs` trains the runs a caller yields, as many at once as there are slots (`--parallel` of
-`peft compare` and `peft sweep`): each run takes its `Slot` (peftcli.slots), its GPU or its share
+`peft compare` and `peft sweep`): each run takes its `Slot` (peftcli.training.slots), its GPU or its share
 of the CPU cores, and with several slots its output goes to a log file instead of the terminal."""
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 from rich.console import Console
 
-from peftcli.commands.train import run_train
 from peftcli.errors import PeftcliError, RunInterrupted
-from peftcli.slots import Slot
+from peftcli.training.run import run_train
+from peftcli.training.slots import Slot
 
 MAX_REASON = 400  # characters of a failed run's reason kept in a table
 
@@ -147,7 +147,7 @@ def process_context() -> Any:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["peftcli.commands.train"])
+    context.set_forkserver_preload(["peftcli.training.run"])
     return context
 
 

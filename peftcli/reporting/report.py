@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peftcli.checkpoint import atomic_write_text, finite
+from peftcli.adapter_io import atomic_write_text, finite
 
 
 class MetricsLog:
@@ -15,7 +15,9 @@ class MetricsLog:
     It starts from `history`: empty for a new run, the checkpoint's log for a resumed one (dropping
     what was logged after that checkpoint)."""
 
-    def __init__(self, path: Path, history: list[dict[str, Any]] | None = None, warn: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, path: Path, history: list[dict[str, Any]] | None = None, warn: Callable[[str], None] = print
+    ) -> None:
         self.path = path
         self.warn = warn
         self.failed = False
@@ -65,7 +67,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def sources(report: dict[str, Any]) -> str:
     """The Hub commits the run loaded, which repeat it when given as model.revision / data.revision."""
-    found = [f"{what} commit `{report[key]}`" for what, key in (("model", "model_commit"), ("data", "data_commit")) if report.get(key)]
+    found = [
+        f"{what} commit `{report[key]}`"
+        for what, key in (("model", "model_commit"), ("data", "data_commit"))
+        if report.get(key)
+    ]
     return f"Loaded from the Hub at {' and '.join(found)} (model.revision, data.revision repeat them)." if found else ""
 
 
@@ -76,7 +82,9 @@ def headline(report: dict[str, Any]) -> str:
     of = f" of {steps:,}" if isinstance(steps, int) else ""
     if report.get("best_step") is None or metric not in best:
         return "No eval: the adapter is the last step's." if not final else ""
-    text = f"Best {metric_label(metric)}: {fmt_value(best[metric])} at step {report['best_step']}{of}, the saved adapter."
+    text = (
+        f"Best {metric_label(metric)}: {fmt_value(best[metric])} at step {report['best_step']}{of}, the saved adapter."
+    )
     if report.get("final_step") not in (None, report["best_step"]) and metric in final:
         text += f" Final eval (step {report['final_step']}): {fmt_value(final[metric])}."
     return text
@@ -128,12 +136,16 @@ SUMMARY_ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     (
         "trained on",
         ("steps", "examples", "tokens"),
-        lambda steps, ex, tok: f"{plural(steps, 'step')}: {plural(ex, 'example')}, {plural(tok, 'token')} (padding not counted)",
+        lambda steps, ex, tok: (
+            f"{plural(steps, 'step')}: {plural(ex, 'example')}, {plural(tok, 'token')} (padding not counted)"
+        ),
     ),
     (
         "wall time",
         ("wall_seconds", "train_seconds"),
-        lambda wall, train: f"{wall:,.1f} s, of which {train:,.1f} s in the training steps (the rest: loading, evals, saving)",
+        lambda wall, train: (
+            f"{wall:,.1f} s, of which {train:,.1f} s in the training steps (the rest: loading, evals, saving)"
+        ),
     ),
     (
         "speed",
@@ -143,9 +155,20 @@ SUMMARY_ROWS: list[tuple[str, tuple[str, ...], Callable[..., str]]] = [
     (
         "peak memory",
         ("peak_memory_mb", "device"),
-        lambda mb, device: f"{mb:,.0f} MB " + ("(torch's largest allocation on the GPU)" if str(device).startswith("cuda") else "(the process's peak resident memory)"),
+        lambda mb, device: (
+            f"{mb:,.0f} MB "
+            + (
+                "(torch's largest allocation on the GPU)"
+                if str(device).startswith("cuda")
+                else "(the process's peak resident memory)"
+            )
+        ),
     ),
-    ("base weights", ("weights_bytes", "weights_bytes_unquantized", "quantization"), lambda n, full, q: weights_text(n, full, q)),
+    (
+        "base weights",
+        ("weights_bytes", "weights_bytes_unquantized", "quantization"),
+        lambda n, full, q: weights_text(n, full, q),
+    ),
     (
         "device",
         ("device", "num_processes", "cpu_threads"),

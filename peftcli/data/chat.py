@@ -21,7 +21,7 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from peftcli.errors import DataError, first_line
-from peftcli.tasks import IGNORE_INDEX
+from peftcli.tasks.registry import IGNORE_INDEX
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 TRAINED_ROLE = "assistant"

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from peftcli.checkpoint import atomic_write_text
-from peftcli.comparison import NUMERIC_COLUMNS, cells, headers, plot_points
-from peftcli.report import eval_table, headline, metric_label, summary_rows
-from peftcli.sweep import best_sentence, numeric_columns, table_cells, table_headers, value_text
+from peftcli.adapter_io import atomic_write_text
+from peftcli.reporting.comparison import NUMERIC_COLUMNS, cells, headers, plot_points
+from peftcli.reporting.report import eval_table, headline, metric_label, summary_rows
+from peftcli.reporting.sweep import best_sentence, numeric_columns, table_cells, table_headers, value_text
 
 CHART_WIDTH, CHART_HEIGHT = 640, 340
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -298,7 +298,9 @@ def best_mark(step: float, text: str) -> Callable[[Frame], list[str]]:
     return draw
 
 
-def value_labels(points: list[tuple[float, float]], steps: list[float], color: str, ring: float | None) -> Callable[[Frame], list[str]]:
+def value_labels(
+    points: list[tuple[float, float]], steps: list[float], color: str, ring: float | None
+) -> Callable[[Frame], list[str]]:
     """The values at the given steps (the best and the final eval) written above their points, beside
     the best step's line rather than across it, and a ring around the best point of the metric that
     chose it. A label that would meet the one before it goes below its point instead."""
@@ -323,7 +325,9 @@ def value_labels(points: list[tuple[float, float]], steps: list[float], color: s
     return draw
 
 
-def run_charts(history: list[dict[str, Any]], best_step: int | None = None, best_metric: str | None = None) -> RunCharts:
+def run_charts(
+    history: list[dict[str, Any]], best_step: int | None = None, best_metric: str | None = None
+) -> RunCharts:
     """The loss (training, and eval where there is one) and each other eval metric against the step,
     every chart from step 0 to the run's last step, with the best eval's step marked."""
 
@@ -340,14 +344,20 @@ def run_charts(history: list[dict[str, Any]], best_step: int | None = None, best
     marked = f"step {best}: best {chosen} (the saved adapter)" if best is not None else ""
     mark = best_mark(best, marked) if best is not None else None
 
-    losses = [s for s in (Series("train loss", points("loss"), COLORS[0]), Series("eval loss", points("eval_loss"), COLORS[1])) if s.points]
+    losses = [
+        s
+        for s in (Series("train loss", points("loss"), COLORS[0]), Series("eval loss", points("eval_loss"), COLORS[1]))
+        if s.points
+    ]
     loss = None
     if losses:
         title = "Loss" if len(losses) > 1 else losses[0].name.capitalize()
         y = linear_axis("loss", [p[1] for s in losses for p in s.points])
         loss = svg_chart(title, x, y, losses, RUN_WIDTH, LOSS_HEIGHT, mark, "wide")
 
-    metrics = dict.fromkeys(k for r in history for k, v in r.items() if k.startswith("eval_") and k != "eval_loss" and finite(v))
+    metrics = dict.fromkeys(
+        k for r in history for k, v in r.items() if k.startswith("eval_") and k != "eval_loss" and finite(v)
+    )
     panels = []
     width = RUN_WIDTH if len(metrics) == 1 else PANEL_WIDTH  # a lone metric spans the page, as the loss
     for i, key in enumerate(metrics):
@@ -358,8 +368,10 @@ def run_charts(history: list[dict[str, Any]], best_step: int | None = None, best
         labelled = [s for s in (best, evals[-1] if evals else None) if s is not None]
         label = value_labels(series, labelled, color, best if name == best_metric else None)
         short = best_mark(best, f"best {chosen}, step {best}") if best is not None else None
-        extras = (lambda f, a=short, b=label: (a(f) if a else []) + b(f))
-        panels.append(svg_chart(f"Eval {name}", x, y, [Series(name, series, color)], width, PANEL_HEIGHT, extras, "panel"))
+        extras = lambda f, a=short, b=label: (a(f) if a else []) + b(f)
+        panels.append(
+            svg_chart(f"Eval {name}", x, y, [Series(name, series, color)], width, PANEL_HEIGHT, extras, "panel")
+        )
     return RunCharts(loss, panels, width)
 
 
@@ -460,7 +472,9 @@ def sweep_html(summary: dict[str, Any], out: Path) -> str:
     metric, rows, keys = summary["metric"], summary["rows"], list(summary["params"])
     links = [link_from(out, r["run_dir"]) for r in rows]
     row_classes = ["failed" if r["status"] == "failed" else "" for r in rows]
-    table = html_table(table_headers(keys, metric), [table_cells(r, keys) for r in rows], numeric_columns(keys), links, row_classes)
+    table = html_table(
+        table_headers(keys, metric), [table_cells(r, keys) for r in rows], numeric_columns(keys), links, row_classes
+    )
     scored = sorted((int(r["run"].rsplit("-", 1)[-1]), r) for r in rows if finite(r["metric_best"]))
     scores = [r["metric_best"] for _, r in scored]
     margin = 0.05 * (max(scores) - min(scores)) if scores else 0.0
@@ -496,7 +510,11 @@ def key_axis(key: str, spec: Any, values: list[Any]) -> tuple[Axis, Any]:
     numbers = [v for v in values if finite(v)]
     if values and len(numbers) == len(values):
         listed = [v for v in spec if finite(v)] if isinstance(spec, list) else []
-        log = spec.get("log", False) if isinstance(spec, dict) else bool(listed) and min(listed) > 0 and max(listed) >= 10 * min(listed)
+        log = (
+            spec.get("log", False)
+            if isinstance(spec, dict)
+            else bool(listed) and min(listed) > 0 and max(listed) >= 10 * min(listed)
+        )
         if log:
             return log_axis(key, numbers), float
         margin = 0.05 * (max(numbers) - min(numbers))  # no point on the frame's edge

@@ -14,11 +14,11 @@ from typing import Any
 
 import yaml
 
-from peftcli.checkpoint import atomic_write_text
+from peftcli.adapter_io import atomic_write_text
+from peftcli.config.recipe import PACKAGE_PREFIX, ModelSpec, Recipe, is_hub_id
 from peftcli.methods import Method
-from peftcli.models import model_location
-from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, Recipe, is_hub_id
-from peftcli.tasks import Task
+from peftcli.models.loading import model_location
+from peftcli.tasks.registry import Task
 
 CARD_NAME = "README.md"
 
@@ -102,7 +102,11 @@ def write_card(folder: Path, text: str) -> bool:
 
 
 def front_matter(fields: dict[str, Any]) -> str:
-    return "---\n" + yaml.safe_dump({k: v for k, v in fields.items() if v is not None}, sort_keys=False, allow_unicode=True) + "---\n"
+    return (
+        "---\n"
+        + yaml.safe_dump({k: v for k, v in fields.items() if v is not None}, sort_keys=False, allow_unicode=True)
+        + "---\n"
+    )
 
 
 def label_kwargs(label_names: list[str] | None) -> str:
@@ -155,14 +159,23 @@ def adapter_card(
         f"# {title}\n",
         f"A peftcli `{method}` adapter for {TASK_WORDS.get(task.name, task.name)}.\n",
         "## Base model\n",
-        f"`{base.name}` ({base.why})" + (f"; loaded here from `{base.loaded_from}`." if base.loaded_from and base.loaded_from != base.name else ".") + "\n",
+        f"`{base.name}` ({base.why})"
+        + (f"; loaded here from `{base.loaded_from}`." if base.loaded_from and base.loaded_from != base.name else ".")
+        + "\n",
     ]
     if spec.gguf_file and base.hub_id:
-        lines.append(f"The weights trained over were those of the GGUF file `{spec.gguf_file}` (dequantized); the hub id's original weights differ from them by the GGUF quantization.\n")
+        lines.append(
+            f"The weights trained over were those of the GGUF file `{spec.gguf_file}` (dequantized); the hub id's original weights differ from them by the GGUF quantization.\n"
+        )
     if spec.decoder is not None:
-        lines.append(f"The model is an encoder-decoder built from `{base.name}` and `{spec.decoder}` (model.decoder).\n")
+        lines.append(
+            f"The model is an encoder-decoder built from `{base.name}` and `{spec.decoder}` (model.decoder).\n"
+        )
     if label_names is not None:
-        lines += ["## Labels\n", ", ".join(f"{i}: {name}" for i, name in enumerate(label_names)) + " (also in labels.json)\n"]
+        lines += [
+            "## Labels\n",
+            ", ".join(f"{i}: {name}" for i, name in enumerate(label_names)) + " (also in labels.json)\n",
+        ]
     lines.append("## Load it\n")
     if not in_hf_peft:
         lines.append(f"HF peft has no {method} adapters: load this folder with peftcli.\n")
@@ -181,7 +194,7 @@ def adapter_card(
     lines.append("With peftcli:\n")
     commands = [f"peft eval {adapter}    # here, the run's recipe.yaml beside it names the base and the data"]
     if task.generates and not task.encoder_decoder:
-        commands.append(f"peft generate {adapter} \"PROMPT\"")
+        commands.append(f'peft generate {adapter} "PROMPT"')
     copy = "model.name=<folder>" if not base.hub_id else "[model.name=<local copy of the base>]"
     commands.append(f"peft eval path/to/a/copy {copy} data.files.validation=FILE{eval_args}")
     lines.append("```bash\n" + "\n".join(commands) + "\n```\n")
@@ -193,13 +206,25 @@ def adapter_card(
 
 
 def adapter_front_matter(
-    title: str, method: str, in_hf_peft: bool, task: Task, base: Base, recipe: Recipe | None, report: dict[str, Any] | None
+    title: str,
+    method: str,
+    in_hf_peft: bool,
+    task: Task,
+    base: Base,
+    recipe: Recipe | None,
+    report: dict[str, Any] | None,
 ) -> str:
     """The card's metadata: what HF peft's own card has (PeftModel.create_or_update_model_card: library_name
     peft, base_model, pipeline_tag, tags transformers / lora / base_model:adapter:<id>), plus the Hub dataset
     trained on and the metrics as model-index."""
-    tags = ["peftcli", method] + (["transformers"] if in_hf_peft else []) + ([f"base_model:adapter:{base.name}"] if base.hub_id else [])
-    datasets = [recipe.data.dataset] if recipe is not None and recipe.data.dataset and is_hub_id(recipe.data.dataset) else None
+    tags = (
+        ["peftcli", method]
+        + (["transformers"] if in_hf_peft else [])
+        + ([f"base_model:adapter:{base.name}"] if base.hub_id else [])
+    )
+    datasets = (
+        [recipe.data.dataset] if recipe is not None and recipe.data.dataset and is_hub_id(recipe.data.dataset) else None
+    )
     return front_matter(
         {
             "base_model": base.name,
@@ -228,7 +253,9 @@ def metrics_section(report: dict[str, Any]) -> list[str]:
     return ["## Metrics\n", "\n".join(rows) + "\n"]
 
 
-def model_index(title: str, task: Task, recipe: Recipe | None, report: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+def model_index(
+    title: str, task: Task, recipe: Recipe | None, report: dict[str, Any] | None
+) -> list[dict[str, Any]] | None:
     """The adapter's eval metrics in the Hub's `model-index` form (results -> task, dataset, metrics;
     huggingface_hub's repocard_data.model_index_to_eval_results reads it). The metrics are the saved
     adapter's: the best eval's, else the final one's. None without metrics or eval data."""
@@ -237,11 +264,17 @@ def model_index(title: str, task: Task, recipe: Recipe | None, report: dict[str,
         return None
     data = recipe.data
     if data.dataset and is_hub_id(data.dataset):
-        dataset = {"name": data.dataset, "type": data.dataset, "split": data.eval_split} | ({"config": data.subset} if data.subset else {})
+        dataset = {"name": data.dataset, "type": data.dataset, "split": data.eval_split} | (
+            {"config": data.subset} if data.subset else {}
+        )
     else:  # local files: named by their file names; the Hub expects a dataset id as `type`, there is none
         files = (data.files or {}).get(data.eval_split) or [data.dataset or "local files"]
         dataset = {"name": ", ".join(Path(f).name for f in files), "type": "local", "split": data.eval_split}
-    values = [{"type": k, "value": round(v, 6) if isinstance(v, float) else v, "name": f"eval {k}"} for k, v in metrics.items() if is_number(v)]
+    values = [
+        {"type": k, "value": round(v, 6) if isinstance(v, float) else v, "name": f"eval {k}"}
+        for k, v in metrics.items()
+        if is_number(v)
+    ]
     if not values:
         return None
     # The Hub's task id; text2text-generation names seq2seq there though transformers 5 has no such pipeline.
@@ -259,7 +292,11 @@ def training_section(recipe: Recipe, report: dict[str, Any]) -> list[str]:
     versions of the libraries (as HF peft's card lists `### Framework versions`)."""
     s = report.get("summary", {})
     data = recipe.data
-    source = f"`{data.dataset}`" + (f" ({data.subset})" if data.subset else "") if data.dataset else ", ".join(f"`{f}`" for f in (data.files or {}).get(data.train_split, []))
+    source = (
+        f"`{data.dataset}`" + (f" ({data.subset})" if data.subset else "")
+        if data.dataset
+        else ", ".join(f"`{f}`" for f in (data.files or {}).get(data.train_split, []))
+    )
     compute = [
         f"- device: {s.get('device')}, {plural(s.get('num_processes') or 1, 'process', 'processes')}"
         + (f", {s['cpu_threads']} CPU threads" if s.get("device") == "cpu" and s.get("cpu_threads") else ""),
@@ -276,7 +313,9 @@ def training_section(recipe: Recipe, report: dict[str, Any]) -> list[str]:
     versions = [f"- {name} {version}" for name, version in report.get("versions", {}).items()]
     return [
         "## Training\n",
-        f"Data: {source}, split `{data.train_split}`" + (f"; evaluated on `{data.eval_split}`" if data.eval_split else "") + ".\n",
+        f"Data: {source}, split `{data.train_split}`"
+        + (f"; evaluated on `{data.eval_split}`" if data.eval_split else "")
+        + ".\n",
         "### Compute\n",
         "\n".join(compute) + "\n",
         "### Recipe\n",
@@ -289,7 +328,9 @@ def training_section(recipe: Recipe, report: dict[str, Any]) -> list[str]:
 
 def precision_text(mixed: str | None, dtype: str) -> str:
     """accelerate's mixed_precision (`no`, `fp16`, `bf16`) over the base's model.dtype, in words."""
-    return f"base weights in {dtype}, " + ("no mixed precision" if mixed in (None, "no") else f"{mixed} mixed precision")
+    return f"base weights in {dtype}, " + (
+        "no mixed precision" if mixed in (None, "no") else f"{mixed} mixed precision"
+    )
 
 
 def plural(n: int, word: str, words: str) -> str:
@@ -300,10 +341,14 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
-def run_card(recipe: Recipe, method: Method, task: Task, label_names: list[str] | None, report: dict[str, Any], adapter_dir: Path) -> str:
+def run_card(
+    recipe: Recipe, method: Method, task: Task, label_names: list[str] | None, report: dict[str, Any], adapter_dir: Path
+) -> str:
     """The card of a run's adapter/ folder (`peft train`), from its resolved recipe and report."""
     columns = recipe.data.columns.model_dump(exclude_none=True)
-    eval_args = "".join(" " + shell_word(f"data.columns.{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in columns.items())
+    eval_args = "".join(
+        " " + shell_word(f"data.columns.{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in columns.items()
+    )
     return adapter_card(
         title=recipe.name or adapter_dir.parent.name,
         method=method.name,
@@ -327,16 +372,43 @@ def shell_word(text: str) -> str:
 
 
 def merged_card(
-    *, method: str, task: Task, base: Base, adapter: str, model_class: str, out: str, dtype: str, label_names: list[str] | None = None
+    *,
+    method: str,
+    task: Task,
+    base: Base,
+    adapter: str,
+    model_class: str,
+    out: str,
+    dtype: str,
+    label_names: list[str] | None = None,
 ) -> str:
     """README.md for a `peft merge` folder: the base it came from and the adapter folded in."""
     lines = [
-        front_matter({"base_model": base.name, "library_name": "transformers", "pipeline_tag": PIPELINE_TAGS.get(task.name), "tags": ["peftcli", method, "merged"]}),
+        front_matter(
+            {
+                "base_model": base.name,
+                "library_name": "transformers",
+                "pipeline_tag": PIPELINE_TAGS.get(task.name),
+                "tags": ["peftcli", method, "merged"],
+            }
+        ),
         f"# {Path(out).name or out}\n",
         f"`{base.name}` ({base.why}) with the {method} adapter `{adapter}` folded into its weights by `peft merge`, in {dtype}."
-        + (f" The base was loaded here from `{base.loaded_from}`." if base.loaded_from and base.loaded_from != base.name else "")
+        + (
+            f" The base was loaded here from `{base.loaded_from}`."
+            if base.loaded_from and base.loaded_from != base.name
+            else ""
+        )
         + "\n",
-        *(["## Labels\n", ", ".join(f"{i}: {name}" for i, name in enumerate(label_names)) + " (config.json's id2label and label2id)\n"] if label_names else []),
+        *(
+            [
+                "## Labels\n",
+                ", ".join(f"{i}: {name}" for i, name in enumerate(label_names))
+                + " (config.json's id2label and label2id)\n",
+            ]
+            if label_names
+            else []
+        ),
         "## Load it\n",
         f"```python\nfrom transformers import {model_class}\n\nmodel = {model_class}.from_pretrained({out!r})\n```\n",
     ]

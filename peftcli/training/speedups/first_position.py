@@ -84,7 +84,9 @@ def _same_logits(model: nn.Module, point: nn.Module, vocab_size: int, low_precis
 
 
 @contextmanager
-def first_position_only(model: nn.Module, inner: nn.Module, enabled: bool, low_precision: bool = False) -> Iterator[bool]:
+def first_position_only(
+    model: nn.Module, inner: nn.Module, enabled: bool, low_precision: bool = False
+) -> Iterator[bool]:
     """Within the block, the last layer of `inner` (the unwrapped `model`) runs its residual output
     and feed-forward at the first position only, when `enabled` (the task reads one position) and the
     probe shows the logits unchanged. Yields whether it does."""

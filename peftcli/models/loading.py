@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from peftcli import hub, quantization
+from peftcli.config.recipe import PACKAGE_PREFIX, ModelSpec, is_hub_id, package_folder
+from peftcli.data import hub
 from peftcli.errors import ModelError
-from peftcli.recipe import PACKAGE_PREFIX, ModelSpec, is_hub_id, package_folder
-from peftcli.tasks import Task
+from peftcli.models import quantization
+from peftcli.tasks.registry import Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,7 +90,10 @@ def head_kwargs(task: Task, label_names: list[str] | None, tokenizer: Any) -> di
 def load_base_model(spec: ModelSpec, task: Task, **task_kwargs: Any) -> PreTrainedModel:
     """The base model with the task's head, frozen, in the recipe's dtype."""
     location = model_location(spec)
-    kwargs: dict[str, Any] = {"revision": pinned_revision(spec.name, spec.revision, "model.name"), "dtype": DTYPES[spec.dtype]}
+    kwargs: dict[str, Any] = {
+        "revision": pinned_revision(spec.name, spec.revision, "model.name"),
+        "dtype": DTYPES[spec.dtype],
+    }
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     if spec.quantization is not None and not spec.gguf_file:
@@ -125,14 +129,18 @@ def build_encoder_decoder(spec: ModelSpec, location: str, kwargs: dict[str, Any]
     tokenizer = load_tokenizer(spec)
     encoder = AutoModel.from_pretrained(location, **kwargs)
     decoder_kwargs = kwargs | {"revision": pinned_revision(spec.decoder, spec.revision, "model.decoder")}
-    decoder = AutoModelForCausalLM.from_pretrained(location_of(spec.decoder, "model.decoder"), is_decoder=True, add_cross_attention=True, **decoder_kwargs)
+    decoder = AutoModelForCausalLM.from_pretrained(
+        location_of(spec.decoder, "model.decoder"), is_decoder=True, add_cross_attention=True, **decoder_kwargs
+    )
     model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
     # It warns on every forward with labels that its loss changed in transformers 4.12; peftcli computes its own.
     warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if start is None or tokenizer.pad_token_id is None:
-        raise ModelError(f"model.decoder: the tokenizer of {spec.name!r} has no [CLS] or BOS token to start the decoder, or no pad token. Use a BERT-style tokenizer.")
+        raise ModelError(
+            f"model.decoder: the tokenizer of {spec.name!r} has no [CLS] or BOS token to start the decoder, or no pad token. Use a BERT-style tokenizer."
+        )
     model.config.decoder_start_token_id = start
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = end
@@ -172,5 +180,9 @@ def _load_failure(what: str, spec: ModelSpec, exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     where = spec.name + (f" (gguf_file {spec.gguf_file})" if spec.gguf_file else "")
     local = Path(model_location(spec)).exists() if not spec.name.startswith(PACKAGE_PREFIX) else True
-    fix = "Check the folder holds a transformers model." if local else "Check the hub id, or that you are online (or set HF_HUB_OFFLINE=1 with a cached copy)."
+    fix = (
+        "Check the folder holds a transformers model."
+        if local
+        else "Check the hub id, or that you are online (or set HF_HUB_OFFLINE=1 with a cached copy)."
+    )
     return f"model.name: cannot load the {what} from {where!r}: {first[:300]}. {fix}"

@@ -25,7 +25,12 @@ def page(repo_id: str, repo_type: str) -> str:
 
 
 def resolve_commit(
-    repo_id: str, repo_type: str, revision: str | None, key: str, offline: bool, error: type[PeftcliError] = PeftcliError
+    repo_id: str,
+    repo_type: str,
+    revision: str | None,
+    key: str,
+    offline: bool,
+    error: type[PeftcliError] = PeftcliError,
 ) -> str | None:
     """The commit `revision` (None: the default branch) of a Hub repo points to, asked once a process.
 
@@ -40,7 +45,9 @@ def resolve_commit(
         try:
             _commits[at] = ask_commit(repo_id, repo_type, revision, offline)
         except HfHubHTTPError as exc:
-            raise error(refusal_line(exc, repo_id, repo_type, revision, key) or http_line(exc, repo_id, repo_type, key)) from None
+            raise error(
+                refusal_line(exc, repo_id, repo_type, revision, key) or http_line(exc, repo_id, repo_type, key)
+            ) from None
     return _commits[at]
 
 
@@ -54,7 +61,9 @@ def ask_commit(repo_id: str, repo_type: str, revision: str | None, offline: bool
         from huggingface_hub.errors import RevisionResolutionError
 
         try:
-            return api.resolve_revision(repo_id, repo_type=repo_type, revision=revision, local_files_only=offline).resolved
+            return api.resolve_revision(
+                repo_id, repo_type=repo_type, revision=revision, local_files_only=offline
+            ).resolved
         except RevisionResolutionError:
             return None
     if offline:

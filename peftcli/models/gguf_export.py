@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftcli.checkpoint import plain_mode
+from peftcli.adapter_io import plain_mode
 from peftcli.errors import PeftcliError
 
 # --gguf-type -> (llama.cpp's file type, the type of every matrix); names as llama.cpp's --outtype.
@@ -34,9 +34,7 @@ MAGIC = b"GGUF"
 # splits text by that name alone, so only these exact shapes are written: llama-vocab.cpp's regexes for
 # "gpt-2", "smollm" and "llama-bpe" are these pre-tokenizers' patterns.
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 PRE_TOKENIZERS = {
     "gpt-2": _BYTE_LEVEL,
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
@@ -70,7 +68,9 @@ def check_exportable(model: torch.nn.Module, tokenizer: Any, where: str, base_gg
         bpe_pre_tokenizer(tokenizer)
 
 
-def write_gguf(model: torch.nn.Module, tokenizer: Any, path: Path, gguf_type: str, name: str, base_gguf: Path | None) -> None:
+def write_gguf(
+    model: torch.nn.Module, tokenizer: Any, path: Path, gguf_type: str, name: str, base_gguf: Path | None
+) -> None:
     """Writes the file atomically: a temporary file beside `path`, renamed over it once complete.
 
     Args:
@@ -163,7 +163,9 @@ def gguf_tensors(model: torch.nn.Module, matrix_type: Any) -> Iterator[tuple[str
             continue  # llama.cpp writes no output.weight for tied embeddings; readers reuse token_embd
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise PeftcliError(f"{hf_name}: a weight with no llama.cpp tensor name; --format gguf cannot write this model.")
+            raise PeftcliError(
+                f"{hf_name}: a weight with no llama.cpp tensor name; --format gguf cannot write this model."
+            )
         data = tensor.detach().to(torch.float32).cpu()
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute(data, config.num_attention_heads, config.num_attention_heads)
@@ -177,7 +179,11 @@ def permute(weights: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
     of q and k are reordered from (head, half, pair) to (head, pair, half). transformers' GGUF reader
     undoes this (LlamaTensorProcessor._reverse_permute_weights)."""
     n_head = n_head_kv if n_head_kv != n_head else n_head
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def quantized(data: np.ndarray, gguf_name: str, matrix_type: Any) -> tuple[np.ndarray, Any]:
@@ -245,7 +251,10 @@ def copy_tokenizer(writer: Any, base_gguf: Path, vocab_size: int) -> None:
         if key.startswith("tokenizer."):
             # Each value with its own GGUF type (token types stay INT32, ids UINT32, strings bytes as stored).
             element = field.types[-1]
-            values = [bytes(field.parts[i]) if element == gguf.GGUFValueType.STRING else field.parts[i].tolist()[0] for i in field.data]
+            values = [
+                bytes(field.parts[i]) if element == gguf.GGUFValueType.STRING else field.parts[i].tolist()[0]
+                for i in field.data
+            ]
             if field.types[0] == gguf.GGUFValueType.ARRAY:
                 writer.add_key_value(key, values, gguf.GGUFValueType.ARRAY, element)
             else:
@@ -292,7 +301,9 @@ def token_list(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
 
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise PeftcliError(f"tokenizer: has token ids up to {max(vocab.values())}, past the model's {vocab_size} embeddings.")
+        raise PeftcliError(
+            f"tokenizer: has token ids up to {max(vocab.values())}, past the model's {vocab_size} embeddings."
+        )
     by_id = {i: token for token, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []

@@ -22,32 +22,30 @@ from rich.console import Console
 from rich.markup import escape
 
 import peftcli
-from peftcli import host_memory, precision
-from peftcli import trackers as tracking
-from peftcli.checkpoint import (
+from peftcli.adapter_io import (
     PREFIX,
     WEIGHTS_NAME,
-    adapter_config,
     atomic_write_text,
     check_whole,
-    method_state,
     read_adapter_config,
     read_state,
-    save_adapter,
     write_adapter,
 )
-from peftcli.data import data_commit, eval_loader, prepare_data, train_loader
-from peftcli.distributed import on_main, partitioned_optimizer
+from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.data.prepare import data_commit, eval_loader, prepare_data, train_loader
 from peftcli.errors import CheckpointError, MethodError, PeftcliError, RunInterrupted, TrainingDiverged
-from peftcli.html_report import write_run_html
 from peftcli.methods import context_for, get_method
 from peftcli.methods.base import Calibration, count_parameters, trainable_parameters
-from peftcli.model_card import run_card, write_card
-from peftcli.models import DTYPES, base_name, head_kwargs, load_base_model, load_tokenizer, model_commit
-from peftcli.quantization import weight_memory
-from peftcli.recipe import Recipe, load_recipe
-from peftcli.report import MetricsLog, metric_label, weights_text, write_report
-from peftcli.resume import (
+from peftcli.models.adapters import adapter_config, method_state, save_adapter
+from peftcli.models.loading import DTYPES, base_name, head_kwargs, load_base_model, load_tokenizer, model_commit
+from peftcli.models.quantization import weight_memory
+from peftcli.reporting import trackers as tracking
+from peftcli.reporting.html import write_run_html
+from peftcli.reporting.model_card import run_card, write_card
+from peftcli.reporting.report import MetricsLog, metric_label, weights_text, write_report
+from peftcli.tasks.registry import TASKS, Task
+from peftcli.training import host_memory, precision
+from peftcli.training.checkpoints import (
     BEST,
     abandon_after,
     check_data,
@@ -58,9 +56,8 @@ from peftcli.resume import (
     save_checkpoint,
     write_loop_state,
 )
-from peftcli.run_dir import Replacement, RunLock, busy, check_run_dir, kept_paths, locked_by_another, settle_replacement
-from peftcli.tasks import TASKS, Task
-from peftcli.trainer import (
+from peftcli.training.distributed import on_main, partitioned_optimizer
+from peftcli.training.loop import (
     Hooks,
     LoopState,
     NonFiniteLoss,
@@ -71,6 +68,15 @@ from peftcli.trainer import (
     model_inputs,
     train,
 )
+from peftcli.training.run_dir import (
+    Replacement,
+    RunLock,
+    busy,
+    check_run_dir,
+    kept_paths,
+    locked_by_another,
+    settle_replacement,
+)
 
 # emoji=False: a run named `a:fire:b` is printed as written (escape() leaves emoji codes).
 console = Console(stderr=True, soft_wrap=True, emoji=False)
@@ -80,7 +86,9 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
     started = time.perf_counter()
     recipe = load_recipe(recipe_path, overrides)
     run_dir = recipe.run_dir()
-    trackers = tracking.trackers_for(recipe.train.report_to, run_dir, str(recipe.name))  # started once the run directory is ours
+    trackers = tracking.trackers_for(
+        recipe.train.report_to, run_dir, str(recipe.name)
+    )  # started once the run directory is ours
     accelerator = make_accelerator(recipe.train, trackers)
     if recipe.train.return_freed_memory and accelerator.device.type == "cpu":
         host_memory.return_freed_memory()
@@ -198,7 +206,9 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
             try:
                 save_checkpoint(checkpoint_dir(run_dir, step), state, accelerator, write, t.save_total_limit)
             except OSError as exc:
-                raise CheckpointError(save_failed(checkpoint_dir(run_dir, step), "checkpoint", exc, run_dir, saved, resume_hint)) from None
+                raise CheckpointError(
+                    save_failed(checkpoint_dir(run_dir, step), "checkpoint", exc, run_dir, saved, resume_hint)
+                ) from None
             saved["step"] = step
             if is_main:
                 replacement.saved()
@@ -209,12 +219,18 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         saved: dict[str, int] = {"step": loop.step} if loop is not None else {}
         final: dict[str, Any] = {}
         history = loop.result["history"] if loop is not None else []
-        on_log = MetricsLog(run_dir / "metrics.jsonl", history, lambda line: console.print(escape(line))) if is_main else Hooks().on_log
+        on_log = (
+            MetricsLog(run_dir / "metrics.jsonl", history, lambda line: console.print(escape(line)))
+            if is_main
+            else Hooks().on_log
+        )
         if trackers:  # every record goes to metrics.jsonl, then to the trackers (main process only)
             on_main(accelerator, lambda: tracking.start(accelerator, recipe.model_dump(mode="json"), history))
             on_log = tracking.logging_to(accelerator, on_log) if is_main else on_log
         hooks = Hooks(on_log=on_log, on_eval=on_eval, on_save=on_save, on_end=on_end)
-        method_hooks = method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
+        method_hooks = (
+            method.training_hooks(model, recipe.method, adapted) if method.training_hooks is not None else None
+        )
         with stop_on_signals() as stop:
             try:
                 result = train(
@@ -250,14 +266,26 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
             try:
                 save_adapter(run_dir / "adapter", *final["snapshot"], data.label_names, tokenizer)
             except OSError as exc:
-                raise CheckpointError(save_failed(run_dir / "adapter", "adapter", exc, run_dir, saved, resume_hint)) from None
+                raise CheckpointError(
+                    save_failed(run_dir / "adapter", "adapter", exc, run_dir, saved, resume_hint)
+                ) from None
             replacement.saved()
             report = build_report(
-                recipe, method.name, task, result, trainable, total, run_dir, time.perf_counter() - started, accelerator,
+                recipe,
+                method.name,
+                task,
+                result,
+                trainable,
+                total,
+                run_dir,
+                time.perf_counter() - started,
+                accelerator,
                 weights=weights,
             )
             write_report(run_dir, report)
-            write_card(run_dir / "adapter", run_card(recipe, method, task, data.label_names, report, run_dir / "adapter"))
+            write_card(
+                run_dir / "adapter", run_card(recipe, method, task, data.label_names, report, run_dir / "adapter")
+            )
             write_run_html(run_dir, report, result.history)
             tracking.log_summary(accelerator, report)
             tracking.close(accelerator)
@@ -310,7 +338,9 @@ def written(action: Callable[[], None]) -> Callable[[], None]:
 
 
 def last_checkpoint(run_dir: Path, saved: dict[str, int]) -> str:
-    return f"the last good checkpoint is {checkpoint_dir(run_dir, saved['step'])}" if saved else "no checkpoint was saved"
+    return (
+        f"the last good checkpoint is {checkpoint_dir(run_dir, saved['step'])}" if saved else "no checkpoint was saved"
+    )
 
 
 def save_failed(where: Path, what: str, exc: OSError, run_dir: Path, saved: dict[str, int], resume_hint: str) -> str:
@@ -327,8 +357,14 @@ def save_failed(where: Path, what: str, exc: OSError, run_dir: Path, saved: dict
 def out_of_memory_line(exc: OutOfMemory, t: Any) -> str:
     batch = "train.eval_batch_size" if exc.phase == "eval" else "train.batch_size"
     fix = (
-        f"Lower {batch}" + (" (raise train.grad_accum to keep the step's batch)" if exc.phase == "train" else "")
-        + ", lower data.max_length" + (", or set train.gradient_checkpointing: true" if exc.phase == "train" and not t.gradient_checkpointing else "")
+        f"Lower {batch}"
+        + (" (raise train.grad_accum to keep the step's batch)" if exc.phase == "train" else "")
+        + ", lower data.max_length"
+        + (
+            ", or set train.gradient_checkpointing: true"
+            if exc.phase == "train" and not t.gradient_checkpointing
+            else ""
+        )
     )
     return (
         f"{exc.phase}: out of memory at step {exc.step}, on a batch of {exc.examples} examples {exc.length} tokens long "
@@ -413,7 +449,11 @@ def set_value(recipe: Recipe, key: str, value: Any) -> None:
 
 
 RESUME_MAY_CHANGE = {
-    "train.save_every", "train.save_total_limit", "train.log_every", "train.skip_nonfinite_steps", "train.report_to",
+    "train.save_every",
+    "train.save_total_limit",
+    "train.log_every",
+    "train.skip_nonfinite_steps",
+    "train.report_to",
     "train.return_freed_memory",
 }
 
@@ -516,18 +556,27 @@ def summary_lines(report: dict[str, Any], history: list[dict[str, Any]]) -> list
     wall time from this process's."""
     s, evals = report["summary"], len(eval_steps(history))
     rest = ["loading", f"{evals} eval{'s' if evals != 1 else ''}" if evals else "", "saving"]
-    split = f"the rest: {', '.join(filter(None, rest))}" if s["wall_seconds"] >= s["train_seconds"] else "since the run started"
+    split = (
+        f"the rest: {', '.join(filter(None, rest))}"
+        if s["wall_seconds"] >= s["train_seconds"]
+        else "since the run started"
+    )
     speed = f"{s['tokens_per_s']:,.0f} tok/s in the training steps ({s['tokens'] / max(s['wall_seconds'], 1e-9):,.0f} over the wall time)"
     timing = f"in {s['wall_seconds']:.1f} s wall: {s['steps']} training steps took {s['train_seconds']:.1f} s ({split})"
     lines = [f"{timing}; {speed}, peak memory {s['peak_memory_mb']:,.0f} MB"]
     if s.get("quantization"):
-        lines.append(f"base weights: {weights_text(s['weights_bytes'], s['weights_bytes_unquantized'], s['quantization'])}")
+        lines.append(
+            f"base weights: {weights_text(s['weights_bytes'], s['weights_bytes_unquantized'], s['quantization'])}"
+        )
     best, final = report.get("best_step"), report.get("final_step")
     if best is None or final is None:
         return [*lines, f"no eval: the adapter is the one of the last step, {s['steps']}"]
     first = report["best_metric"]
     if best == final:
-        return [*lines, f"best and final eval, step {best} (the saved adapter): {metrics_text(report['best_metrics'], first)}"]
+        return [
+            *lines,
+            f"best and final eval, step {best} (the saved adapter): {metrics_text(report['best_metrics'], first)}",
+        ]
     return [
         *lines,
         f"best eval, step {best} of {s['steps']} (the saved adapter): {metrics_text(report['best_metrics'], first)}",

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftcli.config.recipe import bf16_runs_here
+from peftcli.methods._layers import dense_weight
+
 
 def skipped(head_modules: tuple[str, ...]) -> list[str]:
     return ["lm_head", *head_modules]
@@ -23,8 +26,6 @@ def skipped(head_modules: tuple[str, ...]) -> list[str]:
 
 def compute_dtype(q: Any) -> torch.dtype:
     """The dtype 4-bit weights are dequantized to for each product: bf16 where it runs, else fp32."""
-    from peftcli.recipe import bf16_runs_here
-
     name = q.compute_dtype or ("bfloat16" if bf16_runs_here() else "float32")
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 
@@ -95,26 +96,6 @@ def keep_one_weight_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def dense_weight(layer: nn.Module) -> torch.Tensor | None:
-    """A bitsandbytes layer's weight as the float32 (out, in) matrix it computes with; None for any
-    other layer (its weight is already a float tensor)."""
-    weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dtype.is_floating_point:
-        return None  # bitsandbytes is an optional extra: not imported for a float model
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
-
-    if isinstance(layer, bnb.nn.Linear4bit):
-        weight = bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-    elif isinstance(layer, bnb.nn.Linear8bitLt):
-        # Row scales: on the weight until the first product moves them to the layer's state.
-        scb = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
-        weight = layer.weight.data.float() * scb.float().unsqueeze(1) / 127
-    else:
-        return None
-    return weight.reshape(layer.out_features, layer.in_features)
 
 
 def dequantize(model: nn.Module) -> None:

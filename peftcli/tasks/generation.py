@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.tasks import IGNORE_INDEX
+from peftcli.tasks.registry import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,10 @@ def new_tokens_start(model: torch.nn.Module, prompt: torch.Tensor) -> int:
 
 @torch.inference_mode()
 def greedy_answers(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batches: Iterable[dict[str, torch.Tensor]], max_new_tokens: int
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batches: Iterable[dict[str, torch.Tensor]],
+    max_new_tokens: int,
 ) -> tuple[list[str], list[str], list[str]]:
     """(sources, generated, references) for an encoder-decoder's batches of source ids and target labels:
     greedy decoding, as HF Seq2SeqTrainer's predict_with_generate does by default."""
