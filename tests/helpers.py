@@ -104,14 +104,14 @@ def run_training(
     schedule = ScheduleSpec(name="constant", warmup_steps=0)
     model.train()
     return train(
-        model,
-        TASKS[task],
-        loader,
-        evals,
-        train_spec,
-        optim,
-        schedule,
-        prepared.label_names,
+        model=model,
+        task=TASKS[task],
+        train_data=loader,
+        eval_data=evals,
+        spec=train_spec,
+        optim=optim,
+        schedule=schedule,
+        label_names=prepared.label_names,
         accelerator=Accelerator(cpu=True),
         method_hooks=method_hooks,
     )

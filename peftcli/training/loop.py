@@ -190,6 +190,7 @@ class TrainResult:
 
 
 def train(
+    *,
     model: nn.Module,
     task: Task,
     train_data: DataLoader,
@@ -261,7 +262,17 @@ def train(
             started = time.perf_counter()
             try:
                 loss, tokens, examples = train_step(
-                    model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, attention, head
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    window=window,
+                    task=task,
+                    accelerator=accelerator,
+                    spec=spec,
+                    method_hooks=method_hooks,
+                    step=step,
+                    attention=attention,
+                    head=head,
                 )
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc):
@@ -564,6 +575,7 @@ def model_inputs(batch: dict[str, torch.Tensor], task: Task) -> dict[str, torch.
 
 
 def train_step(
+    *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,

@@ -234,19 +234,19 @@ def run_train(recipe_path: Path, overrides: list[str], overwrite: bool = False, 
         with stop_on_signals() as stop:
             try:
                 result = train(
-                    model,
-                    task,
-                    loader,
-                    evals,
-                    t,
-                    recipe.optimizer,
-                    recipe.schedule,
-                    data.label_names,
-                    hooks,
-                    accelerator,
-                    method_hooks,
-                    loop,
-                    stop,
+                    model=model,
+                    task=task,
+                    train_data=loader,
+                    eval_data=evals,
+                    spec=t,
+                    optim=recipe.optimizer,
+                    schedule=recipe.schedule,
+                    label_names=data.label_names,
+                    hooks=hooks,
+                    accelerator=accelerator,
+                    method_hooks=method_hooks,
+                    resume=loop,
+                    stop=stop,
                 )
             except Stopped as exc:
                 raise RunInterrupted(

@@ -68,7 +68,18 @@ def run(accelerator: Accelerator, model: torch.nn.Module, folder: Path, grad_acc
 
     optim, schedule = OptimizerSpec(lr=1e-2), ScheduleSpec(name="constant", warmup_steps=0)
     hooks = Hooks(on_eval=on_eval, on_end=on_end)
-    train(model, TASKS[CLS], loader, evals, spec, optim, schedule, prepared.label_names, hooks, accelerator)
+    train(
+        model=model,
+        task=TASKS[CLS],
+        train_data=loader,
+        eval_data=evals,
+        spec=spec,
+        optim=optim,
+        schedule=schedule,
+        label_names=prepared.label_names,
+        hooks=hooks,
+        accelerator=accelerator,
+    )
     return out["final"], out["best"], out["evals"]
 
 

@@ -160,7 +160,17 @@ def train_tiny(model, tiny_data, tokenizer, accelerator, max_steps: int, method_
     optim, schedule = OptimizerSpec(lr=1e-2), ScheduleSpec(name="constant", warmup_steps=0)
     task = task or TASKS[CLS]
     return train(
-        model, task, loader, evals, t, optim, schedule, prepared.label_names, Hooks(), accelerator, method_hooks
+        model=model,
+        task=task,
+        train_data=loader,
+        eval_data=evals,
+        spec=t,
+        optim=optim,
+        schedule=schedule,
+        label_names=prepared.label_names,
+        hooks=Hooks(),
+        accelerator=accelerator,
+        method_hooks=method_hooks,
     )
 
 

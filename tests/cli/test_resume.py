@@ -85,13 +85,13 @@ def crash_at(monkeypatch, micro_batch: int) -> None:
     calls = {"n": 0}
     real = peftcli.training.loop.train_step
 
-    def counting_step(model, optimizer, scheduler, window, *args):
+    def counting_step(*, window, **rest):
         for i in range(len(window)):
             calls["n"] += 1
             if calls["n"] == micro_batch:
                 window = window[:i]  # the micro-batches before the crash ran...
                 raise RuntimeError("simulated crash")  # ...and the process died in this one
-        return real(model, optimizer, scheduler, window, *args)
+        return real(window=window, **rest)
 
     monkeypatch.setattr(peftcli.training.loop, "train_step", counting_step)
 
@@ -150,11 +150,9 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_
     recipe = recipe_file(tmp_path, tiny_dirs, tiny_data, "run")
     real = peftcli.training.loop.train_step
 
-    def nan_at_steps_7_and_12(model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest):
-        loss, tokens, examples = real(
-            model, optimizer, scheduler, window, task, accelerator, spec, method_hooks, step, *rest
-        )
-        return (float("nan") if step in (7, 12) else loss), tokens, examples
+    def nan_at_steps_7_and_12(**kwargs):
+        loss, tokens, examples = real(**kwargs)
+        return (float("nan") if kwargs["step"] in (7, 12) else loss), tokens, examples
 
     monkeypatch.setattr(peftcli.training.loop, "train_step", nan_at_steps_7_and_12)
     with pytest.raises(TrainingDiverged) as exc:
@@ -195,15 +193,15 @@ def test_nonfinite_gradient_step_changes_nothing(tmp_path, tiny_dirs, tiny_data)
     lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
     lora_a.register_hook(lambda g: g * float("inf"))
     loss, _, _ = train_step(
-        model,
-        optimizer,
-        scheduler,
-        [batch],
-        TASKS["sequence_classification"],
-        accelerator,
-        spec,
-        TrainingHooks(),
-        1,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        window=[batch],
+        task=TASKS["sequence_classification"],
+        accelerator=accelerator,
+        spec=spec,
+        method_hooks=TrainingHooks(),
+        step=1,
     )
     assert not math.isfinite(loss)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)

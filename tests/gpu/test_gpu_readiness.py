@@ -154,7 +154,14 @@ def test_a_training_step_syncs_the_host_a_fixed_number_of_times(tiny_dirs, tiny_
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 train_loop(
-                    model, TASKS["causal_lm"], loader, None, spec, optim, schedule, None, accelerator=Accelerator()
+                    model=model,
+                    task=TASKS["causal_lm"],
+                    train_data=loader,
+                    eval_data=None,
+                    spec=spec,
+                    optim=optim,
+                    schedule=schedule,
+                    accelerator=Accelerator(),
                 )
         finally:
             torch.cuda.set_sync_debug_mode(0)

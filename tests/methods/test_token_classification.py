@@ -117,14 +117,14 @@ def test_lora_training_lowers_the_loss_and_raises_entity_f1(tiny_ner: dict[str, 
     spec_ = TrainSpec(batch_size=8, max_steps=16, log_every=1, eval_every=16, seed=0)
     loader = train_loader(data.train, 0, 8, 1, True, 0)
     result = train(
-        model,
-        TASK,
-        loader,
-        evals,
-        spec_,
-        OptimizerSpec(lr=2e-2),
-        ScheduleSpec(name="constant"),
-        data.label_names,
+        model=model,
+        task=TASK,
+        train_data=loader,
+        eval_data=evals,
+        spec=spec_,
+        optim=OptimizerSpec(lr=2e-2),
+        schedule=ScheduleSpec(name="constant"),
+        label_names=data.label_names,
         accelerator=accelerator,
     )
     losses = [r["loss"] for r in result.history if "loss" in r]

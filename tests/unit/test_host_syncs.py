@@ -80,14 +80,14 @@ def test_peftcli_reads_the_device_a_fixed_number_of_times_per_step(task, arch, t
         OnDevice.reads = Counter()
         optim, schedule = OptimizerSpec(lr=1e-3), ScheduleSpec(name="constant", warmup_steps=0)
         peftcli.training.loop.train(
-            model,
-            TASKS[task],
-            loader,
-            None,
-            spec,
-            optim,
-            schedule,
-            prepared.label_names,
+            model=model,
+            task=TASKS[task],
+            train_data=loader,
+            eval_data=None,
+            spec=spec,
+            optim=optim,
+            schedule=schedule,
+            label_names=prepared.label_names,
             accelerator=Accelerator(cpu=True),
         )
         per_step[accum] = {who: n / 4 for who, n in OnDevice.reads.items() if who.startswith("peftcli/")}
