@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftcli.adapter_io import atomic_write_text, write_json
-from peftcli.config.recipe import load_recipe, read_yaml
+from peftcli.config.load import load_recipe
+from peftcli.config.safe_yaml import read_yaml
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.methods import METHODS
-from peftcli.reporting.comparison import ended_line, ended_row, markdown, read_report, run_row, sort_rows, to_json
+from peftcli.reporting.compare_tables import ended_line, ended_row, markdown, read_report, run_row, sort_rows, to_json
 from peftcli.reporting.html import comparison_html
 from peftcli.tasks.registry import TASKS, higher_is_better
 from peftcli.training.own_process import Job, run_jobs

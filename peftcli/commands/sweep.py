@@ -19,25 +19,23 @@ from rich.markup import escape
 from rich.table import Table
 
 from peftcli.adapter_io import atomic_write_text, write_json
-from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.config.load import load_recipe
+from peftcli.config.schema import Recipe
 from peftcli.errors import PeftcliError, RecipeError
-from peftcli.reporting.comparison import ended_line, ended_row, run_row, sort_rows
+from peftcli.reporting.compare_tables import ended_line, ended_row, run_row, sort_rows
+from peftcli.reporting.flat import flatten
 from peftcli.reporting.html import sweep_html
-from peftcli.reporting.sweep import (
-    Search,
-    Space,
+from peftcli.reporting.sweep_tables import (
     best_sentence,
     override,
     param_text,
-    read_space,
     sweep_markdown,
     table_cells,
     table_headers,
-    trial_label,
 )
 from peftcli.tasks.registry import TASKS, higher_is_better
 from peftcli.training.own_process import Job, run_jobs
-from peftcli.training.run import flatten
+from peftcli.training.search import Search, Space, read_space
 from peftcli.training.slots import Slot, machine_slots
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)
@@ -159,6 +157,10 @@ def value_at(recipe: Recipe, key: str) -> Any:
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def trial_label(number: int) -> str:
+    return f"trial-{number:03d}"
 
 
 def trial_overrides(plan: Plan, params: dict[str, Any]) -> list[str]:

@@ -25,8 +25,9 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
 
 from peftcli.adapter_io import finite
-from peftcli.config.recipe import TRACKERS
+from peftcli.config.checks import TRACKERS
 from peftcli.errors import PeftcliError, first_line
+from peftcli.reporting.flat import flatten
 
 PROJECT = "peftcli"  # W&B's project, MLflow's experiment and Trackio's project unless the user names one
 SUMMARY = "report/"  # the prefix of the report's figures, apart from the training curves
@@ -243,20 +244,16 @@ def close(accelerator: Accelerator, failed: bool = False) -> None:
 def hyperparameters(recipe: dict[str, Any]) -> dict[str, str | int | float | bool]:
     """The resolved recipe, flat: `optimizer.lr: 0.001`; a list or null as its JSON text
     (`method.target_modules: ["query", "key"]`), which every tracker stores."""
-    return {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in flatten(recipe).items()}
+    return {
+        k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+        for k, v in flatten(recipe, keep_empty=True).items()
+    }
 
 
 def summary(report: dict[str, Any]) -> dict[str, float]:
     """report.json's numbers, flat and prefixed: `report/summary.steps`, `report/best_metrics.accuracy`."""
     return {
         SUMMARY + k: v
-        for k, v in flatten(finite(report)).items()
+        for k, v in flatten(finite(report), keep_empty=True).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
-    return flat

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from peftcli.config.recipe import Recipe
+from peftcli.config.schema import Recipe
 from peftcli.errors import PeftcliError
 from peftcli.models.loading import location_of
 
@@ -86,6 +86,12 @@ def locked_by_another(run_dir: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def refuse_if_busy(run_dir: Path) -> None:
+    """A run being written by another process is not resumed under it."""
+    if locked_by_another(run_dir):
+        raise busy(run_dir)
 
 
 class RunLock:
@@ -173,8 +179,7 @@ def check_replaceable(run_dir: Path, keep: Iterable[tuple[Path, str]]) -> None:
 
 def check_run_dir(run_dir: Path, overwrite: bool, keep: Iterable[tuple[Path, str]] = ()) -> None:
     """Before anything loads: the run directory is free, or `--overwrite` may replace it."""
-    if locked_by_another(run_dir):
-        raise busy(run_dir)
+    refuse_if_busy(run_dir)
     check_free(run_dir, overwrite, keep)
 
 

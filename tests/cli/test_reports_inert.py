@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.commands.generate import show
-from peftcli.config.recipe import load_recipe
+from peftcli.config.load import load_recipe
 from peftcli.methods import METHODS, context_for
 from peftcli.models.adapters import adapter_config, method_state, save_adapter
-from peftcli.reporting.comparison import run_row
+from peftcli.reporting.compare_tables import run_row
 from peftcli.reporting.html import sweep_html
-from peftcli.reporting.sweep import override
+from peftcli.reporting.sweep_tables import override
 from peftcli.tasks.registry import TASKS
 from tests.cli.test_bad_inputs import CLS, refused, snapshot
 from tests.conftest import make_tokenizer, tiny_model, tiny_recipe, write_jsonl

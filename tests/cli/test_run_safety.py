@@ -24,7 +24,8 @@ import peftcli.adapter_io
 from peftcli.cli import app
 from peftcli.errors import CheckpointError, PeftcliError, TrainingDiverged
 from peftcli.training.checkpoints import checkpoint_steps, find_checkpoint, read_loop_state
-from peftcli.training.run import resume_command, run_train
+from peftcli.training.resume import resume_command
+from peftcli.training.run import run_train
 from peftcli.training.run_dir import lock_path
 from tests.cli.test_bad_inputs import snapshot
 from tests.cli.test_resume import recipe_file, start, wait_for_step

@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from peftcli.cli import app
 from peftcli.commands.sweep import run_sweep
-from peftcli.config.recipe import load_recipe
+from peftcli.config.load import load_recipe
 from peftcli.errors import PeftcliError
-from peftcli.reporting.sweep import Search, random_trials, read_space
 from peftcli.training.checkpoints import checkpoint_steps
+from peftcli.training.search import Search, random_trials, read_space
 from tests.cli.test_cli import ROOT, files_under, peft, write_recipe
 from tests.cli.test_resume import wait_for_step
 from tests.conftest import tiny_recipe

@@ -1,4 +1,4 @@
-"""The search space of `peft sweep`: the space file read and checked (every problem at once, before
+"""The search of `peft sweep`: the space file read and checked (every problem at once, before
 anything trains), and the trials it yields: the grid's product, seeded random draws, or Optuna's
 TPE suggestions when Optuna is installed.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ from typing import Any
 
 import yaml
 
-from peftcli.config.recipe import MAX_RECIPE_BYTES, Refused, safe_yaml
+from peftcli.config.safe_yaml import MAX_RECIPE_BYTES, Refused, safe_yaml
 from peftcli.errors import PeftcliError
-from peftcli.reporting.comparison import cells, headers, markdown_table
 
 STRATEGIES = ("grid", "random", "optuna")
 SPACE_KEYS = ("strategy", "trials", "seed", "metric", "params")
@@ -69,11 +67,6 @@ class Space:
     seed: int
     metric: str | None
     params: tuple[Param, ...]
-
-
-def override(key: str, value: Any) -> str:
-    """`key=value` as `peft train` reads it: JSON is YAML, so lists and strings come back as they were."""
-    return f"{key}={json.dumps(value)}"
 
 
 def read_space(path: Path) -> Space:
@@ -287,70 +280,3 @@ def from_optuna(p: Param, value: Any) -> Any:
     if p.values is not None:
         return p.values[value]
     return value if p.is_int else min(p.high or 0.0, max(p.low or 0.0, float(f"{value:.4g}")))
-
-
-def param_text(params: dict[str, Any]) -> str:
-    return " ".join(override(k, v) for k, v in params.items())
-
-
-def trial_label(number: int) -> str:
-    return f"trial-{number:03d}"
-
-
-# -- the results table: comparison.py's cells, with a column per swept key ---------------------
-
-
-def value_text(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def table_headers(keys: list[str], metric: str) -> list[str]:
-    h = headers(metric)  # run, method, trainable, folder, weights, best, final, wall, tokens/s, memory, status
-    return ["trial", *keys, h[5], h[6], h[2], h[7], h[8], h[9], h[10]]
-
-
-def table_cells(row: dict[str, Any], keys: list[str]) -> list[str]:
-    c = cells(row)
-    return [row["run"], *(value_text(row["params"].get(k)) for k in keys), c[5], c[6], c[2], c[7], c[8], c[9], c[10]]
-
-
-def numeric_columns(keys: list[str]) -> frozenset[int]:
-    return frozenset(range(1, len(keys) + 7))
-
-
-def sweep_markdown(summary: dict[str, Any]) -> str:
-    keys, metric = list(summary["params"]), summary["metric"]
-    order = "higher is better" if summary["higher_is_better"] else "lower is better"
-    lines = [
-        f"# {summary['title']}",
-        "",
-        f"{summary['strategy']} search; sorted by the best eval {metric} ({order}).",
-        "",
-    ]
-    lines += markdown_table(table_headers(keys, metric), [table_cells(r, keys) for r in summary["rows"]])
-    lines += [
-        "",
-        best_sentence(summary),
-        "",
-        f"{metric} per trial and per swept key, plotted: [report.html](report.html)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def best_sentence(summary: dict[str, Any]) -> str:
-    """The best trial, and the trial with the recipe's own values for the swept keys when there is one."""
-    rows = {r["run"]: r for r in summary["rows"]}
-    metric = summary["metric"]
-    if summary["best"] is None:
-        return "No trial finished with a value of the metric: no best.yaml."
-    best = rows[summary["best"]]
-    text = f"Best: {best['run']}, {param_text(best['params'])}: {metric} {best['metric_best']:.4f} (best.yaml)."
-    own = [r for r in summary["rows"] if r["params"] == summary["recipe_values"]]
-    if own and isinstance(own[0]["metric_best"], (int, float)):
-        text += (
-            f" The recipe's own {param_text(own[0]['params'])}: {own[0]['run']}, {metric} {own[0]['metric_best']:.4f}."
-        )
-    return text
