@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peftcli.config.recipe import load_recipe
+from peftcli.config.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from peftcli.config.recipe import ModelSpec
+from peftcli.config.schema import ModelSpec
 from peftcli.models.loading import load_base_model
 from peftcli.tasks.registry import TASKS
 from tests.conftest import VOCAB, make_tokenizer, sample_batch

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftcli.config.recipe import load_recipe, package_folder, parse_override, position_limit
+from peftcli.config.load import load_recipe
+from peftcli.config.overrides import parse_override
+from peftcli.config.paths import package_folder
+from peftcli.config.positions import position_limit
 from peftcli.errors import RecipeError
 from peftcli.methods.lora import LoraParams
 
