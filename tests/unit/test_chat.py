@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from peftcli.config.recipe import DataSpec, load_recipe
+from peftcli.config.load import load_recipe
+from peftcli.config.schema import DataSpec
 from peftcli.data.chat import encode_chat
 from peftcli.data.prepare import prepare_data
 from peftcli.errors import DataError

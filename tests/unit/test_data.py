@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from peftcli.config.recipe import DataSpec
-from peftcli.data.prepare import Collator, GroupedBatchSampler, prepare_data
+from peftcli.config.schema import DataSpec
+from peftcli.data.batching import Collator, GroupedBatchSampler
+from peftcli.data.prepare import prepare_data
 from peftcli.errors import DataError
 from peftcli.tasks.registry import IGNORE_INDEX
 from tests.conftest import write_jsonl
