@@ -19,7 +19,7 @@ from peftcli.adapter_io import (
     weights_file,
     write_adapter,
 )
-from peftcli.config.recipe import describe
+from peftcli.config.describe import describe
 from peftcli.errors import CheckpointError, MethodError
 from peftcli.methods import BY_PEFT_TYPE, Method, context_for
 from peftcli.methods.base import Adapted, assign_state, trainable_parameters

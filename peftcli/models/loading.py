@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from peftcli.config.recipe import PACKAGE_PREFIX, ModelSpec, is_hub_id, package_folder
+from peftcli.config.paths import PACKAGE_PREFIX, is_hub_id, package_folder
+from peftcli.config.schema import ModelSpec
 from peftcli.data import hub
 from peftcli.errors import ModelError
 from peftcli.models import quantization

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcli.config.recipe import bf16_runs_here
+from peftcli.config.hardware import bf16_runs_here
 from peftcli.methods._layers import dense_weight
 
 

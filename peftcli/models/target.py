@@ -15,8 +15,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from peftcli.adapter_io import CONFIG_NAME, LABELS_NAME, PREFIX, read_adapter_config, unreadable, weights_file
-from peftcli.config.recipe import ModelSpec, Recipe, describe, load_recipe, parse_override, set_path
-from peftcli.data.prepare import LABEL_SETS, load_trimmed
+from peftcli.config.describe import describe
+from peftcli.config.load import load_recipe
+from peftcli.config.overrides import parse_override, set_path
+from peftcli.config.schema import ModelSpec, Recipe
+from peftcli.data.labels import LABEL_SETS
+from peftcli.data.loading import load_trimmed
 from peftcli.errors import CheckpointError, DataError, PeftcliError, RecipeError
 from peftcli.methods import Method, context_for, get_method
 from peftcli.methods.base import Adapted
