@@ -4,7 +4,7 @@ and forward alone (eval), math against flash, fp32 and bf16, at the shapes peftc
     python benchmarks/attention_kernels.py
 
 Prints one JSON line per shape and dtype with the median milliseconds of each kernel. The crossover
-it finds for bf16 training is `peftcli.training.loop.MATH_ATTENTION_BELOW`.
+it finds for bf16 training is `peftcli.training.speedups.attention_kernel.MATH_ATTENTION_BELOW`.
 """
 
 from __future__ import annotations

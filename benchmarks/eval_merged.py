@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from peftcli.commands.evaluate import eval_data_spec, merge_for_eval
 from peftcli.data.prepare import eval_loader, prepare_eval_data
 from peftcli.models.target import build, resolve_target
-from peftcli.training.loop import evaluate
+from peftcli.training.evaluation import evaluate
 
 
 def main() -> None:

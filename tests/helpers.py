@@ -14,7 +14,9 @@ from peftcli.data.prepare import eval_loader, prepare_data, train_loader
 from peftcli.methods import Method, context_for
 from peftcli.methods.base import Adapted, Calibration, TrainingHooks
 from peftcli.tasks.registry import TASKS
-from peftcli.training.loop import TrainResult, model_inputs, train
+from peftcli.training.batches import model_inputs
+from peftcli.training.loop import train
+from peftcli.training.state import TrainResult
 from tests.conftest import tiny_data_section
 
 

@@ -27,7 +27,7 @@ from peftcli.models.target import Built, Target, build, resolve_target
 from peftcli.tasks.generation import Decoding, complete, greedy_answers
 from peftcli.tasks.registry import IGNORE_INDEX
 from peftcli.tasks.text_metrics import generation_scores
-from peftcli.training.loop import evaluate
+from peftcli.training.evaluation import evaluate
 
 console = Console(stderr=True, soft_wrap=True, emoji=False)
 

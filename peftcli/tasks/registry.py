@@ -7,14 +7,12 @@ gradient of 4 micro-batches of 8 then equals that of one batch of 32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from peftcli.tasks.entities import entity_scores
 
@@ -132,54 +130,17 @@ def next_token_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-TARGET_INDEX = "target_index"
-
-
-def with_target_index(batch: dict[str, torch.Tensor], task: Task) -> dict[str, torch.Tensor]:
-    """For a task whose head may run at the target positions only: the batch with those positions
-    (flattened), found on the host before the batch goes to the device. Selecting them on the device
-    with a boolean mask would make the host wait for the device at every micro-batch."""
-    if not task.head_at_targets_only:
-        return batch
-    keep = (next_token_targets(batch) != IGNORE_INDEX).flatten()
-    return batch | {TARGET_INDEX: keep.nonzero().squeeze(1)}
+# The next-token targets one per row of the logits, where a speedup ran the head at the target
+# positions only (training.speedups.head_at_targets): given with the batch, the loss reads the same.
+NEXT_TOKEN_TARGETS = "next_token_targets"
 
 
 def causal_lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    targets = next_token_targets(batch)
-    if logits.dim() == 2:  # one row per target: the head ran at those positions only (head_at_targets)
-        index = batch.get(TARGET_INDEX)
-        targets = targets.flatten().index_select(0, index) if index is not None else targets[targets != IGNORE_INDEX]
+    targets = batch[NEXT_TOKEN_TARGETS] if NEXT_TOKEN_TARGETS in batch else next_token_targets(batch)
     # The targets are shifted, not the logits: slicing the logits would copy the B x L x vocab tensor.
     logits = logits.reshape(-1, logits.size(-1))
     loss = F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (targets != IGNORE_INDEX).sum()
-
-
-@contextmanager
-def head_at_targets(head: nn.Module | None, batch: dict[str, torch.Tensor]) -> Iterator[None]:
-    """The language-model head runs only at positions whose next token is trained, and returns one
-    row of logits per target: prompt and padding positions skip a vocabulary-sized matrix product
-    (a fifth of SmolLM2-135M's) and the B x L x vocab logits. The loss is the same sum. When the
-    hidden states do not line up with the labels (virtual tokens prepended), the head runs everywhere."""
-    if head is None:
-        yield
-        return
-    index = batch.get(TARGET_INDEX)
-    keep = next_token_targets(batch) != IGNORE_INDEX if index is None else None
-
-    def at_targets(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        hidden = args[0]
-        if hidden.shape[:2] != batch["labels"].shape:
-            return None
-        rows = hidden[keep] if index is None else hidden.flatten(0, 1).index_select(0, index)
-        return (rows, *args[1:])
-
-    handle = head.register_forward_pre_hook(at_targets)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def causal_lm_metrics(

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from peftcli.adapter_io import atomic_rename_dir, read_state, save_tensors
 from peftcli.errors import CheckpointError
 from peftcli.training.distributed import gather_to_main, on_main
-from peftcli.training.loop import LoopState, Position
+from peftcli.training.state import LoopState, Position
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"

@@ -15,6 +15,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from torch import nn
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -55,3 +57,10 @@ def set_tf32(enabled: bool) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def low_precision(accelerator: Accelerator, model: nn.Module) -> bool:
+    """Whether the forward computes in 16 bits: 16-bit weights, or autocast (whose weights stay fp32)."""
+    return accelerator.mixed_precision in ("fp16", "bf16") or any(
+        p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
+    )

@@ -13,8 +13,8 @@ from pydantic import BaseModel
 from peftcli.config.schema import Recipe
 from peftcli.errors import CheckpointError
 from peftcli.reporting.flat import flatten
+from peftcli.training.accelerator import make_accelerator
 from peftcli.training.distributed import on_main, partitioned_optimizer
-from peftcli.training.loop import make_accelerator
 from peftcli.training.run_dir import refuse_if_busy, settle_replacement
 
 RESUME_MAY_CHANGE = {

@@ -26,22 +26,16 @@ from peftcli.models.quantization import weight_memory
 from peftcli.reporting import trackers as tracking
 from peftcli.tasks.registry import TASKS, Task
 from peftcli.training import host_memory, precision
+from peftcli.training.accelerator import make_accelerator
+from peftcli.training.batches import model_inputs
 from peftcli.training.checkpoints import check_data, checkpoint_dir, data_fingerprint, find_checkpoint, read_loop_state
 from peftcli.training.distributed import on_main, partitioned_optimizer
-from peftcli.training.loop import (
-    Hooks,
-    NonFiniteLoss,
-    OutOfMemory,
-    Stop,
-    Stopped,
-    TrainResult,
-    make_accelerator,
-    model_inputs,
-    train,
-)
+from peftcli.training.loop import Hooks, train
 from peftcli.training.resume import check_resumable
 from peftcli.training.run_dir import check_run_dir, kept_paths, settle_replacement
 from peftcli.training.run_state import Parts, Run, Start, best_snapshot
+from peftcli.training.state import TrainResult
+from peftcli.training.stops import NonFiniteLoss, OutOfMemory, Stop, Stopped
 
 # emoji=False: a run named `a:fire:b` is printed as written (escape() leaves emoji codes).
 console = Console(stderr=True, soft_wrap=True, emoji=False)

@@ -35,9 +35,10 @@ from peftcli.reporting.run_report import build_report, print_summary
 from peftcli.tasks.registry import Task
 from peftcli.training.checkpoints import BEST, abandon_after, checkpoint_dir, save_checkpoint, write_loop_state
 from peftcli.training.distributed import on_main
-from peftcli.training.loop import Hooks, LoopState, TrainResult
+from peftcli.training.loop import Hooks
 from peftcli.training.resume import resolved_recipe_text, resume_command
 from peftcli.training.run_dir import Replacement, RunLock
+from peftcli.training.state import LoopState, TrainResult
 
 # emoji=False: a run named `a:fire:b` is printed as written (escape() leaves emoji codes).
 console = Console(stderr=True, soft_wrap=True, emoji=False)

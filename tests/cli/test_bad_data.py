@@ -23,7 +23,7 @@ from peftcli.config.recipe import DataSpec
 from peftcli.data.prepare import prepare_data
 from peftcli.reporting.report import MetricsLog, write_report
 from peftcli.tasks.registry import TASKS
-from peftcli.training.loop import TrainResult
+from peftcli.training.state import TrainResult
 from tests.cli import test_bad_inputs as bad_inputs
 from tests.cli.test_bad_inputs import refused
 from tests.conftest import VOCAB, qa_rows, tiny_model, tiny_recipe, write_jsonl

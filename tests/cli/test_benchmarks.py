@@ -110,8 +110,8 @@ def test_the_ceilings_flop_count_is_what_torch_counts_on_a_forward_of_each_tools
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from peftcli.tasks.registry import head_at_targets
     from peftcli.training.speedups.first_position import first_position_only
+    from peftcli.training.speedups.head_at_targets import head_at_targets
     from tests.conftest import _llama_config, tiny_model
 
     ceilings = load_benchmark_module("ceilings")

@@ -190,7 +190,7 @@ def test_fsdp2_sharded_adapter_is_saved_whole_inside_full_parameters(tmp_path: P
 def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monkeypatch) -> None:
     from peftcli.config.recipe import TrainSpec
     from peftcli.errors import PeftcliError
-    from peftcli.training.loop import make_accelerator
+    from peftcli.training.accelerator import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(PeftcliError) as exc:

@@ -177,7 +177,9 @@ def test_nonfinite_gradient_step_changes_nothing(tmp_path, tiny_dirs, tiny_data)
 
     from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
     from peftcli.tasks.registry import TASKS
-    from peftcli.training.loop import make_accelerator, make_optimizer, make_scheduler, train_step
+    from peftcli.training.accelerator import make_accelerator
+    from peftcli.training.loop import train_step
+    from peftcli.training.optim import make_optimizer, make_scheduler
     from tests.conftest import make_tokenizer, tiny_model
     from tests.helpers import adapt
 

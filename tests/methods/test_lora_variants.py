@@ -25,7 +25,7 @@ from peftcli.methods import METHODS
 from peftcli.methods.lora import LoraLinear, LoraParams
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.tasks.registry import TASKS
-from peftcli.training.loop import make_optimizer
+from peftcli.training.optim import make_optimizer
 from tests.conftest import TINY, make_tokenizer, sample_batch, tiny_model
 from tests.helpers import adapt, logits, randomize_trainable
 

@@ -18,7 +18,8 @@ from peftcli.data.prepare import Collator, eval_loader, prepare_data, tokenize_t
 from peftcli.methods import METHODS, Kind
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.tasks.registry import IGNORE_INDEX, TASKS
-from peftcli.training.loop import evaluate, train
+from peftcli.training.evaluation import evaluate
+from peftcli.training.loop import train
 from tests.conftest import NER_TAGS, bert_tagger, make_wordpiece_tokenizer
 from tests.helpers import adapt, randomize_trainable
 

@@ -91,5 +91,5 @@ def test_peftcli_reads_the_device_a_fixed_number_of_times_per_step(task, arch, t
             accelerator=Accelerator(cpu=True),
         )
         per_step[accum] = {who: n / 4 for who, n in OnDevice.reads.items() if who.startswith("peftcli/")}
-    # One read per step: the loss and the gradient norm, together (trainer.train_step).
-    assert per_step[1] == per_step[4] == {"peftcli/training/loop.py:train_step": 1.0}
+    # One read per step: the loss and the gradient norm, together (loop.read_loss).
+    assert per_step[1] == per_step[4] == {"peftcli/training/loop.py:read_loss": 1.0}

@@ -7,7 +7,7 @@ import torch
 
 from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.methods import METHODS
-from peftcli.training.loop import make_scheduler
+from peftcli.training.optim import make_scheduler
 from tests.conftest import TINY, tiny_model
 from tests.helpers import adapt, randomize_trainable, run_training
 
@@ -91,13 +91,13 @@ def test_bf16_training_on_cpu_uses_the_math_attention_kernel_below_192_tokens(
 ) -> None:
     from types import SimpleNamespace
 
-    from peftcli.training.loop import training_attention
+    from peftcli.training.speedups.attention_kernel import math_attention
 
     model = torch.nn.Linear(4, 4).to(dtype)
     # accelerate's state is a process-wide singleton: a stand-in with the two attributes read.
     accelerator = SimpleNamespace(mixed_precision=mixed_precision, device=torch.device("cpu"))
-    attention = training_attention(accelerator, model)  # type: ignore[arg-type]
-    with attention(length):
-        assert torch.backends.cuda.flash_sdp_enabled() is flash
-        assert torch.backends.cuda.math_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the forward
+    with math_attention(accelerator, model) as attention:  # type: ignore[arg-type]
+        with attention(length):
+            assert torch.backends.cuda.flash_sdp_enabled() is flash
+            assert torch.backends.cuda.math_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled()  # restored after the forward

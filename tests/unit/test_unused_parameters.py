@@ -14,8 +14,8 @@ from peftcli.data.prepare import train_loader
 from peftcli.methods import METHODS
 from peftcli.models.loading import load_base_model, set_dropout
 from peftcli.tasks.registry import IGNORE_INDEX, TASKS
+from peftcli.training.accelerator import make_accelerator
 from peftcli.training.distributed import allow_unused, data_parallel, first_batch, unused_parameters
-from peftcli.training.loop import make_accelerator
 from tests.conftest import sample_batch, tiny_model
 from tests.helpers import adapt, mean_loss
 

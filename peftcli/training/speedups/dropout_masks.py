@@ -1,15 +1,16 @@
 """Dropout on the CPU with masks drawn four to a 64-bit random integer, in training only.
 
-torch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`, about 11% of a MiniLM fp32
-LoRA step), then multiplies by the mask and by 1 / (1 - p) in separate passes, and the backward again.
-Here one `random_` call fills a quarter as many 64-bit integers, each read as four 15-bit numbers
-compared against p: the same distribution at a resolution of 1/32768 (p = 0.1 drops 3277/32768),
-and a boolean mask kept for the backward, as torch keeps its own.
-
-Every exact `nn.Dropout` of the model is switched while training and switched back after. The
-random numbers come from torch's default generator, so a seeded run repeats itself, and gradient
-checkpointing, which restores that generator before recomputing, draws the same masks. CUDA tensors
-keep torch's fused dropout kernel.
+What it changes: torch's CPU dropout draws one Bernoulli sample per element (`bernoulli_`), then
+multiplies by the mask and by 1 / (1 - p) in separate passes, and the backward again. Here one
+`random_` call fills a quarter as many 64-bit integers, each read as four 15-bit numbers compared
+against p, and a boolean mask is kept for the backward, as torch keeps its own. Every exact
+`nn.Dropout` of the model is switched while training and switched back after; CUDA tensors keep
+torch's fused dropout kernel.
+Invariant (tests/unit/test_dropout_masks.py): the same distribution at a resolution of 1/32768
+(p = 0.1 drops 3277/32768), output and gradient the mask times 1 / (1 - p), and the same masks under
+gradient checkpointing: the random numbers come from torch's default generator, so a seeded run
+repeats itself, and checkpointing restores that generator before recomputing. Measured gain:
+docs/benchmarks.md (benchmarks/speedups.py re-measures it).
 """
 
 from __future__ import annotations

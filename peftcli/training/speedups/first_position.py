@@ -1,17 +1,17 @@
-"""Sequence classification reads the last layer at one position only (BERT's pooler and RoBERTa's head
-take the first token), so the last layer's attention output and feed-forward block run at that
-position only: about a seventh of MiniLM's matrix products, in training and in evaluation.
+"""Sequence classification: the last transformer block's attention output and feed-forward at the first
+position only, in training and in evaluation.
 
-Which models allow it is found out, not assumed: the last layer must have a residual output module
-(BERT's `forward(hidden_states, input_tensor)`), and a probe forward must give the same logits with
-and without the narrowing. Everything after the last attention is position-wise, so the logits are
-the same sums; the gradients too, since no other position of the last layer reaches the loss.
+What it changes: BERT's pooler and RoBERTa's head read the first token of the last block's output, and
+everything after the last block's attention is position-wise, so from the block's residual output
+module (BERT's SelfOutput) on, only that position is computed. Which models allow it is found out, not
+assumed: a probe forward must give the same logits with and without the narrowing.
+Invariant (tests/unit/test_first_position.py): the same logits for every method, the same gradients
+(with gradient checkpointing too), and untouched models whose head reads another position. Measured
+gain: docs/benchmarks.md (benchmarks/speedups.py re-measures it).
 """
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,23 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
-# Residual output modules narrowed now: evaluate() inside a training loop finds theirs already narrowed.
-_NARROWED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+from peftcli.methods.base import find_blocks
 
 
 def last_layer(model: nn.Module) -> nn.Module | None:
-    """The last block of the model's longest stack of identical layers (its transformer layers)."""
-    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    stacks = [s for s in stacks if len({type(layer) for layer in s}) == 1]
-    return max(stacks, key=len)[-1] if stacks else None
+    """The last of the model's transformer blocks (methods.base.find_blocks, as layer freezing finds them)."""
+    blocks = find_blocks(model)
+    return model.get_submodule(blocks.path)[-1] if blocks is not None else None
 
 
 def residual_output(layer: nn.Module) -> nn.Module | None:
-    """The layer's first module that adds its input back after the attention (BERT's SelfOutput):
-    from there on, every position is computed on its own."""
+    """The first module inside the block with a LayerNorm of its own: where BERT-style blocks add the
+    attention's input back (SelfOutput). From there on every position is computed on its own."""
     for module in layer.modules():
-        params = list(inspect.signature(module.forward).parameters)
-        if params[:2] == ["hidden_states", "input_tensor"]:
+        if module is not layer and any(isinstance(child, nn.LayerNorm) for child in module.children()):
             return module
     return None
 
@@ -49,15 +46,19 @@ def _first_position(
     return tuple(first(a) for a in args), {k: first(v) for k, v in kwargs.items()}
 
 
+def is_narrowed(point: nn.Module) -> bool:
+    """Whether `point` runs at the first position already: an eval inside a narrowed training loop
+    finds its own hook there, and adds no second one."""
+    return any(hook is _first_position for hook in point._forward_pre_hooks.values())
+
+
 @contextmanager
 def _narrowed(point: nn.Module) -> Iterator[None]:
     handle = point.register_forward_pre_hook(_first_position, with_kwargs=True)
-    _NARROWED.add(point)
     try:
         yield
     finally:
         handle.remove()
-        _NARROWED.discard(point)
 
 
 def _same_logits(model: nn.Module, point: nn.Module, vocab_size: int, low_precision: bool = False) -> bool:
@@ -73,7 +74,7 @@ def _same_logits(model: nn.Module, point: nn.Module, vocab_size: int, low_precis
             full = model(input_ids=ids, attention_mask=mask).logits.float()
             with _narrowed(point):
                 narrow = model(input_ids=ids, attention_mask=mask).logits.float()
-    except (RuntimeError, IndexError, ValueError):  # the head reads a position the narrowing removed
+    except IndexError:  # the head indexes a position the narrowing removed
         return False
     finally:
         model.train(training)
@@ -95,7 +96,7 @@ def first_position_only(
     vocab_size = getattr(getattr(inner, "config", None), "vocab_size", None)
     if point is None or vocab_size is None:
         yield False
-    elif point in _NARROWED:
+    elif is_narrowed(point):
         yield True
     elif not _same_logits(model, point, vocab_size, low_precision):
         yield False

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftcli.tasks.registry import IGNORE_INDEX, TASKS, head_at_targets
+from peftcli.tasks.registry import IGNORE_INDEX, TASKS
+from peftcli.training.speedups.head_at_targets import head_at_targets, with_target_index
 from tests.conftest import tiny_model
 
 
@@ -22,20 +23,23 @@ def batch_with_prompts_and_padding(vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@pytest.mark.parametrize("indexed", [False, True])
 @pytest.mark.parametrize("arch", ["gpt2-lm", "llama-lm"])
-def test_head_at_targets_gives_the_full_heads_loss_and_gradients(arch: str) -> None:
+def test_head_at_targets_gives_the_full_heads_loss_and_gradients(arch: str, indexed: bool) -> None:
+    """With the target positions found on the host (`with_target_index`, as the loop does) or not."""
     task = TASKS["causal_lm"]
     model = tiny_model(arch)
     batch = batch_with_prompts_and_padding(model.config.vocab_size)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    given = with_target_index(batch) if indexed else batch
 
     def loss_and_grads(
         head: torch.nn.Module | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
-        with head_at_targets(head, batch):
+        with head_at_targets(head, given) as for_loss:
             logits = model(**inputs).logits
-        loss, count = task.loss_sum(logits, batch)
+        loss, count = task.loss_sum(logits, for_loss)
         loss.backward()
         return logits, loss.detach(), count, [p.grad.clone() for p in model.parameters()]
 
@@ -49,3 +53,13 @@ def test_head_at_targets_gives_the_full_heads_loss_and_gradients(arch: str) -> N
         torch.testing.assert_close(g, full, rtol=1e-5, atol=1e-7)
     # The hook is gone afterwards: the next forward returns every position's logits again.
     assert model(**inputs).logits.shape[:2] == (3, 12)
+
+
+def test_hidden_states_that_do_not_line_up_with_the_labels_keep_the_full_head() -> None:
+    """Virtual tokens prepended: the head runs everywhere and the loss reads the batch unchanged."""
+    model = tiny_model("llama-lm")
+    batch = batch_with_prompts_and_padding(model.config.vocab_size)
+    longer = {k: torch.cat([v[:, :2], v], dim=1) for k, v in batch.items() if k != "labels"}
+    with head_at_targets(model.get_output_embeddings(), batch) as for_loss:
+        logits = model(**longer).logits
+    assert logits.shape[:2] == (3, 14) and for_loss.keys() == batch.keys()
