@@ -8,7 +8,9 @@ from __future__ import annotations
 
 
 def bf16_runs_here() -> bool:
-    import torch  # here, not at the top: `peft validate` reads this only for a recipe that quantizes
+    # Imported here: config/ needs only pydantic and YAML at import, toward a torch-free `peft validate`
+    # (the xfail in tests/cli/test_help_and_startup.py).
+    import torch
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
