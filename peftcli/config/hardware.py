@@ -8,8 +8,8 @@ from __future__ import annotations
 
 
 def bf16_runs_here() -> bool:
-    # Imported here: config/ needs only pydantic and YAML at import, toward a torch-free `peft validate`
-    # (the xfail in tests/cli/test_help_and_startup.py).
+    # Imported here, as before the split: config/'s own modules need no torch at import, ready for a
+    # torch-free `peft validate` once methods/ and tasks/ get there (tests/cli/test_help_and_startup.py).
     import torch
 
     if torch.cuda.is_available():
