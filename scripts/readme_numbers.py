@@ -1,15 +1,16 @@
-"""Runs the seeded runs README.md quotes and prints their figures, with the commit they were measured on.
+"""Runs the seeded runs README.md and docs/ quote and prints their figures, with the commit they were measured on.
 
     python scripts/readme_numbers.py                          # quickstart (1 and 2 processes) and the NER recipe
     python scripts/readme_numbers.py --only quickstart,ner    # a part of it
-    python scripts/readme_numbers.py --check                  # and exit 1 where README.md quotes other values
+    python scripts/readme_numbers.py --check                  # and exit 1 where the docs quote other values
 
 A seeded run on the CPU repeats itself to the byte, so its accuracy and F1 are facts of the code, the
 libraries and the CPU's precision (`train.mixed_precision: auto` picks bf16 where the CPU runs it
-natively, fp32 elsewhere): the script prints each as the exact text README.md quotes (`quotes()`), and
+natively, fp32 elsewhere): the script prints each as the exact text README.md or a guide in docs/
+quotes (`quotes()`; the quickstart's in README.md, the measured runs in docs/benchmarks.md), and
 tests/slow (the quickstart run of test_real_models.py, and tests/cli/test_readme.py for the NER recipe)
-fail when the README no longer contains it. Times, tokens/s and memory depend on the machine and its
-load: they are printed with the load average, for the README to quote once, with where it measured them.
+fail when the docs no longer contain it. Times, tokens/s and memory depend on the machine and its
+load: they are printed with the load average, for the docs to quote once, with where they measured them.
 Every run goes into a temporary folder; nothing is written into the checkout.
 """
 
@@ -27,6 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+WHERE = "README.md or docs/"
 PARTS = ("quickstart", "quickstart-2proc", "ner")
 
 
@@ -53,7 +56,8 @@ def percent(x: float) -> str:
 
 
 def quickstart_quotes(report: dict[str, Any]) -> dict[str, str]:
-    """The quickstart's accuracy as README.md quotes it, in its paragraph and in the Measured table."""
+    """The quickstart's accuracy as the docs quote it: in README.md's quickstart, and in the table of
+    docs/benchmarks.md's measured runs."""
     best, final = report["best_metrics"]["accuracy"], report["final_metrics"]["accuracy"]
     precision = report["summary"]["mixed_precision"]
     return {
@@ -70,7 +74,7 @@ def precision_words(precision: str) -> str:
 
 
 def readme_precision(text: str) -> str | None:
-    """The precision README.md says its seeded figures were measured in, as precision_words() writes it."""
+    """The precision the docs say their seeded figures were measured in, as precision_words() writes it."""
     found = re.search(r"`train\.mixed_precision: auto` picked (fp32|\w+ autocast)", " ".join(text.split()))
     return found.group(1) if found else None
 
@@ -126,11 +130,16 @@ def ner_base_quotes(val_base: dict[str, Any], test_base: dict[str, Any]) -> dict
     }
 
 
-def missing(quotes: dict[str, str], text: str) -> list[str]:
-    """One line per quote the README does not contain, word for word (line breaks count as spaces)."""
+def documented_text() -> str:
+    """README.md and every guide in docs/, the text the quoted figures are looked for in."""
+    return "\n".join(path.read_text(encoding="utf-8") for path in DOCS)
+
+
+def missing(quotes: dict[str, str], text: str, where: str = "README.md") -> list[str]:
+    """One line per quote the text does not contain, word for word (line breaks count as spaces)."""
     words = " ".join(text.split())
     return [
-        f"README.md does not quote {name} as the run gives it: {quote!r}"
+        f"{where} does not quote {name} as the run gives it: {quote!r}"
         for name, quote in quotes.items()
         if quote not in words
     ]
@@ -174,7 +183,7 @@ def merge_said(stderr: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md does not quote a figure as measured")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if {WHERE} does not quote a figure as measured")
     args = parser.parse_args()
     parts = [p for p in args.only.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -217,7 +226,7 @@ def main() -> int:
     for name, quote in quotes.items():
         print(f"{name}: {quote}")
     if args.check:
-        problems = missing(quotes, README.read_text(encoding="utf-8"))
+        problems = missing(quotes, documented_text(), WHERE)
         for line in problems:
             print(line, file=sys.stderr)
         return 1 if problems else 0
