@@ -45,74 +45,38 @@ def run_merge(
     fmt: str = "safetensors",
     gguf_type: str = "f16",
 ) -> dict[str, Any]:
+    """Merges the adapter of `target_path` (a run directory or an adapter folder) into its base and writes
+    the model to `out`: a transformers folder in `dtype`, or with fmt gguf one .gguf file. Returns the
+    largest logit differences found (and where it wrote).
+
+        peft merge runs/lora-sst2 --out merged/lora-sst2
+
+    Raises:
+        PeftcliError: nothing to merge, a method that cannot merge, an `out` that is taken, or a merged
+            model whose logits differ from the adapted model's by more than `tolerance` (nothing written).
+    """
     target = resolve_target(target_path, overrides or [])
-    if target.adapter_dir is None:
-        raise PeftcliError(
-            f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory."
-        )
-    if target.path.resolve().is_relative_to(out.resolve()):
-        raise PeftcliError(
-            f"{out}: holds the adapter being merged ({target_path}), which --out would replace. Choose another --out."
-        )
-    if fmt == "gguf":
-        check_gguf_out(out, target, overwrite)
-    else:
-        check_folder_out(out, target, overwrite)
+    check_request(target_path, target, out, fmt, overwrite)
     built = build(target)
     method = built.method
     assert method is not None
     if fmt == "gguf":
         check_exportable(built.model, built.tokenizer, str(target.path), base_gguf(target.model))
-    if method.merge is None:
-        raise PeftcliError(
-            f"{target.adapter_dir}: {method.name} {method.kind.value} and cannot be merged into the weights. "
-            "Use the adapter as it is: `peft eval`"
-            + (", or HF peft's PeftModel.from_pretrained." if method.in_hf_peft else ".")
-        )
+    check_mergeable(method, target)
     model = built.model.eval()
     batches = probe_batches(built.tokenizer)
     quantization = target.model.quantization
-    adapted_quantized = [logits(model, b) for b in batches] if quantization is not None else None
-    if quantization is not None:
-        # The quantized weights become float ones holding exactly the values the adapted run computed
-        # with (found through the adapter's wrappers too); the adapter folds into those.
-        dequantize(model)
-    before = [logits(model, b) for b in batches]
-    method.merge(model)
-    leftover = sorted(set(parameter_names(model)) ^ set(plain_parameter_names(model)))
-    difference = max(float((logits(model, b) - ref).abs().max()) for b, ref in zip(batches, before))
-    if leftover or difference > tolerance:
-        raise PeftcliError(
-            f"merge check failed: the merged model's logits differ from the adapted model's by {difference:.3g} "
-            f"(tolerance {tolerance:g}){f'; parameters differ from a plain model: {leftover[:3]}' if leftover else ''}. Nothing was written."
-        )
+    adapted_quantized, before, difference = merge_checked(model, method, quantization is not None, batches, tolerance)
     if fmt == "gguf":
-        said = f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
+        said = merged_text(method.name, target, difference)
         return {"difference": difference} | export_gguf(
             model, built.tokenizer, target, out, gguf_type, batches, before, said
         )
     model.to(DTYPES[dtype])
     cast_difference = max(float((logits(model, b).float() - ref).abs().max()) for b, ref in zip(batches, before))
-    base = target_base(read_adapter_config(target.adapter_dir), target.model, target.recipe is not None)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        built.tokenizer.save_pretrained(tmp)
-        write_card(
-            tmp,
-            merged_card(
-                method=method.name,
-                task=target.task,
-                base=base,
-                adapter=str(target.adapter_dir),
-                model_class=type(model).__name__,
-                out=str(out),
-                dtype=dtype,
-                label_names=target.label_names,
-            ),
-        )
-        plain_modes(tmp)  # safetensors writes model.safetensors owner-only
+    write_folder(model, built.tokenizer, method.name, target, out, dtype)
     result = {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
-    said = f"merged {method.name} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
+    said = merged_text(method.name, target, difference)
     if quantization is not None and adapted_quantized is not None:
         result |= quantization_errors(target, batches, adapted_quantized, before)
         said = (
@@ -127,6 +91,80 @@ def run_merge(
         + f". Wrote {escape(str(out))}; load it with {type(model).__name__}.from_pretrained('{escape(str(out))}')."
     )
     return result
+
+
+def check_request(target_path: Path, target: Any, out: Path, fmt: str, overwrite: bool) -> None:
+    """Before anything loads: there is an adapter to merge, and `out` may be written."""
+    if target.adapter_dir is None:
+        raise PeftcliError(
+            f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory."
+        )
+    if target.path.resolve().is_relative_to(out.resolve()):
+        raise PeftcliError(
+            f"{out}: holds the adapter being merged ({target_path}), which --out would replace. Choose another --out."
+        )
+    if fmt == "gguf":
+        check_gguf_out(out, target, overwrite)
+    else:
+        check_folder_out(out, target, overwrite)
+
+
+def check_mergeable(method: Any, target: Any) -> None:
+    if method.merge is None:
+        raise PeftcliError(
+            f"{target.adapter_dir}: {method.name} {method.kind.value} and cannot be merged into the weights. "
+            "Use the adapter as it is: `peft eval`"
+            + (", or HF peft's PeftModel.from_pretrained." if method.in_hf_peft else ".")
+        )
+
+
+def merge_checked(
+    model: torch.nn.Module, method: Any, quantized: bool, batches: list[Any], tolerance: float
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor], float]:
+    """Folds the adapter into the weights, checked: the merged model must give the adapted model's logits
+    on `batches`. Returns the quantized adapted model's logits (None for a float base), the adapted
+    model's before the merge, and the largest difference."""
+    adapted_quantized = [logits(model, b) for b in batches] if quantized else None
+    if quantized:
+        # The quantized weights become float ones holding exactly the values the adapted run computed
+        # with (found through the adapter's wrappers too); the adapter folds into those.
+        dequantize(model)
+    before = [logits(model, b) for b in batches]
+    method.merge(model)
+    leftover = sorted(set(parameter_names(model)) ^ set(plain_parameter_names(model)))
+    difference = max(float((logits(model, b) - ref).abs().max()) for b, ref in zip(batches, before))
+    if leftover or difference > tolerance:
+        raise PeftcliError(
+            f"merge check failed: the merged model's logits differ from the adapted model's by {difference:.3g} "
+            f"(tolerance {tolerance:g}){f'; parameters differ from a plain model: {leftover[:3]}' if leftover else ''}. Nothing was written."
+        )
+    return adapted_quantized, before, difference
+
+
+def merged_text(method: str, target: Any, difference: float) -> str:
+    return f"merged {method} into {escape(target.model.name)}: largest logit difference {difference:.2e} (float32)"
+
+
+def write_folder(model: torch.nn.Module, tokenizer: Any, method: str, target: Any, out: Path, dtype: str) -> None:
+    """The merged model, its tokenizer and its model card, in `out` whole or not at all."""
+    base = target_base(read_adapter_config(target.adapter_dir), target.model, target.recipe is not None)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_card(
+            tmp,
+            merged_card(
+                method=method,
+                task=target.task,
+                base=base,
+                adapter=str(target.adapter_dir),
+                model_class=type(model).__name__,
+                out=str(out),
+                dtype=dtype,
+                label_names=target.label_names,
+            ),
+        )
+        plain_modes(tmp)  # safetensors writes model.safetensors owner-only
 
 
 def quantization_errors(
