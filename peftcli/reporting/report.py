@@ -1,8 +1,9 @@
-"""The run's report: metrics.jsonl lines in, report.json and report.md out (the plots: html_report)."""
+"""The run's report: metrics.jsonl lines in, report.json and report.md out (the plots: html.py)."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,11 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A number that is neither NaN nor infinite (a bool is not a number here)."""
+    return is_number(value) and math.isfinite(value)
 
 
 def size_text(n: int) -> str:

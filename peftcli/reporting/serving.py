@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftcli.adapter_io import PREFIX
+
 VLLM_VERSIONS = "0.11-0.14"
 
 # vllm/config/lora.py (v0.14.0): `MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]` and
@@ -23,7 +25,6 @@ MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # `<module>.lora_B.weight`, and an embedding's `<module>.lora_embedding_A` / `_B`. Anything else raises
 # "<name> is unsupported LoRA weight" (the `.bias` form went with LoRA bias support, vLLM PR #25807).
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
-PREFIX = "base_model.model."
 
 # What a model class takes LoRA on: the suffixes of its linear layers, the packed ones (qkv_proj,
 # gate_up_proj) opened into their parts through its `packed_modules_mapping`, plus its

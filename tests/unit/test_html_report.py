@@ -17,22 +17,18 @@ from typing import Any
 
 import pytest
 
-from peftcli.reporting.html import (
+from peftcli.reporting.curves import (
     LOSS_HEIGHT,
     NOTHING_LOGGED,
     PANEL_HEIGHT,
     PANEL_WIDTH,
     RUN_WIDTH,
-    Series,
     curves_svg,
-    linear_axis,
-    log_axis,
-    page,
-    run_html,
     step_axis,
-    svg_chart,
 )
-from peftcli.reporting.report import eval_table, markdown, summary_rows
+from peftcli.reporting.html import page, run_html
+from peftcli.reporting.report import eval_table, is_finite_number, markdown, summary_rows
+from peftcli.reporting.svg_charts import Series, is_free, linear_axis, log_axis, padded_axis, svg_chart
 
 VOID = {"meta", "br", "hr", "img", "input", "link"}
 
@@ -101,6 +97,28 @@ def test_linear_axis_ticks_are_round_and_cover_the_values(values: list[float]) -
     assert len(steps) == 1  # evenly spaced
     step = steps.pop()
     assert round(step / 10 ** math.floor(math.log10(step)), 6) in (1, 2, 5)  # at a step people read
+
+
+@pytest.mark.parametrize("values", [[0.5, 0.9], [3.0], [-2.0, 0.0, 7.5]])
+def test_a_padded_axis_keeps_every_point_off_the_frame(values: list[float]) -> None:
+    """Comparison, sweep and swept-key charts share one margin: 5% of the values' range at both ends."""
+    axis = padded_axis("y", values)
+    margin = 0.05 * (max(values) - min(values))
+    assert axis.lo <= min(values) - margin and max(values) + margin <= axis.hi
+    assert axis.ticks == linear_axis("y", [*values, min(values) - margin, max(values) + margin]).ticks
+    assert padded_axis("y", []).ticks == linear_axis("y", []).ticks  # no points: the empty chart's axis
+
+
+def test_a_label_box_is_free_unless_it_overlaps_one_placed_before() -> None:
+    placed = [(0.0, 0.0, 10.0, 10.0)]
+    assert not is_free((5.0, 5.0, 15.0, 15.0), placed)
+    assert is_free((10.0, 0.0, 20.0, 10.0), placed)  # touching edges do not overlap
+    assert is_free((0.0, 10.0, 10.0, 20.0), placed) and is_free((0.0, 0.0, 1.0, 1.0), [])
+
+
+def test_only_finite_numbers_are_plotted_or_listed() -> None:
+    assert is_finite_number(1) and is_finite_number(0.5)
+    assert not any(is_finite_number(v) for v in (math.nan, math.inf, -math.inf, True, "1", None))
 
 
 def test_chart_escapes_every_label_and_parses() -> None:
