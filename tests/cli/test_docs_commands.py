@@ -83,7 +83,7 @@ USER_FILES = "a placeholder for the user's own files"
 INSTALL = "installs from the package indexes (needs the network)"
 GPU = "needs GPUs or several machines; tests/cli runs the same launches on CPU processes with tiny models"
 OTHER_PROGRAM = "another program's command (vLLM, llama.cpp, TensorBoard, git), not peftcli's"
-BENCHMARK = "a benchmark run (many minutes): it rewrites its own table in docs/benchmarks.md"
+BENCHMARK = "a benchmark (minutes, and a second checkout): it printed the table below it in docs/benchmarks.md"
 
 # Every command in the bash blocks of README.md and docs/*.md, and how this file checks it. A command
 # added to the docs must be added here: run (RUN, DRY, HEAVY) or a reason it is not run. Every `peft`
