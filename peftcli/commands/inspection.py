@@ -16,7 +16,8 @@ from rich.table import Table
 from safetensors import safe_open
 
 from peftcli.adapter_io import WEIGHTS_NAME, read_adapter_config
-from peftcli.methods.base import count_parameters, is_linear, layer_features, name_matches
+from peftcli.methods._layers import is_linear, out_in
+from peftcli.methods.base import count_parameters, name_matches
 from peftcli.models.target import build, resolve_target
 from peftcli.reporting.model_card import target_base
 from peftcli.reporting.serving import vllm_verdict
@@ -110,7 +111,7 @@ def linear_layers(model: torch.nn.Module) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, int, int], int] = defaultdict(int)
     for name, module in model.named_modules():
         if is_linear(module):
-            out_f, in_f = layer_features(module)
+            out_f, in_f = out_in(module)
             groups[(pattern(name), type(module).__name__, in_f, out_f)] += 1
     return [
         {"pattern": p, "suffix": p.rsplit(".", 1)[-1], "type": t, "in_features": i, "out_features": o, "count": c}

@@ -33,9 +33,8 @@ from peftcli.methods.base import (
     Adapted,
     ApplyContext,
     assign_tensors,
-    default_modules_to_save,
     freeze,
-    unfreeze_modules,
+    train_modules_to_save,
 )
 
 PROMPT_MODULE = "prompt_encoder"  # the submodule on the model; HF peft's parameter names start the same
@@ -84,8 +83,7 @@ def attach(model: nn.Module, prompt: nn.Module, num_tokens: int, params: Any, ct
         hooks = VirtualTokenHooks(num_tokens, generative, list(inspect.signature(model.forward).parameters))
         model.register_forward_pre_hook(hooks.before, with_kwargs=True)
         model.register_forward_hook(hooks.after, with_kwargs=True)
-    to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
+    to_save = train_modules_to_save(model, params.modules_to_save, ctx)
     return Adapted(adapted_modules=[PROMPT_MODULE], modules_to_save=to_save, config_extras=extras)
 
 

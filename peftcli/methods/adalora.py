@@ -24,25 +24,26 @@ from pydantic_core import PydanticCustomError
 from torch import nn
 
 from peftcli.adapter_io import PREFIX
-from peftcli.errors import CheckpointError, MethodError
+from peftcli.errors import MethodError
+from peftcli.methods._layers import any_fan_in_fan_out
+from peftcli.methods._low_rank import LowRankLayer
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
     Kind,
     Method,
     TrainingHooks,
-    WrappedLayer,
-    default_modules_to_save,
+    expand_all_linear,
     find_targets,
     freeze,
-    is_conv1d,
     merge_layers,
+    refuse_unsupported,
     replace_module,
-    resolve_all_linear,
+    train_modules_to_save,
     trainable_parameters,
-    unfreeze_modules,
 )
-from peftcli.methods.lora import LoraLinear
+
+PARTS = ("lora_A", "lora_E", "lora_B")  # Q, E and P: a row, an entry and a column of each per triplet
 
 
 class AdaLoraParams(BaseModel):
@@ -104,18 +105,17 @@ class AdaLoraParams(BaseModel):
         return v
 
 
-class SVDLinear(WrappedLayer):
+class SVDLinear(LowRankLayer):
     """A frozen linear layer (nn.Linear, or GPT-2's transposed Conv1D) plus a trainable update
     s * B diag(E) A. `ranknum` is init_r even after the layer keeps fewer triplets, as in HF peft."""
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, ranknum: int) -> None:
         super().__init__(base_layer)
-        out_features, in_features = self.features()
         kw = {"device": base_layer.weight.device, "dtype": torch.float32}
         # HF peft's initialization: A and B small and random, E zero.
-        self.lora_A = nn.Parameter(torch.randn(rank, in_features, **kw) * 0.02)
+        self.lora_A = nn.Parameter(torch.randn(rank, self.in_features, **kw) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(rank, 1, **kw))
-        self.lora_B = nn.Parameter(torch.randn(out_features, rank, **kw) * 0.02)
+        self.lora_B = nn.Parameter(torch.randn(self.out_features, rank, **kw) * 0.02)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.alpha = alpha
         self.ranknum = float(ranknum)
@@ -127,18 +127,13 @@ class SVDLinear(WrappedLayer):
         update = (x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.alpha / (self.ranknum + 1e-5)
         return result + update.to(result.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        delta = self.lora_B @ (self.lora_A * self.lora_E) * self.alpha / (self.ranknum + 1e-5)
-        return delta.T if self.transposed else delta
-
-    merged = LoraLinear.merged  # folds delta_weight() into the base layer and returns it
+    def update(self) -> torch.Tensor:
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.alpha / (self.ranknum + 1e-5)
 
 
 def apply(model: nn.Module, params: AdaLoraParams, ctx: ApplyContext) -> Adapted:
     freeze(model)
-    targets: list[str] | str = (
-        resolve_all_linear(model, ctx) if params.target_modules == "all-linear" else params.target_modules
-    )
+    targets = expand_all_linear(model, params.target_modules, ctx)
     names = find_targets(model, targets, ctx, "method.target_modules")
     # A trained adapter's layers keep only their pattern's triplets (HF peft's resize_modules_by_rank_pattern).
     pattern = params.rank_pattern or {}
@@ -148,14 +143,11 @@ def apply(model: nn.Module, params: AdaLoraParams, ctx: ApplyContext) -> Adapted
         replace_module(
             model, name, SVDLinear(model.get_submodule(name), rank, params.alpha, params.dropout, params.init_r)
         )
-    to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
-    transposed = any(is_conv1d(model.get_submodule(n).base_layer) for n in names)
     return Adapted(
         adapted_modules=names,
-        modules_to_save=to_save,
+        modules_to_save=train_modules_to_save(model, params.modules_to_save, ctx),
         target_modules=targets,
-        config_extras={"fan_in_fan_out": transposed, "rank_pattern": params.rank_pattern},
+        config_extras={"fan_in_fan_out": any_fan_in_fan_out(model, names), "rank_pattern": params.rank_pattern},
     )
 
 
@@ -249,34 +241,33 @@ class RankBudget:
     @torch.no_grad()
     def update_scores(self) -> None:
         b1, b2 = self.params.beta1, self.params.beta2
-        for layer in self.layers.values():
-            for p in (layer.lora_A, layer.lora_E, layer.lora_B):
-                ipt = (p * p.grad).abs()
-                avg = self.sensitivity.get(p, torch.zeros_like(p))
-                unc = self.uncertainty.get(p, torch.zeros_like(p))
-                self.sensitivity[p] = b1 * avg + (1 - b1) * ipt
-                self.uncertainty[p] = b2 * unc + (1 - b2) * (ipt - self.sensitivity[p]).abs()
+        for _, p in self.scored_parameters():
+            ipt = (p * p.grad).abs()
+            avg = self.sensitivity.get(p, torch.zeros_like(p))
+            unc = self.uncertainty.get(p, torch.zeros_like(p))
+            self.sensitivity[p] = b1 * avg + (1 - b1) * ipt
+            self.uncertainty[p] = b2 * unc + (1 - b2) * (ipt - self.sensitivity[p]).abs()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The importance averages and the rank pattern, for a resumed run."""
         tensors = {}
-        for name, layer in self.layers.items():
-            for part in ("lora_A", "lora_E", "lora_B"):
-                p = getattr(layer, part)
-                if p in self.sensitivity:
-                    tensors[f"sensitivity.{name}.{part}"] = self.sensitivity[p].detach().cpu().clone()
-                    tensors[f"uncertainty.{name}.{part}"] = self.uncertainty[p].detach().cpu().clone()
+        for key, p in self.scored_parameters():
+            if p in self.sensitivity:
+                tensors[f"sensitivity.{key}"] = self.sensitivity[p].detach().cpu().clone()
+                tensors[f"uncertainty.{key}"] = self.uncertainty[p].detach().cpu().clone()
         return tensors, {"rank_pattern": self.adapted.config_extras.get("rank_pattern")}
 
     def load_state(self, tensors: dict[str, torch.Tensor], extras: dict[str, Any]) -> None:
         self.reset_scores()
-        for name, layer in self.layers.items():
-            for part in ("lora_A", "lora_E", "lora_B"):
-                p = getattr(layer, part)
-                if f"sensitivity.{name}.{part}" in tensors:
-                    self.sensitivity[p] = tensors[f"sensitivity.{name}.{part}"].to(p.device)
-                    self.uncertainty[p] = tensors[f"uncertainty.{name}.{part}"].to(p.device)
+        for key, p in self.scored_parameters():
+            if f"sensitivity.{key}" in tensors:
+                self.sensitivity[p] = tensors[f"sensitivity.{key}"].to(p.device)
+                self.uncertainty[p] = tensors[f"uncertainty.{key}"].to(p.device)
         self.adapted.config_extras["rank_pattern"] = extras["rank_pattern"]
+
+    def scored_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(`<layer>.<part>`, parameter) for A, E and B of every layer: the keys of the saved scores."""
+        return [(f"{n}.{part}", getattr(layer, part)) for n, layer in self.layers.items() for part in PARTS]
 
     def score(self, p: nn.Parameter) -> torch.Tensor:
         return self.sensitivity[p] * self.uncertainty[p]
@@ -330,7 +321,7 @@ def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
     tensors = {PREFIX + n: p for n, p in trainable_parameters(model).items()}
     for key, kept in (adapted.config_extras.get("rank_pattern") or {}).items():
         module = PREFIX + key.removesuffix(".lora_E")
-        a, e, b = (tensors[f"{module}.{part}"] for part in ("lora_A", "lora_E", "lora_B"))
+        a, e, b = (tensors[f"{module}.{part}"] for part in PARTS)
         keep = torch.tensor(kept, device=e.device)
         # A layer already cut (an adapter loaded with its pattern) is saved as it is.
         if int(keep.sum()) != e.shape[0]:
@@ -370,12 +361,7 @@ UNSUPPORTED_PEFT_OPTIONS = {"layers_to_transform": (None,), "bias": ("none",), "
 
 
 def from_peft_config(config: dict[str, Any]) -> AdaLoraParams:
-    for key, allowed in UNSUPPORTED_PEFT_OPTIONS.items():
-        if key in config and config[key] not in allowed:
-            raise CheckpointError(
-                f"adapter_config.json: {key}={config[key]!r} is not supported by peftcli's AdaLoRA yet. "
-                "Load this adapter with HF peft, or retrain without that option."
-            )
+    refuse_unsupported(config, UNSUPPORTED_PEFT_OPTIONS, "AdaLoRA")
     pattern = config.get("rank_pattern")
     return AdaLoraParams(
         init_r=config.get("init_r", 12),

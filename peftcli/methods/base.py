@@ -18,6 +18,7 @@ from torch import nn
 
 from peftcli.adapter_io import PREFIX
 from peftcli.errors import CheckpointError, MethodError
+from peftcli.methods._layers import is_linear
 
 
 class Kind(enum.Enum):
@@ -124,50 +125,6 @@ class Method:
     trains_base_weights: str | None = None
 
 
-def is_conv1d(layer: nn.Module) -> bool:
-    """GPT-2's Conv1D: a linear layer that stores its weight as (in, out). transformers is imported
-    here, where a model exists (so it is loaded already), not when `peft validate` reads a recipe."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(layer, Conv1D)
-
-
-def is_linear(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or is_conv1d(layer)
-
-
-def layer_features(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear layer. nn.Linear says so itself, which also covers a
-    quantized base (bitsandbytes' Linear4bit packs its weight into another shape); GPT-2's Conv1D
-    stores its weight as (in, out)."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features, layer.in_features
-    w = layer.weight
-    return (w.shape[1], w.shape[0]) if is_conv1d(layer) else (w.shape[0], w.shape[1])
-
-
-class WrappedLayer(nn.Module):
-    """A frozen linear layer (nn.Linear, or GPT-2's Conv1D, which stores its weight transposed) that a
-    method wraps. It stays `base_layer`, so parameter names match HF peft's, and `weight` / `bias` stay
-    the base layer's: model code sometimes reads `layer.weight.dtype`."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.transposed = is_conv1d(base_layer)
-
-    def features(self) -> tuple[int, int]:
-        return layer_features(self.base_layer)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -208,6 +165,11 @@ def resolve_all_linear(model: nn.Module, ctx: ApplyContext) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n in names})
 
 
+def expand_all_linear(model: nn.Module, targets: list[str] | str, ctx: ApplyContext) -> list[str] | str:
+    """`method.target_modules` as it is saved: `all-linear` expanded (resolve_all_linear), else as given."""
+    return resolve_all_linear(model, ctx) if targets == "all-linear" else targets
+
+
 def find_targets(model: nn.Module, targets: list[str] | str, ctx: ApplyContext, key: str) -> list[str]:
     """Names of the linear layers the method adapts; a clear error when nothing matches."""
     names = [
@@ -239,6 +201,24 @@ def default_modules_to_save(requested: list[str] | None, ctx: ApplyContext, mode
             "Name whole modules, e.g. 'classifier' or 'score'."
         )
     return [n for n in names if n not in missing]
+
+
+def train_modules_to_save(model: nn.Module, requested: list[str] | None, ctx: ApplyContext) -> list[str]:
+    """Unfreezes the modules trained in full beside the adapter (default_modules_to_save); returns them."""
+    to_save = default_modules_to_save(requested, ctx, model)
+    unfreeze_modules(model, to_save)
+    return to_save
+
+
+def refuse_unsupported(config: dict[str, Any], allowed: dict[str, tuple[Any, ...]], method: str) -> None:
+    """A CheckpointError for the first adapter_config.json option (present, and not one of its allowed
+    values) that peftcli's `method` cannot load yet."""
+    for key, values in allowed.items():
+        if key in config and config[key] not in values:
+            raise CheckpointError(
+                f"adapter_config.json: {key}={config[key]!r} is not supported by peftcli's {method} yet. "
+                "Load this adapter with HF peft, or retrain without that option."
+            )
 
 
 def train_in_place(model: nn.Module, names: set[str], to_save: list[str]) -> list[str]:

@@ -24,44 +24,24 @@ from pydantic_core import PydanticCustomError
 from torch import nn
 
 from peftcli.errors import MethodError
+from peftcli.methods._layers import WrappedLayer, out_in
+from peftcli.methods._targets import known_types, lookup, model_type
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
     Kind,
     Method,
-    WrappedLayer,
-    default_modules_to_save,
     find_targets,
     freeze,
-    layer_features,
     linear_layer_names,
     replace_module,
-    unfreeze_modules,
+    train_modules_to_save,
 )
 
 DEFAULT_REDUCTION_FACTOR = 16
 INIT_STD = 1e-2  # Houlsby's near-identity initialization of W_down
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-_BERT_LIKE = (r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense")  # BertSelfOutput / BertOutput
-_LLAMA_LIKE = (["self_attn.o_proj"], ["mlp.down_proj"])
-# config.model_type -> (attention output projections, feed-forward output projections), matched as
-# `method.attention_modules` / `method.feedforward_modules` are: a list of dotted suffixes or a regex.
-AUTO_MODULES: dict[str, tuple[list[str] | str, list[str] | str]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2"], _BERT_LIKE),
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"], _LLAMA_LIKE),
-    "distilbert": (["attention.out_lin"], ["ffn.lin2"]),
-    "gpt2": (["attn.c_proj"], ["mlp.c_proj"]),
-    "gptj": (["attn.out_proj"], ["mlp.fc_out"]),
-    "gpt_neox": (["attention.dense"], ["mlp.dense_4h_to_h"]),
-    "falcon": (["self_attention.dense"], ["mlp.dense_4h_to_h"]),
-    "bloom": (["self_attention.dense"], ["mlp.dense_4h_to_h"]),
-    "opt": (["self_attn.out_proj"], ["fc2"]),
-    "phi": (["self_attn.dense"], ["mlp.fc2"]),
-    "t5": (["SelfAttention.o", "EncDecAttention.o"], ["DenseReluDense.wo"]),
-    "bart": (["self_attn.out_proj", "encoder_attn.out_proj"], ["fc2"]),
-}
 
 MODULES_HELP = "a list of dotted suffixes, a regular expression over full names, or 'auto' (a table by model type)"
 
@@ -131,7 +111,7 @@ class BottleneckAdapter(WrappedLayer):
 
     def __init__(self, base_layer: nn.Module, size: int, activation: str, layer_norm: bool) -> None:
         super().__init__(base_layer)
-        hidden, _ = layer_features(base_layer)
+        hidden = self.out_features
         device, dtype = base_layer.weight.device, torch.float32
         self.adapter_norm = nn.LayerNorm(hidden, device=device, dtype=dtype) if layer_norm else nn.Identity()
         self.adapter_down = nn.Linear(hidden, size, device=device, dtype=dtype)
@@ -158,18 +138,17 @@ def bottleneck_width(params: BottleneckParams, hidden: int) -> int:
 
 def placement(model: nn.Module, params: BottleneckParams) -> tuple[list[str] | str | None, list[str] | str]:
     """(attention targets, or None for pfeiffer; feed-forward targets), 'auto' looked up by model type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    known = AUTO_MODULES.get(str(model_type))
+    known = lookup(model, "block_outputs")
     houlsby = params.config == "houlsby"
     needed = ("attention_modules", "feedforward_modules") if houlsby else ("feedforward_modules",)
     auto = [k for k in needed if getattr(params, k) == "auto"]
     if auto and known is None:
         keys = " and ".join(f"method.{k}" for k in auto)
         raise MethodError(
-            f"{keys}: 'auto' does not know model type {model_type!r} ({type(model).__name__}). "
+            f"{keys}: 'auto' does not know model type {model_type(model)!r} ({type(model).__name__}). "
             f"Set {keys} to the output projections of the attention and feed-forward blocks "
             "(for Llama: [self_attn.o_proj] and [mlp.down_proj]); `peft inspect --modules RECIPE` lists "
-            f"the linear layers. 'auto' knows: {', '.join(sorted(AUTO_MODULES))}."
+            f"the linear layers. 'auto' knows: {', '.join(known_types('block_outputs'))}."
         )
     auto_attention, auto_feedforward = known or (None, None)
     attention = None
@@ -196,13 +175,11 @@ def apply(model: nn.Module, params: BottleneckParams, ctx: ApplyContext) -> Adap
     names = [n for n in linear_layer_names(model) if n in chosen]
     for name in names:
         layer = model.get_submodule(name)
-        width = bottleneck_width(params, layer_features(layer)[0])
+        width = bottleneck_width(params, out_in(layer)[0])
         replace_module(model, name, BottleneckAdapter(layer, width, params.activation, params.layer_norm))
-    to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
     return Adapted(
         adapted_modules=names,
-        modules_to_save=to_save,
+        modules_to_save=train_modules_to_save(model, params.modules_to_save, ctx),
         target_modules=names,
         config_extras={"attention_modules": attention, "feedforward_modules": feedforward},
     )

@@ -19,43 +19,22 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from peftcli.errors import CheckpointError, MethodError
+from peftcli.errors import MethodError
+from peftcli.methods._layers import WrappedLayer, any_fan_in_fan_out
+from peftcli.methods._targets import known_types, lookup, model_type
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
     Kind,
     Method,
-    WrappedLayer,
-    default_modules_to_save,
+    expand_all_linear,
     find_targets,
     freeze,
-    is_conv1d,
     merge_layers,
+    refuse_unsupported,
     replace_module,
-    resolve_all_linear,
-    unfreeze_modules,
+    train_modules_to_save,
 )
-
-# model_type -> (target modules, feed-forward modules), as HF peft's
-# TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and ..._FEEDFORWARD_MODULES_MAPPING: the keys and
-# values of attention, and the MLP's output projection (scaled on its input).
-DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-}
 
 
 class IA3Params(BaseModel):
@@ -97,8 +76,7 @@ class IA3Linear(WrappedLayer):
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
-        out_features, in_features = self.features()
-        shape = (1, in_features) if is_feedforward else (out_features, 1)
+        shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,30 +92,27 @@ class IA3Linear(WrappedLayer):
         w, b = self.base_layer.weight, self.base_layer.bias
         scale = self.ia3_l.detach()
         with torch.no_grad():
-            w.mul_((scale.T if self.transposed else scale).to(w.dtype))
+            w.mul_(self.oriented(scale).to(w.dtype))
             if not self.is_feedforward and b is not None:
                 b.mul_(scale.flatten().to(b.dtype))
         return self.base_layer
 
 
 def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
+    targets = lookup(model, "ia3")
+    if targets is None:
         raise MethodError(
-            f"method.target_modules: 'auto' knows no (IA)^3 targets for model type {model_type!r} "
-            f"(known: {', '.join(sorted(DEFAULT_TARGETS))}). Name them: target_modules (the attention's key "
+            f"method.target_modules: 'auto' knows no (IA)^3 targets for model type {model_type(model)!r} "
+            f"(known: {', '.join(known_types('ia3'))}). Name them: target_modules (the attention's key "
             "and value projections and the MLP's output projection) and feedforward_modules (that MLP projection)."
         )
-    return DEFAULT_TARGETS[model_type]
+    return targets
 
 
 def resolve_targets(model: nn.Module, params: IA3Params, ctx: ApplyContext) -> tuple[list[str] | str, list[str] | str]:
     """(target_modules, feedforward_modules) as they are saved: explicit lists or regular expressions."""
     targets: list[str] | str = params.target_modules
-    if targets == "auto":
-        targets = default_targets(model)[0]
-    elif targets == "all-linear":
-        targets = resolve_all_linear(model, ctx)
+    targets = default_targets(model)[0] if targets == "auto" else expand_all_linear(model, targets, ctx)
     feedforward: list[str] | str = params.feedforward_modules
     if feedforward == "auto":
         table = default_targets(model)[1]
@@ -157,17 +132,13 @@ def apply(model: nn.Module, params: IA3Params, ctx: ApplyContext) -> Adapted:
     freeze(model)
     targets, feedforward = resolve_targets(model, params, ctx)
     names = find_targets(model, targets, ctx, "method.target_modules")
-    # GPT-2's Conv1D stores weights transposed; HF peft records that as fan_in_fan_out.
-    transposed = any(is_conv1d(model.get_submodule(n)) for n in names)
     for name in names:
         replace_module(model, name, IA3Linear(model.get_submodule(name), is_feedforward(name, feedforward)))
-    to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
     return Adapted(
         adapted_modules=names,
-        modules_to_save=to_save,
+        modules_to_save=train_modules_to_save(model, params.modules_to_save, ctx),
         target_modules=targets,
-        config_extras={"feedforward_modules": feedforward, "fan_in_fan_out": transposed},
+        config_extras={"feedforward_modules": feedforward, "fan_in_fan_out": any_fan_in_fan_out(model, names)},
     )
 
 
@@ -189,11 +160,8 @@ def peft_config(params: IA3Params, adapted: Adapted) -> dict[str, Any]:
 
 
 def from_peft_config(config: dict[str, Any]) -> IA3Params:
-    if config.get("exclude_modules"):
-        raise CheckpointError(
-            f"adapter_config.json: exclude_modules={config['exclude_modules']!r} is not supported by peftcli's "
-            "(IA)^3 yet. Load this adapter with HF peft, or retrain without that option."
-        )
+    # Any value but an empty one (JSON's falsy values) names modules to leave out.
+    refuse_unsupported(config, {"exclude_modules": (None, False, "", [], {})}, "(IA)^3")
     return IA3Params(
         target_modules=config.get("target_modules") or "auto",
         feedforward_modules=config.get("feedforward_modules")

@@ -33,28 +33,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 from torch import nn
 
+from peftcli.adapter_io import PREFIX
 from peftcli.errors import CheckpointError, MethodError
-from peftcli.methods._layers import dense_weight
+from peftcli.methods._layers import any_fan_in_fan_out, out_in
+from peftcli.methods._low_rank import LowRankLayer
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
     Kind,
     Method,
-    WrappedLayer,
-    default_modules_to_save,
+    expand_all_linear,
     find_targets,
     freeze,
-    is_conv1d,
-    layer_features,
     merge_layers,
+    refuse_unsupported,
     replace_module,
-    resolve_all_linear,
+    train_modules_to_save,
     trainable_parameters,
-    unfreeze_modules,
 )
 
-# The adapter file's key prefix (checkpoint.PREFIX, which imports the method registry).
-FILE_PREFIX = "base_model.model."
 # Initialisations that start B@A away from zero and so rewrite the base weight to W - s*B0@A0.
 RESIDUAL_INITS = ("pissa", "olora")
 
@@ -103,7 +100,7 @@ class LoraParams(BaseModel):
         return v
 
 
-class LoraLinear(WrappedLayer):
+class LoraLinear(LowRankLayer):
     """A frozen linear layer (nn.Linear, GPT-2's transposed Conv1D, or a bitsandbytes 4- or 8-bit one)
     plus a trainable low-rank update, with DoRA's magnitude vector where asked."""
 
@@ -119,11 +116,10 @@ class LoraLinear(WrappedLayer):
         pissa_niter: int | None = None,
     ) -> None:
         super().__init__(base_layer)
-        out_features, in_features = self.features()
         device, dtype = base_layer.weight.device, torch.float32
-        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
-        # With no dropout, skip the module entirely: dropout's random numbers cost ~18% of a MiniLM step.
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        # With no dropout, skip the module entirely: its random numbers cost time every step (docs/benchmarks.md).
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
         # PiSSA/OLoRA's starting A and B, kept to convert the saved adapter to the original base's.
@@ -147,18 +143,10 @@ class LoraLinear(WrappedLayer):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The base weight as an (out, in) matrix in float32 (a new tensor)."""
-        quantized = dense_weight(self.base_layer)
-        if quantized is not None:
-            return quantized
-        w = self.base_layer.weight.detach().float()
-        return (w.T if self.transposed else w).clone()
-
     def principal_init(self, init: str, pissa_niter: int | None) -> None:
         """PiSSA or OLoRA as HF peft computes them, and the base weight replaced by W - s*B0@A0 (for
         GPT-2's Conv1D in its transposed layout, which HF peft's OLoRA leaves out)."""
-        w = self.dense_weight()
+        w = self.float_weight()
         r, s = self.lora_A.out_features, self.scaling
         if init == "olora":
             q, rr = torch.linalg.qr(w)
@@ -177,14 +165,14 @@ class LoraLinear(WrappedLayer):
             self.lora_B.weight.copy_(b)
             residual = w - s * self.lora_B.weight @ self.lora_A.weight
             base = self.base_layer.weight
-            base.data = (residual.T if self.transposed else residual).to(base.dtype).contiguous()
+            base.data = self.oriented(residual).to(base.dtype).contiguous()
         self.lora_A0 = self.lora_A.weight.detach().clone()
         self.lora_B0 = self.lora_B.weight.detach().clone()
 
     def start_dora(self) -> None:
         """The frozen base's row norms, once; the magnitude starts at ||W + s*B@A|| (||W|| after the
         default initialisations, which start B at zero)."""
-        w = self.dense_weight()
+        w = self.float_weight()
         self.base_row_norm_sq = (w * w).sum(dim=1)
         del w
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
@@ -207,15 +195,6 @@ class LoraLinear(WrappedLayer):
         out = ((base + update) * scale).to(result.dtype)
         return out if bias is None else out + bias
 
-    def times_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T without the bias: the frozen weight where it is a float tensor; a quantized one
-        dequantized, as HF peft does (bitsandbytes' 8-bit product would also quantize x)."""
-        quantized = dense_weight(self.base_layer)
-        if quantized is not None:
-            return x.to(quantized.dtype) @ quantized.T
-        w = self.base_layer.weight
-        return x.to(w.dtype) @ (w if self.transposed else w.T)
-
     def weight_norm(self) -> torch.Tensor:
         """||W + s*B@A|| per output row, without gradient: ||W||^2 is cached, and the cross term takes
         one product of the weight with A's r rows, not the (out x in) sum."""
@@ -229,24 +208,8 @@ class LoraLinear(WrappedLayer):
 
     # -- merge -------------------------------------------------------------------------------
 
-    def delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-        return delta.T if self.transposed else delta
-
-    def merged(self) -> nn.Module:
-        """The base layer with the update folded in: W + s*B@A, times m / ||W + s*B@A|| per row for
-        DoRA. AdaLoRA's layer borrows this (it has no magnitude vector)."""
-        w = self.base_layer.weight
-        magnitude = getattr(self, "lora_magnitude_vector", None)
-        if magnitude is None:
-            w.data += self.delta_weight().to(w.dtype)
-            return self.base_layer
-        with torch.no_grad():
-            full = w.float() + self.delta_weight()
-            dim = 0 if self.transposed else 1  # the input dimension: Conv1D stores (in, out)
-            factor = magnitude.float() / torch.linalg.norm(full, dim=dim)
-            w.data = (full * (factor if self.transposed else factor[:, None])).to(w.dtype)
-        return self.base_layer
+    def update(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def plain_lora_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B for the original base: after PiSSA/OLoRA, [A; A0] and [B, -B0] (rank 2r), whose
@@ -259,28 +222,22 @@ class LoraLinear(WrappedLayer):
 
 def apply(model: nn.Module, params: LoraParams, ctx: ApplyContext) -> Adapted:
     freeze(model)
-    if params.target_modules == "all-linear":
-        targets: list[str] | str = resolve_all_linear(model, ctx)
-    else:
-        targets = params.target_modules
+    targets = expand_all_linear(model, params.target_modules, ctx)
     names = find_targets(model, targets, ctx, "method.target_modules")
     if params.init in RESIDUAL_INITS:
         check_residual_init(model, names, params)
-    # GPT-2's Conv1D stores weights transposed; HF peft records that as fan_in_fan_out.
-    transposed = any(is_conv1d(model.get_submodule(n)) for n in names)
+    fan_in_fan_out = any_fan_in_fan_out(model, names)
     for name in names:
         layer = LoraLinear(
             model.get_submodule(name), params.rank, params.alpha, params.dropout, params.use_rslora,
             init=params.init, use_dora=params.use_dora, pissa_niter=params.pissa_niter,
         )  # fmt: skip
         replace_module(model, name, layer)
-    to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
     return Adapted(
         adapted_modules=names,
-        modules_to_save=to_save,
+        modules_to_save=train_modules_to_save(model, params.modules_to_save, ctx),
         target_modules=targets,
-        config_extras={"fan_in_fan_out": transposed},
+        config_extras={"fan_in_fan_out": fan_in_fan_out},
     )
 
 
@@ -296,7 +253,7 @@ def check_residual_init(model: nn.Module, names: list[str], params: LoraParams) 
                 f"holds quantized (got {params.init} with a quantized {name}). Use init: default or gaussian, "
                 "or remove model.quantization."
             )
-        smaller = min(layer_features(layer))
+        smaller = min(out_in(layer))
         if params.rank > smaller:
             raise MethodError(
                 f"method.rank: init {params.init} takes r of the weight's {smaller} singular directions in {name} "
@@ -311,12 +268,12 @@ def merge(model: nn.Module) -> None:
 def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
     """Every trainable tensor under its file key, with PiSSA/OLoRA's A and B converted to a plain LoRA
     of rank 2r for the original base (HF peft's `path_initial_model_for_weight_conversion`)."""
-    tensors = {FILE_PREFIX + n: p.detach() for n, p in trainable_parameters(model).items()}
+    tensors = {PREFIX + n: p.detach() for n, p in trainable_parameters(model).items()}
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLinear):
             continue
         a, b = layer.plain_lora_state()
-        out_features, in_features = layer.features()
+        out_features, in_features = layer.out_features, layer.in_features
         magnitude = layer.lora_magnitude_vector
         # A tensor read while FSDP or ZeRO-3 shards it is empty or a flat slice (checkpoint.check_whole,
         # which cannot know the rank-2r shapes).
@@ -330,8 +287,8 @@ def state(model: nn.Module, adapted: Adapted) -> dict[str, torch.Tensor]:
                 f"{in_features} inputs and {out_features} outputs, so nothing was saved. They were read while "
                 "sharded; this is a peftcli bug, please report it with your launch config."
             )
-        tensors[f"{FILE_PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{FILE_PREFIX}{name}.lora_B.weight"] = b
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
     return tensors
 
 
@@ -388,12 +345,7 @@ def init_from_peft(value: Any) -> tuple[str, int | None]:
 
 
 def from_peft_config(config: dict[str, Any]) -> LoraParams:
-    for key, allowed in UNSUPPORTED_PEFT_OPTIONS.items():
-        if key in config and config[key] not in allowed:
-            raise CheckpointError(
-                f"adapter_config.json: {key}={config[key]!r} is not supported by peftcli's LoRA yet. "
-                "Load this adapter with HF peft, or retrain without that option."
-            )
+    refuse_unsupported(config, UNSUPPORTED_PEFT_OPTIONS, "LoRA")
     init, niter = init_from_peft(config.get("init_lora_weights", True))
     return LoraParams(
         rank=config["r"],

@@ -33,9 +33,8 @@ from peftcli.methods.base import (
     Kind,
     Method,
     assign_tensors,
-    default_modules_to_save,
     freeze,
-    unfreeze_modules,
+    train_modules_to_save,
 )
 
 if TYPE_CHECKING:  # transformers is imported where a model runs, not when a recipe is validated
@@ -273,8 +272,7 @@ def apply(model: nn.Module, params: PrefixTuningParams, ctx: ApplyContext) -> Ad
         model.register_forward_pre_hook(hook, with_kwargs=True)
     else:
         model.register_forward_pre_hook(prefix_hook, with_kwargs=True)
-    to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
+    to_save = train_modules_to_save(model, params.modules_to_save, ctx)
     return Adapted(
         adapted_modules=[ENCODER],
         modules_to_save=to_save,

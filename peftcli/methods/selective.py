@@ -36,33 +36,31 @@ train the main process's selection.
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
 
 from peftcli.adapter_io import PREFIX
 from peftcli.errors import CheckpointError, MethodError
+from peftcli.methods._gradient_scores import score_entries, top_entries
+from peftcli.methods._layers import WrappedLayer
+from peftcli.methods._sparse_delta import SparseDeltaLinear, with_delta
 from peftcli.methods.base import (
     Adapted,
     ApplyContext,
     Calibration,
     Kind,
     Method,
-    WrappedLayer,
     assign_state,
-    default_modules_to_save,
+    expand_all_linear,
     find_targets,
     freeze,
     merge_layers,
     replace_module,
-    resolve_all_linear,
-    unfreeze_modules,
+    train_modules_to_save,
 )
 
 DEFAULT_FRACTION = 0.005
@@ -113,57 +111,6 @@ class SelectiveParams(BaseModel):
         return self
 
 
-# -- the sparse update -------------------------------------------------------------------------
-
-
-def with_delta(tensor: torch.Tensor, indices: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
-    """A copy of `tensor` with `delta` added at the flat `indices` (the sum taken in float32)."""
-    if delta is None:
-        return tensor
-    flat = tensor.detach().reshape(-1).clone()
-    flat[indices] = (flat[indices].to(delta.dtype) + delta.detach()).to(tensor.dtype)
-    return flat.view_as(tensor)
-
-
-class _SparseDeltaLinear(torch.autograd.Function):
-    """y = x (W + scatter(I, d))^T + (b + scatter(J, e)), with gradients for x, d and e only.
-
-    Written out (not left to autograd) so that the full effective weight is rebuilt in backward instead
-    of being kept per layer until then: autograd would hold a weight-sized copy per adapted layer.
-    The gradient of d is the dense weight gradient (the same matmul full fine-tuning does) read at I.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x, weight, bias, w_idx, w_delta, b_idx, b_delta, transposed: bool):  # type: ignore[no-untyped-def]
-        ctx.save_for_backward(x, weight, w_idx, w_delta, b_idx, b_delta)
-        ctx.transposed = transposed
-        w = with_delta(weight, w_idx, w_delta)
-        b = with_delta(bias, b_idx, b_delta) if bias is not None else None
-        if transposed:  # GPT-2's Conv1D: y = x W + b with W (in x out), computed as Conv1D does
-            out = torch.addmm(b, x.reshape(-1, x.size(-1)), w) if b is not None else x.reshape(-1, x.size(-1)) @ w
-            return out.view(*x.shape[:-1], w.shape[1])
-        return F.linear(x, w, b)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[no-untyped-def]
-        x, weight, w_idx, w_delta, b_idx, b_delta = ctx.saved_tensors
-        # Under autocast the forward ran in low precision; backward runs outside autocast, so the
-        # matmuls are done in the gradient's dtype, as autocast's own backward would.
-        dtype = grad.dtype
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w = with_delta(weight, w_idx, w_delta).to(dtype)
-            grad_x = (grad @ (w.T if ctx.transposed else w)).to(x.dtype)
-        if w_delta is not None and ctx.needs_input_grad[4]:
-            xs = x.reshape(-1, x.shape[-1]).to(dtype)
-            dense = xs.T @ g if ctx.transposed else g.T @ xs
-            grad_w = dense.reshape(-1)[w_idx].to(w_delta.dtype)
-        if b_delta is not None and ctx.needs_input_grad[6]:
-            grad_b = g.sum(0)[b_idx].to(b_delta.dtype)
-        return grad_x, None, None, None, grad_w, None, grad_b, None
-
-
 class SelectiveLinear(WrappedLayer):
     """A frozen linear layer (nn.Linear or GPT-2's Conv1D) whose selected weight (and bias) entries train."""
 
@@ -186,7 +133,7 @@ class SelectiveLinear(WrappedLayer):
             self.register_parameter(f"{part}_delta", delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SparseDeltaLinear.apply(
+        return SparseDeltaLinear.apply(
             x,
             self.base_layer.weight,
             self.base_layer.bias,
@@ -194,7 +141,7 @@ class SelectiveLinear(WrappedLayer):
             self.weight_delta,
             self.bias_indices,
             self.bias_delta,
-            self.transposed,
+            self.fan_in_fan_out,
         )
 
     def merged(self) -> nn.Module:
@@ -244,13 +191,12 @@ def spread_evenly(sizes: dict[str, int], k: int) -> dict[str, torch.Tensor]:
 
 def apply(model: nn.Module, params: SelectiveParams, ctx: ApplyContext) -> Adapted:
     freeze(model)
-    targets = resolve_all_linear(model, ctx) if params.target_modules == "all-linear" else params.target_modules
+    targets = expand_all_linear(model, params.target_modules, ctx)
     names = find_targets(model, targets, ctx, "method.target_modules")
     tensors = eligible_tensors(model, names, params.include_biases)
     k = selected_count(params, sum(t.numel() for t in tensors.values()))
     wrap(model, names, spread_evenly({n: t.numel() for n, t in tensors.items()}, k))
-    to_save = default_modules_to_save(params.modules_to_save, ctx, model)
-    unfreeze_modules(model, to_save)
+    to_save = train_modules_to_save(model, params.modules_to_save, ctx)
     clashing = [n for n in names if any(p.requires_grad for p in model.get_submodule(n).base_layer.parameters())]
     if clashing:
         raise MethodError(
@@ -295,69 +241,6 @@ def calibrate(model: nn.Module, params: SelectiveParams, adapted: Adapted, calib
     selection = top_entries(scores, k)
     del scores
     adapted.adapted_modules[:] = wrap(model, layers, selection)
-
-
-def score_entries(
-    model: nn.Module, tensors: dict[str, torch.Tensor], calibration: Calibration, batches: int, score: str
-) -> dict[str, torch.Tensor]:
-    """Per-entry scores summed over the batches. Each tensor's gradient is folded into its score as
-    soon as it is computed and then dropped, so at most one gradient is alive besides the scores.
-    Every parameter's requires_grad is restored afterwards, and the weights are only read."""
-    scores = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in tensors.items()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-
-    def accumulate(name: str) -> Any:
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad.float()
-            scores[name] += g.square() if score == "fisher" else g.abs()
-            p.grad = None
-
-        return hook
-
-    for p in flags:
-        p.requires_grad_(False)
-    handles = []
-    try:
-        for name, t in tensors.items():
-            t.requires_grad_(True)
-            handles.append(t.register_post_accumulate_grad_hook(accumulate(name)))
-        used = 0
-        for batch in islice(calibration.batches, batches):
-            calibration.loss(model, batch).backward()
-            used += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
-    if used == 0:
-        raise MethodError("selective: calibration got no training batches to score the weights with. Check data.train.")
-    return scores
-
-
-def top_entries(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The k highest-scoring entries across all tensors, as sorted flat indices per tensor; with several
-    processes, those of the main process (`from_main_process`)."""
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    top = from_main_process(torch.topk(flat, k, sorted=False).indices.sort().values)
-    del flat
-    out, start = {}, 0
-    for name, s in scores.items():
-        lo, hi = torch.searchsorted(top, torch.tensor([start, start + s.numel()], device=top.device)).tolist()
-        out[name] = (top[lo:hi] - start).cpu()
-        start += s.numel()
-    return out
-
-
-def from_main_process(indices: torch.Tensor) -> torch.Tensor:
-    """`indices` as the main process (rank 0) holds them, on every process where torch.distributed runs.
-    Each process scores the batches it is given and may rank the entries differently, and DDP's average
-    of a delta's gradients means something only where every process's delta holds the same entries.
-    Every process has the same k, so the shapes agree."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(indices, src=0)
-    return indices
 
 
 # -- save, load, merge --------------------------------------------------------------------------------

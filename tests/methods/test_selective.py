@@ -11,11 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftcli.adapter_io import PREFIX, WEIGHTS_NAME
-from peftcli.config.recipe import TrainSpec, load_recipe
+from peftcli.config.load import load_recipe
+from peftcli.config.schema import TrainSpec
 from peftcli.errors import CheckpointError, MethodError, RecipeError
 from peftcli.methods import METHODS, context_for
-from peftcli.methods.base import Calibration, count_parameters, is_excluded, is_linear
-from peftcli.methods.selective import SelectiveLinear, SelectiveParams, _SparseDeltaLinear, with_delta
+from peftcli.methods._layers import is_linear
+from peftcli.methods._sparse_delta import SparseDeltaLinear, with_delta
+from peftcli.methods.base import Calibration, count_parameters, is_excluded
+from peftcli.methods.selective import SelectiveLinear, SelectiveParams
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.tasks.registry import TASKS
 from tests.conftest import TINY, sample_batch, tiny_model
@@ -306,7 +309,7 @@ def test_sparse_forward_and_backward_match_dense_autograd(transposed: bool) -> N
     b_delta = torch.randn(2, generator=g, requires_grad=True)
     x = torch.randn(3, 2, 6 if transposed else 5, generator=g, requires_grad=True)
 
-    out = _SparseDeltaLinear.apply(x, weight, bias, w_idx, w_delta, b_idx, b_delta, transposed)
+    out = SparseDeltaLinear.apply(x, weight, bias, w_idx, w_delta, b_idx, b_delta, transposed)
     out.square().sum().backward()
     ours = (out.detach(), x.grad, w_delta.grad, b_delta.grad)
 
