@@ -13,8 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import PreTrainedTokenizerBase
 
-from peftcli.config.recipe import Recipe, load_recipe
-from peftcli.data.prepare import PreparedData, prepare_data, words_cut
+from peftcli.config.load import load_recipe
+from peftcli.config.schema import Recipe
+from peftcli.data.prepare import PreparedData, prepare_data
+from peftcli.data.tokenize import words_cut
 from peftcli.models.loading import load_tokenizer
 from peftcli.tasks.registry import IGNORE_INDEX, TASKS
 

@@ -20,8 +20,14 @@ from rich.progress import Progress
 from rich.table import Table
 
 from peftcli.adapter_io import atomic_write_text, write_json
-from peftcli.config.recipe import DataSpec, data_problems, describe, parse_override, resolve_data_paths, set_path
-from peftcli.data.prepare import eval_loader, prepare_eval_data, words_cut
+from peftcli.config.data_checks import data_problems
+from peftcli.config.describe import describe
+from peftcli.config.overrides import parse_override, set_path
+from peftcli.config.paths import resolve_data_paths
+from peftcli.config.schema import DataSpec
+from peftcli.data.batching import eval_loader
+from peftcli.data.prepare import prepare_eval_data
+from peftcli.data.tokenize import words_cut
 from peftcli.errors import RecipeError
 from peftcli.models.target import Built, Target, build, resolve_target
 from peftcli.tasks.generation import Decoding, complete, greedy_answers

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peftcli.config.recipe import load_recipe
+from peftcli.config.load import load_recipe
 from peftcli.errors import PeftcliError
 from peftcli.training.run_dir import check_run_dir, kept_paths
 

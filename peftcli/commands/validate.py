@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftcli.config.recipe import Recipe, load_recipe
+from peftcli.config.load import load_recipe
+from peftcli.config.schema import Recipe
 
 
 def run_validate(recipe_path: Path, overrides: list[str]) -> Recipe:
