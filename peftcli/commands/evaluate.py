@@ -50,6 +50,11 @@ def run_eval(
     max_new_tokens: int = 128,
     labels: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Evaluates the adapter of `target_path` (or with `base` the base model alone) on the eval split
+    and writes eval.json (or `out`); returns its content.
+
+        peft eval runs/lora-sst2 --max-examples 200
+    """
     target = resolve_target(target_path, overrides)
     if labels:
         target.label_names = with_label_names(target, labels)
@@ -73,21 +78,7 @@ def run_eval(
         bar = progress.add_task("eval", total=len(loader))
         result = evaluate(model, loader, task, accelerator, target.label_names, lambda: progress.advance(bar))
 
-    report: dict[str, Any] = {
-        "target": str(target.path),
-        "adapter": None if base else str(target.adapter_dir),
-        "model": target.model.name,
-        "task": task.name,
-        "split": spec.eval_split,
-        "examples": len(data),
-        "merged": merged,
-        "metrics": result.metrics,
-    }
-    if result.preds is not None and result.labels is not None and target.label_names and task.details is not None:
-        report["classes"] = task.details(result.preds, result.labels, target.label_names)
-    if "num_words" in data.column_names:
-        # Words past data.max_length have no sub-token left: neither predicted nor counted as gold.
-        report["words_cut"] = words_cut(data)
+    report = eval_report(target, base, spec, data, merged, result)
     samples = None
     if task.generation_metrics:
         scores, samples = generation_eval(built.model, built.tokenizer, loader, spec.max_target_length, accelerator)
@@ -108,6 +99,27 @@ def run_eval(
         replaced = out.is_file()
         write_json(out, report)
         print_report(report, out, replaced)
+    return report
+
+
+def eval_report(target: Target, base: bool, spec: DataSpec, data: Any, merged: Any, result: Any) -> dict[str, Any]:
+    """eval.json's content: what was evaluated on which split, its metrics, and per-class details."""
+    task = target.task
+    report: dict[str, Any] = {
+        "target": str(target.path),
+        "adapter": None if base else str(target.adapter_dir),
+        "model": target.model.name,
+        "task": task.name,
+        "split": spec.eval_split,
+        "examples": len(data),
+        "merged": merged,
+        "metrics": result.metrics,
+    }
+    if result.preds is not None and result.labels is not None and target.label_names and task.details is not None:
+        report["classes"] = task.details(result.preds, result.labels, target.label_names)
+    if "num_words" in data.column_names:
+        # Words past data.max_length have no sub-token left: neither predicted nor counted as gold.
+        report["words_cut"] = words_cut(data)
     return report
 
 
