@@ -52,7 +52,7 @@ class Workload:
 
 def workloads(data: Path) -> dict[str, Workload]:
     return {
-        "minilm": Workload("minilm", ROOT / "recipes" / "quickstart.yaml", (), steps=20, repeats=3),
+        "minilm": Workload("minilm", ROOT / "recipes" / "quickstart.yaml", (), steps=15, repeats=3),
         "smollm2": Workload(
             "smollm2",
             ROOT / "recipes" / "lora-smollm2-instruct.yaml",
@@ -266,7 +266,7 @@ def run_child(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=["minilm", "smollm2", "all"], default="all")
-    parser.add_argument("--steps", type=int, help="timed steps per trial (default: minilm 20, smollm2 2)")
+    parser.add_argument("--steps", type=int, help="timed steps per trial (default: minilm 15, smollm2 2)")
     parser.add_argument("--repeats", type=int, help="off/on pairs per trick (default: minilm 3, smollm2 2)")
     parser.add_argument(
         "--data", type=Path, default=ROOT.parent / "shared" / "data", help="holds instruct/gsm8k_*.jsonl"
