@@ -184,6 +184,7 @@ def measure(w: Workload, steps: int, repeats: int) -> dict[str, Any]:
     """Every applicable trick of the workload, off and on, alternated `repeats` times."""
     import torch
 
+    from peftcli.training import precision
     from peftcli.training.speedups.applied import ALL, FIRST_POSITION
 
     built = build(w)
@@ -199,7 +200,7 @@ def measure(w: Workload, steps: int, repeats: int) -> dict[str, Any]:
         "workload": w.name,
         "recipe": str(w.recipe.relative_to(ROOT)),
         "overrides": list(w.overrides),
-        "mixed_precision": built.recipe.train.mixed_precision,
+        "mixed_precision": precision.resolve(built.recipe.train.mixed_precision)[0],
         "steps": steps,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
