@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftcli.config.recipe import TrainSpec
+from peftcli.config.schema import TrainSpec
 from peftcli.methods import METHODS
 from peftcli.models.loading import set_dropout
 from peftcli.training.speedups.dropout_masks import CheaperDropout, cheaper_dropout, keep_mask, kept_scale

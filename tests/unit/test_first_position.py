@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftcli.config.recipe import OptimizerSpec, TrainSpec
+from peftcli.config.schema import OptimizerSpec, TrainSpec
 from peftcli.methods import METHODS
 from peftcli.tasks.registry import TASKS
 from peftcli.training.speedups.first_position import first_position_only, last_layer, residual_output

@@ -17,8 +17,9 @@ import torch
 from accelerate import Accelerator
 
 import peftcli.training.loop
-from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.data.prepare import prepare_data, train_loader
+from peftcli.config.schema import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.batching import train_loader
+from peftcli.data.prepare import prepare_data
 from peftcli.methods import METHODS
 from peftcli.tasks.registry import TASKS
 from tests.conftest import make_tokenizer, tiny_model

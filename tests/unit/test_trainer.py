@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.config.schema import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.methods import METHODS
 from peftcli.training.optim import make_scheduler
 from tests.conftest import TINY, tiny_model

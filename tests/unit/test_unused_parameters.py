@@ -9,8 +9,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from peftcli.config.recipe import ModelSpec, TrainSpec
-from peftcli.data.prepare import train_loader
+from peftcli.config.schema import ModelSpec, TrainSpec
+from peftcli.data.batching import train_loader
 from peftcli.methods import METHODS
 from peftcli.models.loading import load_base_model, set_dropout
 from peftcli.tasks.registry import IGNORE_INDEX, TASKS
