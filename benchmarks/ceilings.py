@@ -149,8 +149,9 @@ def examples(w: Workload, steps: int) -> dict[str, tuple[list[int], list[int] | 
     (`peft train`'s grouped steps, `peft eval`'s batches), as train_vs_hf gives both tools the examples."""
     from transformers import AutoTokenizer
 
-    from peftcli.config.recipe import Recipe
-    from peftcli.data.prepare import GroupedBatchSampler, eval_loader, lengths_of, prepare_data
+    from peftcli.config.schema import Recipe
+    from peftcli.data.batching import GroupedBatchSampler, eval_loader, lengths_of
+    from peftcli.data.prepare import prepare_data
     from peftcli.tasks.registry import IGNORE_INDEX
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder(w.model), gguf_file=w.gguf_file)

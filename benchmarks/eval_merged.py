@@ -19,7 +19,8 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from peftcli.commands.evaluate import eval_data_spec, merge_for_eval
-from peftcli.data.prepare import eval_loader, prepare_eval_data
+from peftcli.data.batching import eval_loader
+from peftcli.data.prepare import prepare_eval_data
 from peftcli.models.target import build, resolve_target
 from peftcli.training.evaluation import evaluate
 

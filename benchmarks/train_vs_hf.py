@@ -204,7 +204,7 @@ def tiny_workload(folder: Path) -> Workload:
 
 
 def model_folder(name: str) -> str:
-    from peftcli.config.recipe import package_folder  # the same resolution `peft train` does
+    from peftcli.config.paths import package_folder  # the same resolution `peft train` does
 
     return str(package_folder(name)) if name.startswith("package:") else name
 
@@ -316,7 +316,7 @@ def timed_peft_eval(run_dir: Path, batch_size: int) -> float:
 def hf_datasets(w: Workload, steps: int, tokenizer: Any) -> tuple[Any, Any]:
     """Train and eval splits for Trainer, tokenized exactly as `peft train` tokenizes them (the same
     tokens on both sides; for causal LM the prompt's labels are -100, as HF users mask them)."""
-    from peftcli.config.recipe import Recipe
+    from peftcli.config.schema import Recipe
     from peftcli.data.prepare import prepare_data
 
     spec = Recipe.model_validate(w.recipe(steps, Path("unused"))).data
@@ -366,7 +366,7 @@ def run_hf(
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        from peftcli.config.recipe import bf16_runs_here
+        from peftcli.config.hardware import bf16_runs_here
 
         compute = torch.bfloat16 if bf16_runs_here() else torch.float32
         quantization = (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from peftcli.config.recipe import Columns, DataSpec, ModelSpec, OptimizerSpec, Recipe, ScheduleSpec, TrainSpec
+from peftcli.config.schema import Columns, DataSpec, ModelSpec, OptimizerSpec, Recipe, ScheduleSpec, TrainSpec
 from peftcli.methods import METHODS
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"

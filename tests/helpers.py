@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from peftcli.config.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.data.prepare import eval_loader, prepare_data, train_loader
+from peftcli.config.schema import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.batching import eval_loader, train_loader
+from peftcli.data.prepare import prepare_data
 from peftcli.methods import Method, context_for
 from peftcli.methods.base import Adapted, Calibration, TrainingHooks
 from peftcli.tasks.registry import TASKS

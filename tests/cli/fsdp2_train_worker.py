@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.data.prepare import eval_loader, prepare_data, train_loader
+from peftcli.config.schema import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.batching import eval_loader, train_loader
+from peftcli.data.prepare import prepare_data
 from peftcli.methods import METHODS
 from peftcli.models.adapters import adapter_state
 from peftcli.tasks.registry import TASKS

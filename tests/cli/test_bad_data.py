@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.config.recipe import DataSpec
+from peftcli.config.schema import DataSpec
 from peftcli.data.prepare import prepare_data
 from peftcli.reporting.report import MetricsLog, write_report
 from peftcli.tasks.registry import TASKS

@@ -30,7 +30,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from typer.testing import CliRunner
 
 from peftcli.cli import app
-from peftcli.config.recipe import MAX_ALIAS_VALUES, MAX_YAML_DEPTH
+from peftcli.config.safe_yaml import MAX_ALIAS_VALUES, MAX_YAML_DEPTH
 from peftcli.methods import BY_PEFT_TYPE, METHODS, context_for
 from peftcli.models.adapters import adapter_config, method_state, save_adapter
 from peftcli.tasks.registry import BY_PEFT_TASK_TYPE, TASKS

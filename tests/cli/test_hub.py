@@ -20,7 +20,7 @@ import datasets
 import pytest
 import yaml
 
-from peftcli.config.recipe import DataSpec
+from peftcli.config.schema import DataSpec
 from peftcli.data.prepare import prepare_data
 from peftcli.errors import DataError
 from tests.conftest import NER_TAGS, make_tokenizer, make_wordpiece_tokenizer, ner_rows, sentiment_rows

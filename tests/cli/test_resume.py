@@ -175,7 +175,7 @@ def test_nonfinite_gradient_step_changes_nothing(tmp_path, tiny_dirs, tiny_data)
     """A skipped step leaves the weights and the optimizer as they were."""
     import torch
 
-    from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
+    from peftcli.config.schema import OptimizerSpec, ScheduleSpec, TrainSpec
     from peftcli.tasks.registry import TASKS
     from peftcli.training.accelerator import make_accelerator
     from peftcli.training.loop import train_step

@@ -25,7 +25,7 @@ from peftcli.adapter_io import CONFIG_NAME, LABELS_NAME, save_tensors
 from peftcli.commands.evaluate import run_eval
 from peftcli.commands.inspection import run_inspect
 from peftcli.commands.merge import run_merge
-from peftcli.config.recipe import load_recipe
+from peftcli.config.load import load_recipe
 from peftcli.errors import RecipeError
 from peftcli.methods import get_method
 from peftcli.reporting.model_card import CARD_NAME, run_card

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from peftcli.config.recipe import load_recipe
+from peftcli.config.load import load_recipe
 from peftcli.errors import RecipeError
 from tests.cli.test_cli import ROOT, write_recipe
 from tests.conftest import tiny_recipe

@@ -131,8 +131,8 @@ def test_a_training_step_syncs_the_host_a_fixed_number_of_times(tiny_dirs, tiny_
     from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM
 
-    from peftcli.config.recipe import OptimizerSpec, ScheduleSpec, TrainSpec
-    from peftcli.data.prepare import train_loader
+    from peftcli.config.schema import OptimizerSpec, ScheduleSpec, TrainSpec
+    from peftcli.data.batching import train_loader
     from peftcli.methods import METHODS
     from peftcli.tasks.registry import TASKS
     from peftcli.training.loop import train as train_loop

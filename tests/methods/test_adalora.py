@@ -14,7 +14,8 @@ import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peftcli.config.recipe import TrainSpec, validate_method
+from peftcli.config.load import validate_method
+from peftcli.config.schema import TrainSpec
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS
 from peftcli.methods.adalora import RankBudget, SVDLinear, svd_layers

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftcli.adapter_io import PREFIX
-from peftcli.config.recipe import TrainSpec
+from peftcli.config.schema import TrainSpec
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS, context_for
 from peftcli.methods.bitfit import BitfitParams

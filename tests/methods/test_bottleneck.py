@@ -12,7 +12,7 @@ from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 
 from peftcli.adapter_io import PREFIX
-from peftcli.config.recipe import validate_recipe
+from peftcli.config.load import validate_recipe
 from peftcli.errors import MethodError, RecipeError
 from peftcli.methods import METHODS
 from peftcli.methods.bottleneck import BottleneckAdapter

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import peftcli.methods
-from peftcli.config.recipe import TrainSpec
+from peftcli.config.schema import TrainSpec
 from peftcli.methods import METHODS, Kind
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.tasks.registry import TASKS

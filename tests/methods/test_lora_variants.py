@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from pydantic import ValidationError
 
-from peftcli.config.recipe import OptimizerSpec
+from peftcli.config.schema import OptimizerSpec
 from peftcli.errors import MethodError, PeftcliError
 from peftcli.methods import METHODS
 from peftcli.methods.lora import LoraLinear, LoraParams

@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel, PromptEncoderConfig, get_peft_model
 from safetensors.torch import load_file
 
-from peftcli.config.recipe import TrainSpec, validate_method
+from peftcli.config.load import validate_method
+from peftcli.config.schema import TrainSpec
 from peftcli.methods import METHODS
 from peftcli.methods._virtual_tokens import PromptEmbedding
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from peftcli.commands.evaluate import run_eval
 from peftcli.commands.merge import run_merge
-from peftcli.config.recipe import TrainSpec, load_recipe
+from peftcli.config.load import load_recipe
+from peftcli.config.schema import TrainSpec
 from peftcli.errors import PeftcliError, RecipeError
 from peftcli.methods import METHODS
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter

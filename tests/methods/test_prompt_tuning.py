@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftcli.config.recipe import validate_method
+from peftcli.config.load import validate_method
 from peftcli.errors import MethodError
 from peftcli.methods import METHODS
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter

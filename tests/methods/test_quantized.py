@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from peftcli.config.recipe import ModelSpec, TrainSpec
+from peftcli.config.schema import ModelSpec, TrainSpec
 from peftcli.methods import METHODS
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.models.loading import load_base_model

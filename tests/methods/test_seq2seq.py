@@ -13,8 +13,10 @@ import torch
 from transformers import EncoderDecoderModel
 
 from peftcli.commands.inspection import saved_parameters
-from peftcli.config.recipe import ModelSpec, TrainSpec, validate_recipe
-from peftcli.data.prepare import Collator, prepare_data
+from peftcli.config.load import validate_recipe
+from peftcli.config.schema import ModelSpec, TrainSpec
+from peftcli.data.batching import Collator
+from peftcli.data.prepare import prepare_data
 from peftcli.errors import MethodError, RecipeError
 from peftcli.methods import METHODS, context_for
 from peftcli.models.loading import load_base_model

@@ -13,8 +13,10 @@ import torch
 from accelerate import Accelerator
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
-from peftcli.config.recipe import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
-from peftcli.data.prepare import Collator, eval_loader, prepare_data, tokenize_tokens, train_loader
+from peftcli.config.schema import DataSpec, OptimizerSpec, ScheduleSpec, TrainSpec
+from peftcli.data.batching import Collator, eval_loader, train_loader
+from peftcli.data.prepare import prepare_data
+from peftcli.data.tokenize import tokenize_tokens
 from peftcli.methods import METHODS, Kind
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.tasks.registry import IGNORE_INDEX, TASKS

@@ -14,7 +14,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from peftcli.config.recipe import ModelSpec, resolve_model_path
+from peftcli.config.paths import resolve_model_path
+from peftcli.config.schema import ModelSpec
 from peftcli.methods import METHODS
 from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
 from peftcli.models.loading import load_base_model, load_tokenizer

@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftcli.config.recipe import load_recipe
+from peftcli.config.load import load_recipe
 from peftcli.models.adapters import load_adapter
 from peftcli.models.loading import load_base_model, load_tokenizer
 from peftcli.tasks.registry import TASKS
