@@ -76,6 +76,8 @@ def _same_logits(model: nn.Module, point: nn.Module, vocab_size: int, low_precis
                 narrow = model(input_ids=ids, attention_mask=mask).logits.float()
     except IndexError:  # the head indexes a position the narrowing removed
         return False
+    except torch.OutOfMemoryError:  # no verdict: the trick stays off, and the first step says what memory it needs
+        return False
     finally:
         model.train(training)
     # 16-bit arithmetic (16-bit weights, or autocast over fp32 weights) rounds the two forwards apart.
