@@ -44,7 +44,7 @@ def json_text(value: Any, indent: int | None = None) -> str:
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    """report.json and report.md; html_report draws the curves (curves.svg, report.html)."""
+    """report.json and report.md; html.py and curves.py draw the curves (curves.svg, report.html)."""
     atomic_write_text(run_dir / "report.json", json_text(report, indent=2) + "\n")
     atomic_write_text(run_dir / "report.md", markdown(report))
 

@@ -132,7 +132,7 @@ def test_save_load_and_hf_peft_both_ways_on_the_quantized_base(bits, folders, tm
 
 def test_a_quantized_adapter_loads_on_the_full_precision_base(folders, tmp_path) -> None:
     """The adapter file is the ordinary LoRA one: it loads on the unquantized model too, where the
-    outputs differ by what the 4 bits cost (measured here, stated in the README)."""
+    outputs differ by what the 4 bits cost (measured here, stated in docs/quantization.md)."""
     task = TASKS[LM]
     ours = quantized(folders["llama-lm"], 4)
     params, adapted = adapt(ours, METHODS["lora"], LM, rank=4, alpha=8)

@@ -1,4 +1,4 @@
-"""Every recipe under recipes/ validates, as shipped and with the local-data overrides the README shows."""
+"""Every recipe under recipes/ validates, as shipped and with the local-data overrides docs/recipes.md shows."""
 
 from __future__ import annotations
 
