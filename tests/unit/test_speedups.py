@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from torch import nn
 
@@ -40,6 +41,30 @@ def test_applied_enters_the_named_tricks_and_leaves_nothing_behind() -> None:
     with applied(model, accelerator, task, True, ALL - {CHEAPER_DROPOUT}):
         assert cheaper(model) == 0
     assert pre_hooks(model) == 0 and cheaper(model) == 0
+
+
+def test_the_first_position_narrowing_is_left_off_in_16_bits() -> None:
+    """It pays in fp32 only (docs/benchmarks.md, "Speed tricks re-measured"): bf16 weights, or an
+    accelerator that autocasts to bf16, and it is not entered, in training or in evals."""
+    task = TASKS["sequence_classification"]
+    model = tiny_model("bert-cls")
+    with applied(model, Accelerator(cpu=True), task, False, ALL):
+        assert pre_hooks(model) == 1
+    with applied(model.to(torch.bfloat16), Accelerator(cpu=True), task, False, ALL):
+        assert pre_hooks(model) == 0
+    fp32 = tiny_model("bert-cls")
+    with applied(fp32, Autocasting(), task, False, ALL):  # fp32 weights under bf16 autocast
+        assert pre_hooks(fp32) == 0
+
+
+class Autocasting:
+    """What an eval's `applied` reads of an accelerator that autocasts to bf16 (accelerate's state is one
+    per process, so the tests do not make a second Accelerator with another precision)."""
+
+    mixed_precision = "bf16"
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        return model
 
 
 def test_the_causal_lm_head_runs_at_the_targets_only_where_named() -> None:

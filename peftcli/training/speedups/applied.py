@@ -60,9 +60,8 @@ def applied(
     the per-batch ones. Evals keep torch's attention kernels and dropout (it draws nothing there)."""
     inner = accelerator.unwrap_model(model)
     with ExitStack() as stack:
-        if FIRST_POSITION in names:
-            half = low_precision(accelerator, model)
-            stack.enter_context(first_position_only(model, inner, task.reads_one_position, half))
+        if FIRST_POSITION in names and not low_precision(accelerator, model):  # it pays in fp32 only
+            stack.enter_context(first_position_only(model, inner, task.reads_one_position))
         if training and CHEAPER_DROPOUT in names:
             stack.enter_context(cheaper_dropout(model))
         attention = any_kernel
