@@ -175,8 +175,9 @@ def check_whole(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...
     for key, t in state.items():
         if key in shapes and tuple(t.shape) != shapes[key]:
             raise CheckpointError(
-                f"adapter tensor {key} has shape {tuple(t.shape)} instead of {shapes[key]}, so nothing was saved. It was read "
-                "while its parameter was sharded; this is a peftcli bug, please report it with your launch config."
+                f"adapter tensor {key} has shape {tuple(t.shape)} instead of {shapes[key]}, so nothing was saved. "
+                "It was read while its parameter was sharded; this is a peftcli bug, please report it with your "
+                "launch config."
             )
 
 

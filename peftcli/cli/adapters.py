@@ -137,11 +137,13 @@ def merge_cmd(
             raise PeftcliError(f"--format: unknown format (got {fmt!r}). Use safetensors or gguf.")
         if gguf_type is not None and (fmt != "gguf" or gguf_type not in ("f16", "q8_0")):
             raise PeftcliError(
-                f"--gguf-type: f16 or q8_0, with --format gguf (got {gguf_type!r}{'' if fmt == 'gguf' else ' with --format ' + fmt})."
+                "--gguf-type: f16 or q8_0, with --format gguf (got "
+                f"{gguf_type!r}{'' if fmt == 'gguf' else ' with --format ' + fmt})."
             )
         if fmt == "gguf" and dtype != "float32":
             raise PeftcliError(
-                f"--dtype: sets the safetensors folder's dtype (got {dtype!r} with --format gguf). Choose the GGUF's with --gguf-type f16 or q8_0."
+                f"--dtype: sets the safetensors folder's dtype (got {dtype!r} with --format gguf). "
+                "Choose the GGUF's with --gguf-type f16 or q8_0."
             )
         run_merge(target, out, dtype, overrides or [], tolerance, overwrite, fmt, gguf_type or "f16")
 

@@ -33,7 +33,8 @@ def train_cmd(
         bool,
         typer.Option(
             "--dry-run",
-            help="load the tokenizer and data only: print one example with its trained tokens marked, and the counts; write nothing",
+            help="load the tokenizer and data only: print one example with its trained tokens marked, and the counts; "
+            "write nothing",
         ),
     ] = False,
     debug: DebugOpt = False,

@@ -113,7 +113,8 @@ def make_plan(
     slots, problems = machine_slots(parallel)
     if not paths:
         raise PeftcliError(
-            "peft compare: no recipe or run directory given. Give recipes, finished run directories, or one recipe with --methods."
+            "peft compare: no recipe or run directory given. Give recipes, finished run directories, or one recipe "
+            "with --methods."
         )
     if any(o.partition("=")[0] == "output_dir" for o in overrides):
         problems.append("override 'output_dir=...': peft compare writes each run into --out. Set --out instead.")
@@ -143,7 +144,8 @@ def method_entries(paths: list[Path], overrides: list[str], methods: list[str], 
     is replaced by {name: M}, since its keys (rank, target_modules...) belong to its own method."""
     if len(paths) != 1 or paths[0].is_dir():
         problems.append(
-            f"--methods trains one recipe once per method (got {', '.join(map(str, paths)) or 'none'}). Give one recipe file."
+            f"--methods trains one recipe once per method (got {', '.join(map(str, paths)) or 'none'}). "
+            "Give one recipe file."
         )
         return []
     if not methods:
@@ -244,7 +246,8 @@ def out_problems(out: Path, entries: list[Entry], overwrite: bool) -> list[str]:
             continue
         if e.run_dir.resolve() in read:
             problems.append(
-                f"{e.run_dir}: a finished run given to compare would be replaced by training {e.label}. Choose another --out."
+                f"{e.run_dir}: a finished run given to compare would be replaced by training {e.label}. "
+                "Choose another --out."
             )
         elif e.run_dir.exists() and any(e.run_dir.iterdir()) and not overwrite:
             problems.append(

@@ -153,7 +153,8 @@ def with_label_names(target: Target, labels: list[str]) -> list[str]:
         raise RecipeError(f"--labels: only classification tasks have labels (the task is {target.task.name}).")
     if target.label_names is not None and len(labels) != len(target.label_names):
         raise RecipeError(
-            f"--labels: the adapter's head has {len(target.label_names)} classes (got {len(labels)}: {', '.join(labels)})."
+            f"--labels: the adapter's head has {len(target.label_names)} classes (got {len(labels)}: "
+            f"{', '.join(labels)})."
         )
     return labels
 
@@ -194,7 +195,10 @@ def eval_data_spec(target: Target, overrides: list[str], split: str | None, max_
         problems.append(
             (
                 ("--split",),
-                f"no such split in data.files (got {spec.eval_split!r}; files give {', '.join(spec.files)}). Choose one of them, or add data.files.{spec.eval_split}=FILE.",
+                (
+                    f"no such split in data.files (got {spec.eval_split!r}; files give {', '.join(spec.files)}). "
+                    f"Choose one of them, or add data.files.{spec.eval_split}=FILE."
+                ),
             )
         )
     if problems:
@@ -301,13 +305,15 @@ def print_report(report: dict[str, Any], out: Path, replaced: bool = False) -> N
     if "confusion_matrix" in report.get("classes", {}):
         classes = report["classes"]
         console.print(
-            f"confusion matrix (rows true, columns predicted; {', '.join(classes['labels'])}): {classes['confusion_matrix']}",
+            f"confusion matrix (rows true, columns predicted; {', '.join(classes['labels'])}): "
+            f"{classes['confusion_matrix']}",
             markup=False,
         )
     if "head" in report:
         console.print(
             f"The base model's classification head is {report['head']}: these metrics are near chance and measure "
-            "that head, not the base model's features. A trained run's gain over them is its adapter's and its trained head's together.",
+            "that head, not the base model's features. A trained run's gain over them is its adapter's and its "
+            "trained head's together.",
             markup=False,
         )
     written = f"wrote {out}" + (f" and {report['generations']}" if "generations" in report else "")

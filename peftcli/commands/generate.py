@@ -73,7 +73,8 @@ def check_decoding(d: Decoding, greedy: bool) -> None:
         for option, value in (("--top-p", d.top_p), ("--top-k", d.top_k)):
             if value is not None:
                 problems.append(
-                    f"{option}: applies to sampling only (got {value} with greedy decoding). Give --temperature above 0 to sample."
+                    f"{option}: applies to sampling only (got {value} with greedy decoding). "
+                    "Give --temperature above 0 to sample."
                 )
     if problems:
         raise PeftcliError(*problems)
@@ -126,7 +127,8 @@ def jsonl_prompts(file: Path, lines: list[str]) -> list[Prompt]:
             prompts.append(row["prompt"])
         else:
             raise PeftcliError(
-                f'{where}: expected an object with "messages" (or "conversations") or a "prompt" string (got {line.strip()[:80]}).'
+                f'{where}: expected an object with "messages" (or "conversations") or a "prompt" string (got '
+                f"{line.strip()[:80]})."
             )
     return prompts
 
@@ -134,11 +136,13 @@ def jsonl_prompts(file: Path, lines: list[str]) -> list[Prompt]:
 def check_target(target: Target) -> None:
     if target.adapter_dir is None:
         raise PeftcliError(
-            f"{target.path}: a recipe has no trained adapter to generate with. Give a run directory or an adapter folder."
+            f"{target.path}: a recipe has no trained adapter to generate with. "
+            "Give a run directory or an adapter folder."
         )
     if not target.task.generates:
         raise PeftcliError(
-            f"{target.path}: generate needs a causal_lm or seq2seq_lm adapter (got {target.task.name}). Use `peft eval` for classification."
+            f"{target.path}: generate needs a causal_lm or seq2seq_lm adapter (got {target.task.name}). "
+            "Use `peft eval` for classification."
         )
 
 

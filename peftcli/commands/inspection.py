@@ -148,10 +148,10 @@ def print_info(info: dict[str, Any]) -> None:
     size = _mb(info["adapter_bytes"]) + ("" if info["adapter_bytes_measured"] else " (estimated, float32)")
     console.print(
         f"base: {escape(info['base']['description'])}\n"
-        f"trainable parameters: {info['trainable_parameters']:,} of {info['total_parameters']:,} ({info['trainable_percent']:.3f}%)\n"
-        f"adapter size: {size}\n"
-        f"memory: weights {_mb(m['weights'])}, gradients {_mb(m['gradients'])}, optimizer state {_mb(m['optimizer_state'])} "
-        "(activations come on top and grow with batch size and sequence length)"
+        f"trainable parameters: {info['trainable_parameters']:,} of {info['total_parameters']:,} "
+        f"({info['trainable_percent']:.3f}%)\nadapter size: {size}\n"
+        f"memory: weights {_mb(m['weights'])}, gradients {_mb(m['gradients'])}, optimizer state "
+        f"{_mb(m['optimizer_state'])} (activations come on top and grow with batch size and sequence length)"
     )
     if info["vllm"] is not None:
         console.print(info["vllm"]["line"], markup=False, highlight=False)

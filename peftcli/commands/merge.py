@@ -80,10 +80,11 @@ def run_merge(
     if quantization is not None and adapted_quantized is not None:
         result |= quantization_errors(target, batches, adapted_quantized, before)
         said = (
-            f"merged {method.name} into {escape(target.model.name)}, dequantized from {quantization.bits} bits: merge error "
-            f"{difference:.2e} (against the dequantized model with the adapter); {result['compute_difference']:.2e} against "
-            f"the adapted {quantization.bits}-bit model as it computes; quantization error {result['quantization_error']:.2e} "
-            "(against the full-precision base with the adapter: what the bits cost)"
+            f"merged {method.name} into {escape(target.model.name)}, dequantized from {quantization.bits} bits: "
+            f"merge error {difference:.2e} (against the dequantized model with the adapter); "
+            f"{result['compute_difference']:.2e} against the adapted {quantization.bits}-bit model as it computes; "
+            f"quantization error {result['quantization_error']:.2e} (against the full-precision base with the "
+            "adapter: what the bits cost)"
         )
     console.print(
         said
@@ -97,7 +98,8 @@ def check_request(target_path: Path, target: Any, out: Path, fmt: str, overwrite
     """Before anything loads: there is an adapter to merge, and `out` may be written."""
     if target.adapter_dir is None:
         raise PeftcliError(
-            f"{target_path}: a recipe has no trained adapter to merge. Train it first (`peft train {target_path}`) and merge the run directory."
+            f"{target_path}: a recipe has no trained adapter to merge. "
+            f"Train it first (`peft train {target_path}`) and merge the run directory."
         )
     if target.path.resolve().is_relative_to(out.resolve()):
         raise PeftcliError(
@@ -136,7 +138,8 @@ def merge_checked(
     if leftover or difference > tolerance:
         raise PeftcliError(
             f"merge check failed: the merged model's logits differ from the adapted model's by {difference:.3g} "
-            f"(tolerance {tolerance:g}){f'; parameters differ from a plain model: {leftover[:3]}' if leftover else ''}. Nothing was written."
+            f"(tolerance {tolerance:g})"
+            f"{f'; parameters differ from a plain model: {leftover[:3]}' if leftover else ''}. Nothing was written."
         )
     return adapted_quantized, before, difference
 
@@ -184,7 +187,8 @@ def quantization_errors(
 def check_folder_out(out: Path, target: Any, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PeftcliError(
-            f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite)."
+            f"{out}: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one "
+            "with --overwrite)."
         )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PeftcliError(f"{out}: already exists. Pass --overwrite to replace it, or choose another --out.")
@@ -203,7 +207,8 @@ def check_gguf_out(out: Path, target: Any, overwrite: bool) -> None:
         )
     if out.suffix != ".gguf" or out.is_dir():
         raise PeftcliError(
-            f"{out}: with --format gguf, --out is the .gguf file to write (got a {'folder' if out.is_dir() else 'name without .gguf'}). Give a file name ending in .gguf."
+            f"{out}: with --format gguf, --out is the .gguf file to write (got a "
+            f"{'folder' if out.is_dir() else 'name without .gguf'}). Give a file name ending in .gguf."
         )
     if not (out.exists() or out.is_symlink()):
         return
@@ -249,8 +254,9 @@ def export_gguf(
     round_as_stored(model, gguf_type)
     difference = max(float((logits(model, b) - ref).abs().max()) for b, ref in zip(batches, merged))
     console.print(
-        f"{said}, {difference:.2e} with its matrices in {gguf_type}. Wrote {escape(str(out))} ({out.stat().st_size / 2**20:.1f} MiB); "
-        f"run it with llama.cpp: llama-cli -m {escape(str(out))}"
+        f"{said}, {difference:.2e} with its matrices in {gguf_type}. "
+        f"Wrote {escape(str(out))} ({out.stat().st_size / 2**20:.1f} MiB); run it with llama.cpp: "
+        f"llama-cli -m {escape(str(out))}"
     )
     return {"gguf_difference": difference, "out": str(out)}
 
@@ -263,7 +269,8 @@ def check_replaceable_model(out: Path, target: Any) -> None:
         keep.append((Path(model_location(target.model)), "the base model"))
     if out.is_symlink():
         raise PeftcliError(
-            f"{out}: a symbolic link; --overwrite replaces only a merged model folder itself. Give --out the real folder, or another one."
+            f"{out}: a symbolic link; --overwrite replaces only a merged model folder itself. "
+            "Give --out the real folder, or another one."
         )
     for path, what in keep:
         if within(path, out):
@@ -272,8 +279,8 @@ def check_replaceable_model(out: Path, target: Any) -> None:
             )
     if not (out / "config.json").is_file() or any(p.is_dir() for p in out.iterdir()):
         raise PeftcliError(
-            f"{out}: not a model folder peft merge wrote (config.json and files only), so --overwrite will not delete it. "
-            "Choose another --out, or empty the folder yourself."
+            f"{out}: not a model folder peft merge wrote (config.json and files only), so --overwrite will not "
+            "delete it. Choose another --out, or empty the folder yourself."
         )
 
 

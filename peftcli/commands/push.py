@@ -44,7 +44,8 @@ def run_push(run: Path, repo_id: str, private: bool = False) -> str:
         commit = api.upload_folder(
             repo_id=url.repo_id,
             folder_path=folder,
-            commit_message=f"Upload the adapter of the peftcli run {folder.parent.name if folder.name == 'adapter' else folder.name}",
+            commit_message="Upload the adapter of the peftcli run "
+            f"{folder.parent.name if folder.name == 'adapter' else folder.name}",
         )
     except Exception as exc:  # the Hub's errors (HTTP, connection) become one line; others keep their traceback
         if not (is_hub_error(exc) or is_hub_error(exc.__cause__)):
@@ -63,11 +64,13 @@ def adapter_folder(run: Path) -> Path:
     folder = run / "adapter" if (run / "adapter" / CONFIG_NAME).is_file() else run
     if not (folder / CONFIG_NAME).is_file():
         raise PeftcliError(
-            f"{run}: not a run directory (no adapter/{CONFIG_NAME}) nor an adapter folder (no {CONFIG_NAME}). Give the folder `peft train` wrote, e.g. runs/<name>."
+            f"{run}: not a run directory (no adapter/{CONFIG_NAME}) nor an adapter folder (no {CONFIG_NAME}). "
+            "Give the folder `peft train` wrote, e.g. runs/<name>."
         )
     if not (folder / WEIGHTS_NAME).is_file():
         raise PeftcliError(
-            f"{folder}: no {WEIGHTS_NAME} beside {CONFIG_NAME}; the adapter is incomplete. Train it again, or push a finished run."
+            f"{folder}: no {WEIGHTS_NAME} beside {CONFIG_NAME}; the adapter is incomplete. "
+            "Train it again, or push a finished run."
         )
     return folder
 
@@ -79,7 +82,8 @@ def check_repo_id(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except HFValidationError:
         raise PeftcliError(
-            f"push: REPO_ID is not a Hub repo id (got {repo_id!r}). Give your-name/repo-name (letters, digits, '-', '_', '.')."
+            f"push: REPO_ID is not a Hub repo id (got {repo_id!r}). "
+            "Give your-name/repo-name (letters, digits, '-', '_', '.')."
         ) from None
     if repo_id.count("/") != 1:
         raise PeftcliError(
@@ -108,15 +112,27 @@ def refusal_line(exc: Any, repo_id: str, folder: Path) -> str:
 
     if isinstance(exc, ValueError):
         said = " ".join(str(exc).split())
-        return f"{folder / CARD_NAME}: the Hub refused the model card's metadata (got {said}). Fix the YAML between the --- lines, then push again."
+        return (
+            f"{folder / CARD_NAME}: the Hub refused the model card's metadata (got {said}). "
+            "Fix the YAML between the --- lines, then push again."
+        )
 
     if not isinstance(exc, HfHubHTTPError):
-        return f"push: cannot reach the Hub at {constants.ENDPOINT} (got {type(exc).__name__}: {exc}). Check the connection, or HF_ENDPOINT if you set it."
+        return (
+            f"push: cannot reach the Hub at {constants.ENDPOINT} (got {type(exc).__name__}: {exc}). "
+            "Check the connection, or HF_ENDPOINT if you set it."
+        )
     status = exc.response.status_code if exc.response is not None else None
     said = exc.server_message or str(exc).strip().splitlines()[0]
     if status == 401:
         return f"push: the Hub refused the token (got HTTP 401: {said}). {LOGIN}."
     if status == 403:
         owner = repo_id.split("/")[0]
-        return f"push: the token may not write to {repo_id} (got HTTP 403: {said}). Use a token with write access to {owner!r}: {LOGIN[0].lower() + LOGIN[1:]}."
-    return f"push: the Hub refused the upload to {repo_id} (got HTTP {status}: {said}). Check the repo on {constants.ENDPOINT}/{repo_id}, then push again."
+        return (
+            f"push: the token may not write to {repo_id} (got HTTP 403: {said}). "
+            f"Use a token with write access to {owner!r}: {LOGIN[0].lower() + LOGIN[1:]}."
+        )
+    return (
+        f"push: the Hub refused the upload to {repo_id} (got HTTP {status}: {said}). "
+        f"Check the repo on {constants.ENDPOINT}/{repo_id}, then push again."
+    )

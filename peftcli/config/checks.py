@@ -18,7 +18,10 @@ def name_problems(name: Any) -> Problems:
         return [
             (
                 ("name",),
-                f"a run name is one folder name under runs/ (got {name!r}). Use letters, digits, - and _; to write the run elsewhere, set output_dir.",
+                (
+                    f"a run name is one folder name under runs/ (got {name!r}). Use letters, digits, - and _; "
+                    "to write the run elsewhere, set output_dir."
+                ),
             )
         ]
     return []
@@ -52,7 +55,10 @@ def optimizer_problems(o: OptimizerSpec) -> Problems:
         return [
             (
                 ("optimizer", "name"),
-                f"needs bitsandbytes, which is not installed (got {o.name!r}). Install it: pip install 'peftcli[quant]', or use adamw.",
+                (
+                    f"needs bitsandbytes, which is not installed (got {o.name!r}). Install it: "
+                    "pip install 'peftcli[quant]', or use adamw."
+                ),
             )
         ]
     return []

@@ -46,7 +46,10 @@ def data_problems(data: DataSpec, task: str | None) -> Problems:
             problems.append(
                 (
                     ("data", "columns", "messages"),
-                    "a conversation is the whole example: give `messages` alone, without text, prompt, prompt_template or response.",
+                    (
+                        "a conversation is the whole example: give `messages` alone, without text, prompt, "
+                        "prompt_template or response."
+                    ),
                 )
             )
     elif task == "seq2seq_lm":
@@ -72,7 +75,10 @@ def _source_problems(data: DataSpec) -> Problems:
         problems.append(
             (
                 ("data", "revision"),
-                f"applies to a hub dataset, not local files (got {data.revision!r}). Remove it, or give data.dataset a hub id.",
+                (
+                    f"applies to a hub dataset, not local files (got {data.revision!r}). "
+                    "Remove it, or give data.dataset a hub id."
+                ),
             )
         )
     return problems
@@ -112,8 +118,8 @@ def _split_problems(data: DataSpec) -> Problems:
             problems.append(
                 (
                     ("data", key),
-                    f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). Add data.files.{split}"
-                    + (" or set data.eval_split: null." if key == "eval_split" else "."),
+                    f"no such split in data.files (got {split!r}; files give {', '.join(data.files)}). "
+                    f"Add data.files.{split}" + (" or set data.eval_split: null." if key == "eval_split" else "."),
                 )
             )
     return problems
@@ -139,7 +145,10 @@ def _classification_column_problems(c: Columns) -> Problems:
         problems.append(
             (
                 ("data", "columns", "messages"),
-                f"chat data trains causal_lm only (got {c.messages!r} with task sequence_classification). Remove it, or set task: causal_lm.",
+                (
+                    f"chat data trains causal_lm only (got {c.messages!r} with task sequence_classification). "
+                    "Remove it, or set task: causal_lm."
+                ),
             )
         )
     return problems
@@ -179,7 +188,10 @@ def _token_column_problems(c: Columns, task: str | None) -> Problems:
         return [
             (
                 ("data", "columns", k),
-                f"word-level columns train token_classification only (got {given[k]!r} with task {task}). Remove it, or set task: token_classification.",
+                (
+                    f"word-level columns train token_classification only (got {given[k]!r} with task {task}). "
+                    "Remove it, or set task: token_classification."
+                ),
             )
             for k in TOKEN_COLUMNS
             if k in given
@@ -207,7 +219,10 @@ def _seq2seq_column_problems(c: Columns) -> Problems:
             problems.append(
                 (
                     ("data", "columns", key),
-                    f"not used by seq2seq_lm (got {getattr(c, key)!r}). Give the source as `prompt` or `prompt_template` and the target as `response`.",
+                    (
+                        f"not used by seq2seq_lm (got {getattr(c, key)!r}). Give the source as `prompt` or "
+                        "`prompt_template` and the target as `response`."
+                    ),
                 )
             )
     if not (c.prompt or c.prompt_template):

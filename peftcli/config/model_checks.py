@@ -21,7 +21,10 @@ def model_problems(model: ModelSpec) -> Problems:
         problems.append(
             (
                 ("model", "hub_id"),
-                f"not a Hub model id (got {shown(model.hub_id)}). Give org/name as on huggingface.co, e.g. sentence-transformers/all-MiniLM-L6-v2, or remove the key.",
+                (
+                    f"not a Hub model id (got {shown(model.hub_id)}). Give org/name as on huggingface.co, e.g. "
+                    "sentence-transformers/all-MiniLM-L6-v2, or remove the key."
+                ),
             )
         )
     if model.decoder is not None:
@@ -38,7 +41,11 @@ def method_quantization_problems(method: Any, model: ModelSpec) -> Problems:
     return [
         (
             ("method", "name"),
-            f"{method.name} trains {method.trains_base_weights}, which a {model.quantization.bits}-bit base holds quantized and frozen (got {method.name} with model.quantization). Use one of: {usable}; or remove model.quantization.",
+            (
+                f"{method.name} trains {method.trains_base_weights}, which a {model.quantization.bits}-bit base holds "
+                f"quantized and frozen (got {method.name} with model.quantization). Use one of: {usable}; "
+                "or remove model.quantization."
+            ),
         )
     ]
 
@@ -52,7 +59,10 @@ def quantization_problems(model: ModelSpec) -> Problems:
         problems.append(
             (
                 key,
-                f"needs bitsandbytes, which is not installed (got bits {q.bits}). Install it: pip install 'peftcli[quant]'.",
+                (
+                    f"needs bitsandbytes, which is not installed (got bits {q.bits}). Install it: "
+                    "pip install 'peftcli[quant]'."
+                ),
             )
         )
     if q.bits == 8:
@@ -64,14 +74,20 @@ def quantization_problems(model: ModelSpec) -> Problems:
         problems.append(
             (
                 key + ("compute_dtype",),
-                "this machine runs no bfloat16 (no CUDA GPU with bf16, no CPU bf16 support) (got 'bfloat16'). Use float32.",
+                (
+                    "this machine runs no bfloat16 (no CUDA GPU with bf16, no CPU bf16 support) (got 'bfloat16'). "
+                    "Use float32."
+                ),
             )
         )
     if model.decoder is not None:
         problems.append(
             (
                 key,
-                f"quantizes a single pretrained model; an encoder-decoder built from two is not supported (got decoder {model.decoder!r}). Remove one of them.",
+                (
+                    "quantizes a single pretrained model; an encoder-decoder built from two is not supported (got "
+                    f"decoder {model.decoder!r}). Remove one of them."
+                ),
             )
         )
     return problems
@@ -85,14 +101,20 @@ def _location_problems(name: str, key: tuple[str, ...]) -> Problems:
             return [
                 (
                     key,
-                    f"Python package {pkg!r} is not installed (got {name!r}). Install it, e.g. `pip install {pkg.replace('_', '-')}`.",
+                    (
+                        f"Python package {pkg!r} is not installed (got {name!r}). Install it, e.g. "
+                        f"`pip install {pkg.replace('_', '-')}`."
+                    ),
                 )
             ]
         if not folder.exists():
             return [
                 (
                     key,
-                    f"no folder {folder.name!r} inside the package (got {name!r}). Check the path after the package name.",
+                    (
+                        f"no folder {folder.name!r} inside the package (got {name!r}). "
+                        "Check the path after the package name."
+                    ),
                 )
             ]
     elif looks_like_path(name) and not Path(name).exists():
@@ -110,7 +132,10 @@ def model_task_problems(model: ModelSpec, task: str) -> Problems:
         return [
             (
                 ("model", "decoder"),
-                f"builds an encoder-decoder, which task {task} does not use (got {model.decoder!r}). Remove it, or set task: seq2seq_lm.",
+                (
+                    f"builds an encoder-decoder, which task {task} does not use (got {model.decoder!r}). "
+                    "Remove it, or set task: seq2seq_lm."
+                ),
             )
         ]
     return []

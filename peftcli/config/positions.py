@@ -85,7 +85,10 @@ def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task
             problems.append(
                 (
                     ("method", "num_virtual_tokens"),
-                    f"as many as the {limit} positions of {model.name} ({key} in its config), leaving none for the text (got {virtual}). Use fewer virtual tokens.",
+                    (
+                        f"as many as the {limit} positions of {model.name} ({key} in its config), leaving none for the "
+                        f"text (got {virtual}). Use fewer virtual tokens."
+                    ),
                 )
             )
         else:
@@ -97,7 +100,10 @@ def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task
             problems.append(
                 (
                     ("data", "max_length"),
-                    f"{plus}more than the {limit} positions of {model.name} ({key} in its config) (got {data.max_length}). Set data.max_length to {limit - virtual} or less{fewer}.",
+                    (
+                        f"{plus}more than the {limit} positions of {model.name} ({key} in its config) (got "
+                        f"{data.max_length}). Set data.max_length to {limit - virtual} or less{fewer}."
+                    ),
                 )
             )
     if TASKS[task].encoder_decoder:
@@ -108,7 +114,10 @@ def position_problems(model: ModelSpec, data: DataSpec, method_params: Any, task
             problems.append(
                 (
                     ("data", "max_target_length"),
-                    f"more than the {limit} positions of the decoder {decoder} ({key} in its config) (got {data.max_target_length}). Set data.max_target_length to {limit} or less.",
+                    (
+                        f"more than the {limit} positions of the decoder {decoder} ({key} in its config) (got "
+                        f"{data.max_target_length}). Set data.max_target_length to {limit} or less."
+                    ),
                 )
             )
     return problems

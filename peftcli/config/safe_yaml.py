@@ -27,7 +27,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise RecipeError(
-            f"{path}: line {line}: not UTF-8 text (got byte 0x{raw[exc.start]:02x} at byte offset {exc.start}). Save the recipe as UTF-8."
+            f"{path}: line {line}: not UTF-8 text (got byte 0x{raw[exc.start]:02x} at byte offset {exc.start}). "
+            "Save the recipe as UTF-8."
         ) from None
     try:
         data = safe_yaml(text)
@@ -40,7 +41,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: the recipe is empty. Write its keys: task, model, method and data at least.")
     if not isinstance(data, dict):
         raise RecipeError(
-            f"{path}: a recipe is a YAML mapping of keys (got {type(data).__name__}). Write `key: value` lines: task, model, method, data, ..."
+            f"{path}: a recipe is a YAML mapping of keys (got {type(data).__name__}). Write `key: value` lines: "
+            "task, model, method, data, ..."
         )
     return data
 
@@ -71,7 +73,8 @@ class RecipeLoader(yaml.SafeLoader):
         try:
             if self.depth > MAX_YAML_DEPTH:
                 raise Refused(
-                    f"values nested more than {MAX_YAML_DEPTH} levels deep. A recipe is a few levels deep; check the brackets.",
+                    f"values nested more than {MAX_YAML_DEPTH} levels deep. A recipe is a few levels deep; "
+                    "check the brackets.",
                     self.peek_event().start_mark,
                 )
             return super().compose_node(parent, index)
@@ -115,7 +118,8 @@ def _count_alias_values(root: yaml.Node) -> None:
             repeated += sizes[id(node)]
             if repeated > MAX_ALIAS_VALUES:
                 raise Refused(
-                    f"aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values, refused as a possible YAML bomb. Write the values out instead."
+                    f"aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values, refused as a possible YAML "
+                    "bomb. Write the values out instead."
                 )
             return sizes[id(node)]
         if id(node) in building:

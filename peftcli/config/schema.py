@@ -64,7 +64,8 @@ class ModelSpec(Strict):
         None,
         description="seq2seq_lm only: a second pretrained model (hub id, folder or package:...) whose weights start "
         "the decoder of an encoder-decoder built with `name` as the encoder (bert2bert). The decoder gets new "
-        "cross-attention layers, which train in full with the adapter. Default: `name` is an encoder-decoder (T5, BART)",
+        "cross-attention layers, which train in full with the adapter. Default: "
+        "`name` is an encoder-decoder (T5, BART)",
     )
     quantization: QuantizationSpec | None = Field(
         None,
@@ -124,7 +125,8 @@ class DataSpec(Strict):
         128,
         gt=0,
         le=MAX_TOKENS,
-        description="longer examples are truncated (seq2seq: the source; token classification: words past it are not trained or scored)",
+        description="longer examples are truncated (seq2seq: the source; token classification: "
+        "words past it are not trained or scored)",
     )
     max_target_length: int = Field(
         64,
@@ -211,7 +213,8 @@ class TrainSpec(Strict):
     report_to: list[str] = Field(
         default_factory=list,
         description="experiment trackers that get the recipe, every metrics.jsonl record and the report: "
-        "tensorboard, mlflow, wandb, trackio (pip install 'peftcli[<name>]'); files in <run>/trackers/. docs/trackers.md",
+        "tensorboard, mlflow, wandb, trackio (pip install 'peftcli[<name>]'); files in <run>/trackers/. "
+        "docs/trackers.md",
     )
 
     @field_validator("mixed_precision", mode="before")

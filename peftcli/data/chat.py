@@ -36,7 +36,8 @@ def as_messages(value: Any, where: str) -> list[dict[str, str]]:
     """One conversation, in either shape, as [{role, content}]. Other keys (name, tool calls) are dropped."""
     if not isinstance(value, list) or not value:
         raise DataError(
-            f"{where}: expected a non-empty list of messages, {{role, content}} or {{from, value}} (got {str(value)[:100]!r})."
+            f"{where}: expected a non-empty list of messages, {{role, content}} or {{from, value}} (got "
+            f"{str(value)[:100]!r})."
         )
     messages = []
     for i, m in enumerate(value):
@@ -46,12 +47,14 @@ def as_messages(value: Any, where: str) -> list[dict[str, str]]:
             role, content = SHAREGPT_ROLES.get(str(m["from"]), ""), m.get("value")
             if not role:
                 raise DataError(
-                    f"{where}, message {i}: unknown ShareGPT speaker (got from={m['from']!r}). Use human, gpt or system."
+                    f"{where}, message {i}: unknown ShareGPT speaker (got from={m['from']!r}). "
+                    "Use human, gpt or system."
                 )
         else:
             keys = ", ".join(k for k, v in m.items() if v is not None) if isinstance(m, dict) else type(m).__name__
             raise DataError(
-                f"{where}, message {i}: a message has role and content (OpenAI) or from and value (ShareGPT) (got {keys})."
+                f"{where}, message {i}: a message has role and content (OpenAI) or from and value (ShareGPT) (got "
+                f"{keys})."
             )
         if not isinstance(content, str):
             raise DataError(
@@ -70,7 +73,8 @@ def render(
         # Templates raise their own rules (roles must alternate, a system message first only, ...).
         first = first_line(exc, 200)
         raise DataError(
-            f"{where}: the chat template refused this conversation ({first}). Fix the conversation to fit the model's template."
+            f"{where}: the chat template refused this conversation ({first}). "
+            "Fix the conversation to fit the model's template."
         ) from None
 
 
@@ -87,8 +91,9 @@ def assistant_spans(
         start = turn_start(tokenizer, messages[:i], through, where)
         if start is None or not full.startswith(through):
             raise DataError(
-                f"{where}, message {i}: the chat template renders a conversation's earlier turns differently from its "
-                "last one, so the assistant's turns cannot be told apart. Split the conversation at each assistant turn, "
+                f"{where}, message {i}: the chat template renders a conversation's earlier turns differently from "
+                "its last one, so the assistant's turns cannot be told apart. "
+                "Split the conversation at each assistant turn, "
                 "or use prompt/response columns."
             )
         spans.append((start, len(through)))
@@ -127,5 +132,6 @@ def require_fast(tokenizer: PreTrainedTokenizerBase, key: str) -> None:
     # Token offsets into the rendered text come from the Rust tokenizers only.
     if not tokenizer.is_fast:
         raise DataError(
-            f"{key}: chat data needs a fast tokenizer (tokenizer.json) to find the assistant's tokens (got {type(tokenizer).__name__}). Use the model's fast tokenizer."
+            f"{key}: chat data needs a fast tokenizer (tokenizer.json) to find the assistant's tokens (got "
+            f"{type(tokenizer).__name__}). Use the model's fast tokenizer."
         )

@@ -42,7 +42,8 @@ def _template_fields(template: str) -> list[str]:
         return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise DataError(
-            f"data.columns.prompt_template: {exc} (got {template!r}). Write columns as {{name}}, literal braces as {{{{ }}}}."
+            f"data.columns.prompt_template: {exc} (got {template!r}). Write columns as {{name}}, literal braces as "
+            "{{ }}."
         ) from None
 
 
@@ -54,7 +55,8 @@ def texts(rows: dict[str, list[Any]], column: str, key: str, where: list[str]) -
         if value is None or isinstance(value, (list, dict)) or (isinstance(value, float) and math.isnan(value)):
             got = "null" if value is None else "NaN" if isinstance(value, float) else short_repr(value)
             raise DataError(
-                f"data.columns.{key}: {at}: expected text in column {column!r} (got {got}). Fill it in, or remove the row."
+                f"data.columns.{key}: {at}: expected text in column {column!r} (got {got}). "
+                "Fill it in, or remove the row."
             )
         out.append(str(value))
     return out
@@ -72,7 +74,8 @@ def require_texts(rows: dict[str, list[Any]], spec: DataSpec, where: list[str]) 
         for value, at in zip(rows[name], where):
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 raise DataError(
-                    f"data.columns.prompt_template: {at}: column {name!r} has no value (got {'null' if value is None else 'NaN'}). Fill it in, or remove the row."
+                    f"data.columns.prompt_template: {at}: column {name!r} has no value (got "
+                    f"{'null' if value is None else 'NaN'}). Fill it in, or remove the row."
                 )
 
 

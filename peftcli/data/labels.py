@@ -24,7 +24,8 @@ def class_key(value: Any, key: str, where: str) -> str:
     ):
         shown = "null" if value is None else "NaN" if isinstance(value, float) else repr(value)
         raise DataError(
-            f"data.columns.{key}: {where}: the {what} is missing (got {shown}). Give every {unit} a {what}, or remove the rows without one."
+            f"data.columns.{key}: {where}: the {what} is missing (got {shown}). "
+            f"Give every {unit} a {what}, or remove the rows without one."
         )
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -33,8 +34,9 @@ def class_key(value: Any, key: str, where: str) -> str:
     if isinstance(value, str):
         return value
     raise DataError(
-        f"data.columns.{key}: {where}: a {what} is one string or one integer 0..N-1 per {unit} (got {short_repr(value)}). "
-        f"Map the values to class names or ids; {'regression and multi-label classification are' if key == 'label' else 'nested tags are'} not supported."
+        f"data.columns.{key}: {where}: a {what} is one string or one integer 0..N-1 per {unit} (got "
+        f"{short_repr(value)}). Map the values to class names or ids; "
+        f"{'regression and multi-label classification are' if key == 'label' else 'nested tags are'} not supported."
     )
 
 
@@ -52,8 +54,8 @@ def class_names(keyed: list[tuple[Any, str, str]], key: str, source: str) -> lis
         text, _, text_at = next(x for x in keyed if not _is_number(x[0]))
         what = "labels" if key == "label" else "tags"
         raise DataError(
-            f"data.columns.{key}: {source}: {what} mix numbers and strings (got {number!r} at {number_at}, {text!r} at {text_at}). "
-            f"Write every {what[:-1]} as a string, or every {what[:-1]} as an integer 0..N-1."
+            f"data.columns.{key}: {source}: {what} mix numbers and strings (got {number!r} at {number_at}, {text!r} "
+            f"at {text_at}). Write every {what[:-1]} as a string, or every {what[:-1]} as an integer 0..N-1."
         )
     if numbers:
         ids = {int(k) for k in numbers}
@@ -85,11 +87,13 @@ def class_label_names(values: list[Any], feature: Any, key: str, where: list[str
     for value, at in zip(values, where):
         if value == -1:
             raise DataError(
-                f"data.columns.{key}: {at}: no label: the ClassLabel column marks an unlabelled row with -1, as SST-2's test split does (got -1). Train and evaluate on labelled splits."
+                f"data.columns.{key}: {at}: no label: the ClassLabel column marks an unlabelled row with -1, as "
+                "SST-2's test split does (got -1). Train and evaluate on labelled splits."
             )
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < feature.num_classes:
             raise DataError(
-                f"data.columns.{key}: {at}: not a class id of the ClassLabel column ({', '.join(feature.names)}) (got {value!r}). Fix the data."
+                f"data.columns.{key}: {at}: not a class id of the ClassLabel column ({', '.join(feature.names)}) "
+                f"(got {value!r}). Fix the data."
             )
         names.append(feature.names[value])
     return names

@@ -136,7 +136,10 @@ def first_non_utf8(paths: list[Path]) -> str | None:
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    return f"{path}: line {number}: not UTF-8 text (got byte 0x{line[exc.start]:02x} at byte offset {offset + exc.start})"
+                    return (
+                        f"{path}: line {number}: not UTF-8 text (got byte 0x{line[exc.start]:02x} at byte offset "
+                        f"{offset + exc.start})"
+                    )
                 offset += len(line)
     return None
 

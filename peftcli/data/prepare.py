@@ -54,17 +54,22 @@ def require_targets(ds: datasets.Dataset, rows: int, spec: DataSpec, split: str,
         if any(t != IGNORE_INDEX for labels in ds["labels"] for t in labels):
             return
         raise DataError(
-            f"data.columns.tokens: split {split!r} has no word within data.max_length {spec.max_length}, nothing to {verb} (got {rows} rows). Give rows with words, or raise data.max_length."
+            f"data.columns.tokens: split {split!r} has no word within data.max_length {spec.max_length}, nothing to "
+            f"{verb} (got {rows} rows). Give rows with words, or raise data.max_length."
         )
     if len(ds) > 0:
         return
     if c.messages:
         raise DataError(
-            f"data.columns.messages: split {split!r} has no conversation with an assistant turn within its first {spec.max_length} tokens, nothing to {verb} (got {rows} conversations). Check the roles (only assistant turns are trained and scored) or raise data.max_length."
+            f"data.columns.messages: split {split!r} has no conversation with an assistant turn within its first "
+            f"{spec.max_length} tokens, nothing to {verb} (got {rows} conversations). "
+            "Check the roles (only assistant turns are trained and scored) or raise data.max_length."
         )
     if c.text:
         raise DataError(
-            f"data.columns.text: split {split!r} has no example of two tokens or more within data.max_length {spec.max_length}, nothing to {verb} (got {rows} examples). Give examples with text, or raise data.max_length."
+            f"data.columns.text: split {split!r} has no example of two tokens or more within data.max_length "
+            f"{spec.max_length}, nothing to {verb} (got {rows} examples). "
+            "Give examples with text, or raise data.max_length."
         )
     trimmed = (
         f", or data.max_eval_examples (it keeps the first {spec.max_eval_examples})"
@@ -72,7 +77,8 @@ def require_targets(ds: datasets.Dataset, rows: int, spec: DataSpec, split: str,
         else ""
     )
     raise DataError(
-        f"data.max_length: every prompt of split {split!r} fills all {spec.max_length} tokens, leaving no response to {verb} (got {rows} examples). Raise data.max_length{trimmed}."
+        f"data.max_length: every prompt of split {split!r} fills all {spec.max_length} tokens, leaving no response "
+        f"to {verb} (got {rows} examples). Raise data.max_length{trimmed}."
     )
 
 
@@ -88,7 +94,8 @@ def prepare_labelled(
     names = LABEL_SETS[key](train_raw, getattr(spec.columns, key), split_source(spec, spec.train_split))
     if len(names) < 2:
         raise DataError(
-            f"data.columns.{key}: the training split has a single {key.rstrip('s')} ({names}); classification needs two or more."
+            f"data.columns.{key}: the training split has a single {key.rstrip('s')} ({names}); "
+            "classification needs two or more."
         )
     tokenize = TOKENIZE[key]
     train = tokenize(train_raw, spec, tokenizer, names, spec.train_split)

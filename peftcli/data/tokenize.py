@@ -49,7 +49,8 @@ def _word_rows(
         if not isinstance(words, list) or not isinstance(tags, list):
             bad, value = ("tokens", words) if not isinstance(words, list) else ("tags", tags)
             raise DataError(
-                f'data.columns.{bad}: {where}: expected a list, one entry per word (got {str(value)[:80]!r}). Write the row as {{"tokens": [...], "tags": [...]}}.'
+                f"data.columns.{bad}: {where}: expected a list, one entry per word (got {str(value)[:80]!r}). "
+                'Write the row as {"tokens": [...], "tags": [...]}.'
             )
         if len(words) != len(tags):
             raise DataError(
@@ -83,7 +84,8 @@ def tokenize_tokens(
     `num_words` keeps each row's word count, so the dry run and eval can say how many were)."""
     if not tokenizer.is_fast:  # word_ids() comes from the Rust tokenizers only
         raise DataError(
-            f"data.columns.tokens: aligning tags to sub-tokens needs a fast tokenizer (tokenizer.json) (got {type(tokenizer).__name__}). Use the model's fast tokenizer."
+            "data.columns.tokens: aligning tags to sub-tokens needs a fast tokenizer (tokenizer.json) (got "
+            f"{type(tokenizer).__name__}). Use the model's fast tokenizer."
         )
     c = spec.columns
     index = {name: i for i, name in enumerate(tag_names)}
@@ -93,7 +95,8 @@ def tokenize_tokens(
         key = class_key(class_label_names([tag], inner, "tags", [where])[0], "tags", where)
         if key not in index:
             raise DataError(
-                f"data.columns.tags: {where}: tag {tag!r} is not one of {known_from} ({', '.join(tag_names)}). Fix the data or the tags column."
+                f"data.columns.tags: {where}: tag {tag!r} is not one of {known_from} ({', '.join(tag_names)}). "
+                "Fix the data or the tags column."
             )
         return index[key]
 
@@ -141,7 +144,10 @@ def tokenize_chat(
     ds: datasets.Dataset, spec: DataSpec, tokenizer: PreTrainedTokenizerBase, split: str
 ) -> datasets.Dataset:
     key = "data.columns.messages"
-    fix = "Use a chat (instruct) model, save a chat template beside its tokenizer (chat_template.jinja), or train on prompt/response columns."
+    fix = (
+        "Use a chat (instruct) model, save a chat template beside its tokenizer (chat_template.jinja), or train on "
+        "prompt/response columns."
+    )
     require_chat_template(tokenizer, key, fix)
     require_fast(tokenizer, key)
     column = str(spec.columns.messages)
@@ -206,7 +212,8 @@ def target_text(spec: DataSpec, value: Any, split: str) -> str:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
         raise DataError(
             f"data.columns.response_names: value {value!r} in split {split!r} of column {spec.columns.response!r} "
-            f"is not an integer 0..{len(names) - 1}. Name every value, or remove response_names to train on the column's text."
+            f"is not an integer 0..{len(names) - 1}. Name every value, or remove response_names to train on the "
+            "column's text."
         )
     return names[value]
 

@@ -319,8 +319,8 @@ def top_parameter_names(model: nn.Module, last: int, key: str) -> set[str]:
     blocks, final norm, head)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise MethodError(
-            f"{key}: {type(model).__name__} is an encoder-decoder, with two stacks of blocks and no single top (got {last}). "
-            "Set it to null to train every layer."
+            f"{key}: {type(model).__name__} is an encoder-decoder, with two stacks of blocks and no single top (got "
+            f"{last}). Set it to null to train every layer."
         )
     blocks = find_blocks(model)
     if blocks is None:

@@ -50,7 +50,8 @@ class IA3Params(BaseModel):
     feedforward_modules: list[str] | str = Field(
         "auto",
         description="the targets scaled on their input (the MLP's activations) rather than their output: "
-        "'auto' (the model type's MLP output projection, when targeted), names matched as suffixes, or a regular expression",
+        "'auto' (the model type's MLP output projection, when targeted), names matched as suffixes, or a regular "
+        "expression",
     )
     modules_to_save: list[str] | None = Field(
         None, description="modules trained in full and saved; default: the classification head"

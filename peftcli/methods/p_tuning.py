@@ -33,7 +33,9 @@ class PTuningParams(BaseModel):
     num_virtual_tokens: int = Field(20, gt=0, description="n: virtual tokens prepended to every input")
     encoder: Literal["mlp", "lstm"] = Field(
         "mlp",
-        description="the prompt encoder: mlp (three linear layers, recommended) or lstm (bidirectional LSTM, then an MLP)",
+        description=(
+            "the prompt encoder: mlp (three linear layers, recommended) or lstm (bidirectional LSTM, then an MLP)"
+        ),
     )
     encoder_hidden_size: int | None = Field(
         None, gt=0, description="h: the encoder's hidden size; default: the model's hidden size"

@@ -64,7 +64,8 @@ class PrefixTuningParams(BaseModel):
     )
     init_weights: Literal["random", "zero"] = Field(
         "random",
-        description="random: normal prefixes (HF peft's default); zero: zero prefixes (the last projection layer with prefix_projection)",
+        description="random: normal prefixes (HF peft's default); zero: zero prefixes (the last projection layer with "
+        "prefix_projection)",
     )
     modules_to_save: list[str] | None = Field(
         None, description="modules trained in full and saved; default: the classification head"
@@ -204,7 +205,8 @@ def decoder_prefix_hook(forward_params: list[str]) -> Any:
                 kwargs["decoder_attention_mask"] = torch.cat([mask.new_ones(batch_size, n), mask], dim=1)
         elif not isinstance(cache, EncoderDecoderCache):
             raise MethodError(
-                f"prefix_tuning: past_key_values must be a transformers EncoderDecoderCache (got {type(cache).__name__})."
+                "prefix_tuning: past_key_values must be a transformers EncoderDecoderCache (got "
+                f"{type(cache).__name__})."
             )
         elif cache.get_seq_length() == 0:
             encoder.fill_decoder(cache, batch_size, dtype)

@@ -54,12 +54,14 @@ class PromptTuningParams(BaseModel):
         if init == "text" and info.field_name == "init_text" and not value:
             raise PydanticCustomError(
                 "value_error",
-                "init: text needs the text whose token embeddings start the prompt, e.g. init_text: 'Classify the sentiment of this review'",
+                "init: text needs the text whose token embeddings start the prompt, e.g. init_text: "
+                "'Classify the sentiment of this review'",
             )
         if init not in ("text", None) and value is not None:
             raise PydanticCustomError(
                 "value_error",
-                f"{info.field_name} is used by init: text only (init is {init}). Set init: text, or remove {info.field_name}",
+                f"{info.field_name} is used by init: text only (init is {init}). "
+                f"Set init: text, or remove {info.field_name}",
             )
         return value
 

@@ -290,7 +290,8 @@ def load_state(model: nn.Module, adapted: Adapted, tensors: dict[str, torch.Tens
         if delta is None or delta.shape != indices.shape or not delta.is_floating_point():
             got = "nothing" if delta is None else f"{delta.dtype} {tuple(delta.shape)}"
             raise CheckpointError(
-                f"{path}: {key} must be a float vector of {indices.numel()} values, one per index (got {got}). The file is corrupt."
+                f"{path}: {key} must be a float vector of {indices.numel()} values, one per index (got {got}). "
+                "The file is corrupt."
             )
         layer, _, part = tensor.rpartition(".")
         deltas[f"{PREFIX}{layer}.{part}_delta"] = delta

@@ -75,7 +75,8 @@ def method_params(method: Method, config: dict[str, Any], where: Path) -> Any:
         return method.from_peft_config(config)
     except ValidationError as exc:
         lines = [
-            f"{path}: invalid {method.name} setting {'.'.join(map(str, e['loc']))}: {describe(e, method.params)} Re-save the adapter."
+            f"{path}: invalid {method.name} setting {'.'.join(map(str, e['loc']))}: "
+            f"{describe(e, method.params)} Re-save the adapter."
             for e in exc.errors()
         ]
         raise CheckpointError(*lines) from None
@@ -94,7 +95,8 @@ def load_adapter(folder: Path, model: nn.Module, task: Task) -> tuple[Method, An
     path = weights_file(folder)
     if task.encoder_decoder and not method.supports_encoder_decoder:
         raise CheckpointError(
-            f"{folder / CONFIG_NAME}: {method.name} adapters on encoder-decoder models are not supported by peftcli. Load this adapter with HF peft."
+            f"{folder / CONFIG_NAME}: {method.name} adapters on encoder-decoder models are not supported by peftcli. "
+            "Load this adapter with HF peft."
         )
     try:
         adapted = method.apply(model, params, context_for(model, task.head_modules, strict=False))

@@ -34,7 +34,10 @@ MAGIC = b"GGUF"
 # splits text by that name alone, so only these exact shapes are written: llama-vocab.cpp's regexes for
 # "gpt-2", "smollm" and "llama-bpe" are these pre-tokenizers' patterns.
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZERS = {
     "gpt-2": _BYTE_LEVEL,
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
@@ -61,8 +64,9 @@ def check_exportable(model: torch.nn.Module, tokenizer: Any, where: str, base_gg
     rope = rope_parameters(config)
     if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
         raise PeftcliError(
-            f"{where}: --format gguf writes default, linear and llama3 rotary scaling (got rope_type {rope['rope_type']!r}). "
-            "Merge with --format safetensors and convert that folder with llama.cpp's convert_hf_to_gguf.py."
+            f"{where}: --format gguf writes default, linear and llama3 rotary scaling (got rope_type "
+            f"{rope['rope_type']!r}). Merge with --format safetensors and convert that folder with llama.cpp's "
+            "convert_hf_to_gguf.py."
         )
     if base_gguf is None:
         bpe_pre_tokenizer(tokenizer)
@@ -244,8 +248,8 @@ def copy_tokenizer(writer: Any, base_gguf: Path, vocab_size: int) -> None:
     tokens = reader.get_field("tokenizer.ggml.tokens")
     if tokens is None or len(tokens.data) != vocab_size:
         raise PeftcliError(
-            f"{base_gguf}: its vocabulary ({0 if tokens is None else len(tokens.data)} tokens) does not match the model's "
-            f"{vocab_size} embeddings, so its tokenizer cannot be copied. Merge with --format safetensors."
+            f"{base_gguf}: its vocabulary ({0 if tokens is None else len(tokens.data)} tokens) does not match the "
+            f"model's {vocab_size} embeddings, so its tokenizer cannot be copied. Merge with --format safetensors."
         )
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):

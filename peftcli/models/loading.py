@@ -69,7 +69,8 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         if tokenizer.eos_token is None:
             raise ModelError(
                 f"model.name: the tokenizer of {spec.name!r} has neither a pad token nor an end-of-sequence token, "
-                "and batches are padded (got pad_token null, eos_token null). Set pad_token (or eos_token) in its tokenizer_config.json."
+                "and batches are padded (got pad_token null, eos_token null). "
+                "Set pad_token (or eos_token) in its tokenizer_config.json."
             )
         # Decoders often ship without a pad token; padding is masked out, so EOS is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -140,7 +141,8 @@ def build_encoder_decoder(spec: ModelSpec, location: str, kwargs: dict[str, Any]
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if start is None or tokenizer.pad_token_id is None:
         raise ModelError(
-            f"model.decoder: the tokenizer of {spec.name!r} has no [CLS] or BOS token to start the decoder, or no pad token. Use a BERT-style tokenizer."
+            f"model.decoder: the tokenizer of {spec.name!r} has no [CLS] or BOS token to start the decoder, or no "
+            "pad token. Use a BERT-style tokenizer."
         )
     model.config.decoder_start_token_id = start
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -102,7 +102,8 @@ def model_of(config: dict[str, Any], adapter_dir: Path, overrides: list[str]) ->
         set_path(raw, key, value)
     if not raw["model"]["name"]:
         raise CheckpointError(
-            f"{adapter_dir / CONFIG_NAME}: base_model_name_or_path is empty. Name the base model: model.name=<hub id or folder>."
+            f"{adapter_dir / CONFIG_NAME}: base_model_name_or_path is empty. Name the base model: "
+            "model.name=<hub id or folder>."
         )
     try:
         return ModelSpec.model_validate(raw["model"])
@@ -197,6 +198,7 @@ def labels_from_recipe(recipe: Recipe, task: Task) -> list[str]:
     ds = load_trimmed(recipe.data, recipe.data.train_split, recipe.data.max_train_examples)
     if column not in ds.column_names:
         raise DataError(
-            f"data.columns.{key}: column {column!r} is not in split {recipe.data.train_split!r} (columns: {', '.join(ds.column_names)})."
+            f"data.columns.{key}: column {column!r} is not in split {recipe.data.train_split!r} (columns: "
+            f"{', '.join(ds.column_names)})."
         )
     return LABEL_SETS[key](ds, column)

@@ -84,11 +84,13 @@ def training_section(recipe: Recipe, report: dict[str, Any]) -> list[str]:
     compute = [
         f"- device: {s.get('device')}, {plural(s.get('num_processes') or 1, 'process', 'processes')}"
         + (f", {s['cpu_threads']} CPU threads" if s.get("device") == "cpu" and s.get("cpu_threads") else ""),
-        f"- precision: {precision_text(s.get('mixed_precision'), recipe.model.dtype)} (train.mixed_precision: {s.get('mixed_precision_requested')})"
+        f"- precision: {precision_text(s.get('mixed_precision'), recipe.model.dtype)} (train.mixed_precision: "
+        f"{s.get('mixed_precision_requested')})"
         + (f"; base weights in {s['quantization']}" if s.get("quantization") else ""),
         (
             f"- {s.get('steps')} steps, {s.get('examples', 0):,} examples, {s.get('tokens', 0):,} tokens in "
-            f"{s.get('train_seconds', 0):.1f} s ({s.get('tokens_per_s', 0):,.0f} tokens/s); {s.get('wall_seconds', 0):.1f} s wall time in all"
+            f"{s.get('train_seconds', 0):.1f} s ({s.get('tokens_per_s', 0):,.0f} tokens/s); "
+            f"{s.get('wall_seconds', 0):.1f} s wall time in all"
         ),
     ]
     if s.get("peak_memory_mb"):
@@ -103,7 +105,10 @@ def training_section(recipe: Recipe, report: dict[str, Any]) -> list[str]:
         "### Compute\n",
         "\n".join(compute) + "\n",
         "### Recipe\n",
-        "The resolved recipe (the run folder's recipe.yaml): `peft train recipe.yaml output_dir=NEW_DIR` repeats the run.\n",
+        (
+            "The resolved recipe (the run folder's recipe.yaml): `peft train recipe.yaml output_dir=NEW_DIR` repeats "
+            "the run.\n"
+        ),
         f"{fence}yaml\n{recipe.to_yaml()}{fence}\n",
         "### Framework versions\n",
         "\n".join(versions) + "\n",

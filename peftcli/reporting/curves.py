@@ -60,7 +60,10 @@ def best_mark(step: float, text: str) -> Callable[[Frame], list[str]]:
         width = 7 * len(text)
         start = min(max(x - width / 2, 4.0), f.left + f.width + 24 - width)
         return [
-            f'<line x1="{x:.1f}" y1="{f.top}" x2="{x:.1f}" y2="{f.top + f.height}" stroke="#444" stroke-dasharray="5 4"/>',
+            (
+                f'<line x1="{x:.1f}" y1="{f.top}" x2="{x:.1f}" y2="{f.top + f.height}" stroke="#444" '
+                'stroke-dasharray="5 4"/>'
+            ),
             f'<text x="{start:.1f}" y="{f.top - 6}" fill="#444">{escape(text)}</text>',
         ]
 

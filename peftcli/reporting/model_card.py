@@ -154,7 +154,8 @@ def adapter_card(
     ]
     if spec.gguf_file and base.hub_id:
         lines.append(
-            f"The weights trained over were those of the GGUF file `{spec.gguf_file}` (dequantized); the hub id's original weights differ from them by the GGUF quantization.\n"
+            f"The weights trained over were those of the GGUF file `{spec.gguf_file}` (dequantized); "
+            "the hub id's original weights differ from them by the GGUF quantization.\n"
         )
     if spec.decoder is not None:
         lines.append(
@@ -176,8 +177,9 @@ def adapter_card(
         if label_names is not None:
             lines.append(
                 "transformers and HF peft read label names from the base's config.json only, never from an adapter "
-                f"folder: pass `id2label` and `label2id` as above, also to `{PEFT_AUTO_CLASSES[task.name]}.from_pretrained(ADAPTER, "
-                f"id2label=..., label2id=...)`, to transformers' `{task.auto_model.__name__}.from_pretrained(ADAPTER, id2label=..., "
+                "folder: pass `id2label` and `label2id` as above, also to "
+                f"`{PEFT_AUTO_CLASSES[task.name]}.from_pretrained(ADAPTER, id2label=..., label2id=...)`, to "
+                f"transformers' `{task.auto_model.__name__}.from_pretrained(ADAPTER, id2label=..., "
                 "label2id=...)` (with peft installed) or to `pipeline(model=ADAPTER, model_kwargs={...})`.\n"
             )
     lines.append("With peftcli:\n")
@@ -278,7 +280,8 @@ def merged_card(
             }
         ),
         f"# {Path(out).name or out}\n",
-        f"`{base.name}` ({base.why}) with the {method} adapter `{adapter}` folded into its weights by `peft merge`, in {dtype}."
+        f"`{base.name}` ({base.why}) with the {method} adapter `{adapter}` folded into its weights by `peft merge`, "
+        f"in {dtype}."
         + (
             f" The base was loaded here from `{base.loaded_from}`."
             if base.loaded_from and base.loaded_from != base.name

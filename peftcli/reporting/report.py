@@ -123,7 +123,10 @@ def weights_text(n: int, unquantized: int, quantization: str | None) -> str:
     """`69.0 MB in 4 bits (nf4), 0.13x the 531.8 MB they take unquantized`: what a quantized base saved."""
     if not quantization:
         return size_text(n)
-    return f"{size_text(n)} in {quantization}, {n / max(unquantized, 1):.2f}x the {size_text(unquantized)} they take unquantized"
+    return (
+        f"{size_text(n)} in {quantization}, {n / max(unquantized, 1):.2f}x the {size_text(unquantized)} they take "
+        "unquantized"
+    )
 
 
 def plural(n: int, word: str, words: str = "") -> str:
@@ -202,8 +205,8 @@ def eval_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]], str]
     header = ["metric", final_header, f"best {metric_label(metric)} (step {best_step})"]
     rows = [[metric_label(k), fmt_value(final[k]), fmt_value(best.get(k, ""))] for k in names]
     note = (
-        f"The saved adapter is from step {best_step}, the eval with the best {metric_label(metric)} ({fmt_value(best.get(metric, ''))}); "
-        f"the other values in its column are that eval's, not the best of each."
+        f"The saved adapter is from step {best_step}, the eval with the best {metric_label(metric)} "
+        f"({fmt_value(best.get(metric, ''))}); the other values in its column are that eval's, not the best of each."
     )
     return header, rows, note
 

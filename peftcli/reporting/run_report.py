@@ -122,7 +122,10 @@ def summary_lines(report: dict[str, Any], history: list[dict[str, Any]]) -> list
         if s["wall_seconds"] >= s["train_seconds"]
         else "since the run started"
     )
-    speed = f"{s['tokens_per_s']:,.0f} tok/s in the training steps ({s['tokens'] / max(s['wall_seconds'], 1e-9):,.0f} over the wall time)"
+    speed = (
+        f"{s['tokens_per_s']:,.0f} tok/s in the training steps ({s['tokens'] / max(s['wall_seconds'], 1e-9):,.0f} "
+        "over the wall time)"
+    )
     timing = f"in {s['wall_seconds']:.1f} s wall: {s['steps']} training steps took {s['train_seconds']:.1f} s ({split})"
     lines = [f"{timing}; {speed}, peak memory {s['peak_memory_mb']:,.0f} MB"]
     if s.get("quantization"):

@@ -81,7 +81,10 @@ class Verdict:
             return "vLLM: would refuse: " + "; ".join(self.reasons) + (merge if self.merge_instead else "")
         what = f"LoRA rank {self.rank} on {', '.join(self.modules)}"
         if self.loads is None:
-            return f"vLLM: cannot tell: {'; '.join(self.reasons)}. The adapter itself passes vLLM's checks ({what}; {self.flags()})"
+            return (
+                f"vLLM: cannot tell: {'; '.join(self.reasons)}. The adapter itself passes vLLM's checks ({what}; "
+                f"{self.flags()})"
+            )
         return f"vLLM: loads ({what}; start vLLM with {self.flags()})"
 
     def as_dict(self) -> dict[str, Any]:
@@ -120,7 +123,10 @@ def vllm_verdict(
     if reasons:
         return Verdict(False, reasons, rank, modules, flag, merge_instead=mergeable)
     if architecture not in LORA_MODULES:
-        unknown = f"peftcli has no table of vLLM's LoRA modules for {architecture} (see the LoRA column of vLLM's supported-models page)"
+        unknown = (
+            f"peftcli has no table of vLLM's LoRA modules for {architecture} (see the LoRA column of vLLM's "
+            "supported-models page)"
+        )
         return Verdict(None, [unknown], rank, modules, flag)
     return Verdict(True, [], rank, modules, flag)
 
@@ -129,7 +135,9 @@ def method_reason(peft_type: str) -> str:
     """vLLM's loader knows LoRA only: PEFTHelper needs `r`, `lora_alpha` and `target_modules`
     ("Missing required configuration fields") and the weights must be lora_A/lora_B pairs."""
     what = {
-        "ADALORA": "AdaLoRA keeps its update as P, Lambda and Q (lora_A, lora_E, lora_B) with a per-module rank_pattern",
+        "ADALORA": (
+            "AdaLoRA keeps its update as P, Lambda and Q (lora_A, lora_E, lora_B) with a per-module rank_pattern"
+        ),
         "IA3": "IA3 scales activations by learned vectors",
         "PREFIX_TUNING": "prefix tuning adds learned key/value prefixes",
         "PROMPT_TUNING": "prompt tuning adds learned virtual tokens (vLLM's prompt adapters went with its V0 engine)",
@@ -155,15 +163,16 @@ def config_reasons(config: dict[str, Any], rank: int) -> list[str]:
         )
     if str(config.get("bias") or "none") != "none" or config.get("lora_bias"):
         reasons.append(
-            f"bias={config.get('bias')!r}, lora_bias={bool(config.get('lora_bias'))}: vLLM does not support adapter bias"
+            f"bias={config.get('bias')!r}, lora_bias={bool(config.get('lora_bias'))}: "
+            "vLLM does not support adapter bias"
         )
     if rank > MAX_LORA_RANKS[-1]:
         reasons.append(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank, {MAX_LORA_RANKS[-1]}")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in PLAIN_INITS:
         reasons.append(
-            f"init_lora_weights={init!r} also changes the base weights when HF peft loads the adapter, which vLLM does not: "
-            "save it converted to a plain LoRA (peftcli does)"
+            f"init_lora_weights={init!r} also changes the base weights when HF peft loads the adapter, which vLLM "
+            "does not: save it converted to a plain LoRA (peftcli does)"
         )
     if config.get("layers_to_transform") or config.get("layer_replication"):
         reasons.append("layers_to_transform / layer_replication: vLLM applies LoRA by module name only")
@@ -183,7 +192,10 @@ def key_reasons(config: dict[str, Any], keys: list[str]) -> list[str]:
     if not odd:
         return []
     return [
-        f'adapter_model.safetensors holds {len(odd)} tensor(s) vLLM cannot read, e.g. {odd[0]} ("is unsupported LoRA weight"): vLLM takes lora_A / lora_B weights only'
+        (
+            f"adapter_model.safetensors holds {len(odd)} tensor(s) vLLM cannot read, e.g. "
+            f'{odd[0]} ("is unsupported LoRA weight"): vLLM takes lora_A / lora_B weights only'
+        )
     ]
 
 
@@ -192,11 +204,17 @@ def task_reasons(config: dict[str, Any], architecture: str | None, modules: list
     task_type = config.get("task_type")
     if task_type != "CAUSAL_LM":
         return [
-            f"task_type {task_type}: vLLM {VLLM_VERSIONS} serves LoRA adapters on text-generation models (task_type CAUSAL_LM)"
+            (
+                f"task_type {task_type}: vLLM {VLLM_VERSIONS} serves LoRA adapters on text-generation models "
+                "(task_type CAUSAL_LM)"
+            )
         ]
     if architecture in NO_LORA:
         return [
-            f"vLLM's {architecture} does not support LoRA (no SupportsLoRA: the LoRA column of vLLM's supported-models table is empty)"
+            (
+                f"vLLM's {architecture} does not support LoRA (no SupportsLoRA: "
+                "the LoRA column of vLLM's supported-models table is empty)"
+            )
         ]
     allowed = LORA_MODULES.get(str(architecture))
     outside = [m for m in modules if allowed is not None and m not in allowed]

@@ -114,8 +114,9 @@ def svg_chart(
     css = f' class="{css_class}"' if css_class else ""
     parts = [
         (
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}"{css} '
-            f'font-family="sans-serif" font-size="12" role="img" aria-label="{escape(title)}">'
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}"{css} font-family="sans-serif" font-size="12" role="img" '
+            f'aria-label="{escape(title)}">'
         ),
         f"<title>{escape(title)}</title>",
         '<rect width="100%" height="100%" fill="white"/>',
@@ -146,7 +147,8 @@ def grid(f: Frame) -> list[str]:
     )
     middle = f.top + f.height / 2
     parts.append(
-        f'<text x="16" y="{middle:.1f}" text-anchor="middle" transform="rotate(-90 16 {middle:.1f})">{escape(f.y.title)}</text>'
+        f'<text x="16" y="{middle:.1f}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {middle:.1f})">{escape(f.y.title)}</text>'
     )
     return parts
 

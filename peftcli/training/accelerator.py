@@ -27,13 +27,14 @@ def make_accelerator(spec: TrainSpec, trackers: list[Any] | None = None) -> Acce
         )
     if mixed_precision == "bf16" and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise PeftcliError(
-            "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use auto or no."
+            "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). "
+            "Use auto or no."
         )
     for engine, config in (("FSDP", "configs/fsdp.yaml"), ("DEEPSPEED", "configs/deepspeed-zero*.yaml")):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true") and not torch.cuda.is_available():
             raise PeftcliError(
-                f"accelerate launch: {config} shards the model across GPUs and none is visible (got ACCELERATE_USE_{engine}=true). "
-                "On CPUs use configs/cpu-ddp.yaml or --num-processes N."
+                f"accelerate launch: {config} shards the model across GPUs and none is visible (got "
+                f"ACCELERATE_USE_{engine}=true). On CPUs use configs/cpu-ddp.yaml or --num-processes N."
             )
     precision.set_tf32(spec.tf32)
     # accelerate keeps one state per process and refuses another precision once it is set: a second

@@ -195,13 +195,15 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
         folder = Path(resume)
         if not folder.is_dir():
             raise CheckpointError(
-                f"--resume {resume}: no such checkpoint folder. Give a run's checkpoints/step-N folder, or --resume alone for the latest."
+                f"--resume {resume}: no such checkpoint folder. Give a run's checkpoints/step-N folder, or --resume "
+                "alone for the latest."
             )
         steps = checkpoint_steps(run_dir)
         if not any(folder.resolve() == s.resolve() for s in steps):
             raise CheckpointError(
                 f"--resume {resume}: not a step checkpoint of this run ({run_dir / 'checkpoints'}: "
-                f"{', '.join(s.name for s in steps) or 'none'}). Give one of its checkpoints/step-N folders, or --resume alone for the latest."
+                f"{', '.join(s.name for s in steps) or 'none'}). Give one of its checkpoints/step-N folders, or "
+                "--resume alone for the latest."
             )
         return folder
     steps = checkpoint_steps(run_dir)
@@ -219,8 +221,9 @@ def check_data(folder: Path, fingerprint: str) -> None:
     saved = json.loads((folder / STATE_JSON).read_text(encoding="utf-8")).get("data_fingerprint")
     if saved is not None and saved != fingerprint:
         raise CheckpointError(
-            f"--resume: the training data differs from the data {folder} was trained on (fingerprint {fingerprint[:12]}, "
-            f"was {saved[:12]}): a data file changed since the run started. Resume with the original data, or start a new run."
+            f"--resume: the training data differs from the data {folder} was trained on (fingerprint "
+            f"{fingerprint[:12]}, was {saved[:12]}): a data file changed since the run started. "
+            "Resume with the original data, or start a new run."
         )
 
 
@@ -228,7 +231,8 @@ def read_loop_state(folder: Path, rank: int, num_processes: int) -> LoopState:
     path = folder / STATE_JSON
     if not path.is_file():
         raise CheckpointError(
-            f"{folder}: no {STATE_JSON}; this checkpoint holds an adapter but not the training state, so the run cannot resume from it."
+            f"{folder}: no {STATE_JSON}; this checkpoint holds an adapter but not the training state, so the run "
+            "cannot resume from it."
         )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

@@ -168,7 +168,8 @@ class Loop:
             if self.result.skipped_steps > self.spec.skip_nonfinite_steps:
                 raise NonFiniteLoss(step, loss)
             progress.line(
-                f"step {step}: the loss is {loss}; the step was skipped ({self.result.skipped_steps} of {self.spec.skip_nonfinite_steps} allowed)"
+                f"step {step}: the loss is {loss}; the step was skipped ({self.result.skipped_steps} of "
+                f"{self.spec.skip_nonfinite_steps} allowed)"
             )
         else:
             self.since_log.add(loss, tokens, examples, seconds)

@@ -102,4 +102,7 @@ def set_value(recipe: Recipe, key: str, value: Any) -> None:
 
 def resolved_recipe_text(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> str:
     header = f"# Resolved from {recipe_path}" + (f" with {' '.join(overrides)}" if overrides else "")
-    return f"{header}\n# Repeat this run: peft train {recipe.run_dir() / 'recipe.yaml'} output_dir=NEW_DIR\n{recipe.to_yaml()}"
+    return (
+        f"{header}\n# Repeat this run: peft train {recipe.run_dir() / 'recipe.yaml'} "
+        f"output_dir=NEW_DIR\n{recipe.to_yaml()}"
+    )

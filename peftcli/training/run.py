@@ -172,7 +172,8 @@ def fit(run: Run, hooks: Hooks) -> TrainResult:
         except NonFiniteLoss as exc:
             raise TrainingDiverged(
                 f"train: the loss or its gradient became {exc.loss} at step {exc.step}; {run.last_checkpoint()}. "
-                "Lower optimizer.lr, set train.max_grad_norm, or let a few bad steps pass with train.skip_nonfinite_steps."
+                "Lower optimizer.lr, set train.max_grad_norm, or let a few bad steps pass with "
+                "train.skip_nonfinite_steps."
             ) from None
         except OutOfMemory as exc:
             raise PeftcliError(out_of_memory_line(exc, t)) from None
@@ -183,8 +184,9 @@ def check_engine(method: Any, accelerator: Any) -> None:
     if method.unsharded_only is not None and partitioned_optimizer(accelerator):
         engine = accelerator.distributed_type.value
         raise MethodError(
-            f"method.name: {method.name} cannot train under {engine}: {method.unsharded_only}, which {engine} holds in "
-            f"pieces across processes (got {method.name}). Use lora, or train {method.name} under DDP (--num-processes N)."
+            f"method.name: {method.name} cannot train under {engine}: {method.unsharded_only}, which {engine} holds "
+            f"in pieces across processes (got {method.name}). Use lora, or train {method.name} under DDP "
+            "(--num-processes N)."
         )
 
 
@@ -197,7 +199,8 @@ def written(action: Callable[[], None]) -> Callable[[], None]:
         except OSError as exc:
             where = exc.filename or "the run directory"
             raise PeftcliError(
-                f"{where}: cannot write ({exc.strerror or exc}). Check that the folder is writable and the disk has space."
+                f"{where}: cannot write ({exc.strerror or exc}). Check that the folder is writable and the disk has "
+                "space."
             ) from None
 
     return run
@@ -216,8 +219,8 @@ def out_of_memory_line(exc: OutOfMemory, t: Any) -> str:
         )
     )
     return (
-        f"{exc.phase}: out of memory at step {exc.step}, on a batch of {exc.examples} examples {exc.length} tokens long "
-        f"({exc.detail}). {fix}."
+        f"{exc.phase}: out of memory at step {exc.step}, on a batch of {exc.examples} examples {exc.length} tokens "
+        f"long ({exc.detail}). {fix}."
     )
 
 

@@ -225,8 +225,12 @@ class Run:
         """A save that failed (a full disk): what is kept, and how to go on from it."""
         reason = exc.strerror or str(exc)
         if self.saved_step is None:
-            return f"{where}: could not save the {what} ({reason}); no checkpoint was saved before it. Free disk space, then train again."
+            return (
+                f"{where}: could not save the {what} ({reason}); no checkpoint was saved before it. "
+                "Free disk space, then train again."
+            )
         return (
             f"{where}: could not save the {what} ({reason}); the checkpoint before it, "
-            f"{checkpoint_dir(self.run_dir, self.saved_step)}, is kept. Free disk space, then resume with: {self.resume_hint}"
+            f"{checkpoint_dir(self.run_dir, self.saved_step)}, is kept. Free disk space, then resume with: "
+            f"{self.resume_hint}"
         )
