@@ -138,8 +138,8 @@ def main() -> None:
 
     names = ["frozen linear", "LoRA", "DoRA (peftcli)", "DoRA (HF peft)"]
     print(
-        f"\n{args.tokens} tokens, rank {args.rank}, {args.threads} threads, torch {torch.__version__}; ms per forward+backward "
-        "(median), and MB kept for the backward\n"
+        f"\n{args.tokens} tokens, rank {args.rank}, {args.threads} threads, torch {torch.__version__}; "
+        "ms per forward+backward (median), and MB kept for the backward\n"
     )
     print(
         "| layer | "
@@ -152,7 +152,8 @@ def main() -> None:
         print(
             f"| {r['shape']} | "
             + " | ".join(f"{r[f'{n} ms']:.2f}" for n in names)
-            + f" | +{over[0]:.2f} / +{over[1]:.2f} ms | {r['LoRA saved MB']:.2f} / {r['DoRA (peftcli) saved MB']:.2f} / {r['DoRA (HF peft) saved MB']:.2f} |"
+            + f" | +{over[0]:.2f} / +{over[1]:.2f} ms | {r['LoRA saved MB']:.2f} / "
+            f"{r['DoRA (peftcli) saved MB']:.2f} / {r['DoRA (HF peft) saved MB']:.2f} |"
         )
 
 

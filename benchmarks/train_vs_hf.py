@@ -423,11 +423,13 @@ def run_hf(
             seconds.append(time.perf_counter() - self.started)
 
     args = TrainingArguments(
-        output_dir=str(out / "hf"), per_device_train_batch_size=w.batch_size, per_device_eval_batch_size=w.eval_batch_size,
-        max_steps=steps, learning_rate=w.lr, weight_decay=w.weight_decay, lr_scheduler_type="linear",
-        warmup_steps=w.warmup_ratio, logging_steps=50, save_strategy="no", eval_strategy="no", report_to=[], seed=w.seed,
-        train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=device() == "cpu", disable_tqdm=True, bf16=bf16,
-        gradient_checkpointing=checkpointing and kbit is None, optim="paged_adamw_8bit" if optim8 else "adamw_torch",
+        output_dir=str(out / "hf"), per_device_train_batch_size=w.batch_size,
+        per_device_eval_batch_size=w.eval_batch_size, max_steps=steps, learning_rate=w.lr,
+        weight_decay=w.weight_decay, lr_scheduler_type="linear", warmup_steps=w.warmup_ratio, logging_steps=50,
+        save_strategy="no", eval_strategy="no", report_to=[], seed=w.seed,
+        train_sampling_strategy="group_by_length" if grouped else "random", use_cpu=device() == "cpu",
+        disable_tqdm=True, bf16=bf16, gradient_checkpointing=checkpointing and kbit is None,
+        optim="paged_adamw_8bit" if optim8 else "adamw_torch",
     )  # fmt: skip
 
     def accuracy(pred: Any) -> dict[str, float]:
@@ -664,9 +666,9 @@ def run_child(
     """One tool's run in its own process (its own peak memory), on a machine as quiet as we found it."""
     load = os.getloadavg()[0]
     cmd = [
-        sys.executable, __file__, "--child", tool, "--workload-json", json.dumps(w.__dict__), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--peaks-json", json.dumps(peaks), "--flops-per-token", str(flops_per_token),
-        "--overrides-json", json.dumps(overrides),
+        sys.executable, __file__, "--child", tool, "--workload-json", json.dumps(w.__dict__),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--peaks-json", json.dumps(peaks),
+        "--flops-per-token", str(flops_per_token), "--overrides-json", json.dumps(overrides),
     ]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
@@ -678,8 +680,9 @@ def run_child(
     }
 
 
-MEDIAN_KEYS = ("real_tokens_per_s", "all_steps_real_tokens_per_s", "samples_per_s", "median_s_per_step", "peak_rss_mb", "peak_gpu_mb",
-               "mfu_fp32", "mfu_bf16", "eval_examples_per_s", "wall_s", "load_before")  # fmt: skip
+MEDIAN_KEYS = ("real_tokens_per_s", "all_steps_real_tokens_per_s", "samples_per_s", "median_s_per_step",
+               "peak_rss_mb", "peak_gpu_mb", "mfu_fp32", "mfu_bf16", "eval_examples_per_s", "wall_s",
+               "load_before")  # fmt: skip
 
 
 def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -720,13 +723,16 @@ def markdown(
     lines = [
         (
             f"Machine: {machine()}. Matrix-product peak measured by the script: {peaks['fp32']:,.0f} GFLOP/s fp32, "
-            f"{peaks['bf16']:,.0f} GFLOP/s bf16. Model FLOPs per real token: 4 x the linear layers' weights = {flops_per_token:,.0f}."
+            f"{peaks['bf16']:,.0f} GFLOP/s bf16. Model FLOPs per real token: "
+            f"4 x the linear layers' weights = {flops_per_token:,.0f}."
         ),
         "",
         (
-            f"Workload `{w.name}`: {describe(w)} on {', '.join(w.target_modules)} of `{w.model}`, batch {w.batch_size}, "
-            f"max length {w.max_length}, AdamW lr {w.lr} weight decay {w.weight_decay}, linear schedule with {w.warmup_ratio:.0%} warm-up, "
-            f"fp32 unless the row says bf16, {args.steps} steps (the first {args.warmup} left out of the timings), eval on `{Path(w.eval_file).name}`"
+            f"Workload `{w.name}`: {describe(w)} on {', '.join(w.target_modules)} of `{w.model}`, batch "
+            f"{w.batch_size}, max length {w.max_length}, AdamW lr {w.lr} weight decay {w.weight_decay}, linear "
+            f"schedule with {w.warmup_ratio:.0%} warm-up, "
+            f"fp32 unless the row says bf16, {args.steps} steps (the first {args.warmup} left out of the timings), "
+            f"eval on `{Path(w.eval_file).name}`"
             + (
                 f"{f' (first {w.max_eval_examples})' if w.max_eval_examples else ''}."
                 + (f" Every row ran {args.repeat} times, in turn; the table shows medians." if args.repeat > 1 else "")
@@ -742,7 +748,12 @@ def markdown(
         + "--markdown docs/benchmarks.md",
         "```",
         "",
-        f"| tool | real tok/s | all steps tok/s | samples/s | median s/step | peak RSS MB |{' peak GPU MB |' if gpu else ''} eval | MFU of fp32 / bf16 peak | {' | '.join(f'vs {t}' for t in baselines)} | eval examples/s | load before |{' tok/s of each run |' if args.repeat > 1 else ''}",
+        (
+            "| tool | real tok/s | all steps tok/s | samples/s | median s/step | peak RSS MB "
+            f"|{' peak GPU MB |' if gpu else ''} eval | MFU of fp32 / bf16 peak | "
+            f"{' | '.join(f'vs {t}' for t in baselines)} | eval examples/s | load before "
+            f"|{' tok/s of each run |' if args.repeat > 1 else ''}"
+        ),
         "|---|---|---|---|---|---|---|---|"
         + "---|" * (len(baselines) + gpu)
         + "---|---|"
@@ -753,8 +764,10 @@ def markdown(
         metric = ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
         gpu_cell = f" {r['peak_gpu_mb']:,.0f} |" if gpu else ""
         lines.append(
-            f"| {r['tool']} | {r['real_tokens_per_s']:,.0f} | {r['all_steps_real_tokens_per_s']:,.0f} | {r['samples_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
-            f"{r['peak_rss_mb']:,.0f} |{gpu_cell} {metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | {r['eval_examples_per_s']:,.{0 if r['eval_examples_per_s'] >= 100 else 1}f} | {r['load_before']} |"
+            f"| {r['tool']} | {r['real_tokens_per_s']:,.0f} | {r['all_steps_real_tokens_per_s']:,.0f} | "
+            f"{r['samples_per_s']:,.1f} | {r['median_s_per_step']:.3f} | {r['peak_rss_mb']:,.0f} |{gpu_cell} "
+            f"{metric} | {r['mfu_fp32']:.1%} / {r['mfu_bf16']:.1%} | {' | '.join(vs)} | "
+            f"{r['eval_examples_per_s']:,.{0 if r['eval_examples_per_s'] >= 100 else 1}f} | {r['load_before']} |"
             + (f" {', '.join(f'{x:,.0f}' for x in r['real_tokens_per_s_each'])} |" if args.repeat > 1 else "")
         )
     return "\n".join(lines) + "\n"

@@ -10,8 +10,8 @@ load average before each run is recorded beside it. `--report-only` rebuilds the
 directories without training; a row without a run directory keeps its line from the page.
 
 `--table gsm8k` trains the SmolLM2-135M-Instruct recipes of LoRA and its variants on a short budget
-(`--gsm8k-steps` steps of the recipe's batch of 4, no accumulation, `--gsm8k-eval` test examples) and writes their eval loss
-over the answer tokens between the gsm8k markers.
+(`--gsm8k-steps` steps of the recipe's batch of 4, no accumulation, `--gsm8k-eval` test examples) and writes their
+eval loss over the answer tokens between the gsm8k markers.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def command(recipe: str, data: str, examples: int, out: Path) -> list[str]:
 def gsm8k_command(recipe: str, data: str, steps: int, evals: int, out: Path) -> list[str]:
     return [
         "peft", "train", f"recipes/{recipe}", "data.dataset=null", f"data.files.train={data}/gsm8k_train.jsonl",
-        f"data.files.test={data}/gsm8k_test.jsonl", f"train.max_steps={steps}", "train.grad_accum=1", f"train.eval_every={steps}",
-        f"data.max_eval_examples={evals}", f"output_dir={out}",
+        f"data.files.test={data}/gsm8k_test.jsonl", f"train.max_steps={steps}", "train.grad_accum=1",
+        f"train.eval_every={steps}", f"data.max_eval_examples={evals}", f"output_dir={out}",
     ]  # fmt: skip
 
 
@@ -110,8 +110,9 @@ def row(label: str, recipe: str, data: str, examples: int, out: Path, kept: dict
     acc = (report["best_metrics"] or report["final_metrics"]).get("accuracy", float("nan"))
     cmd = " ".join(command(recipe, data, examples, Path("runs/table") / out.name))
     return (
-        f"| {label} | {s['trainable_parameters']:,} ({s['trainable_percent']:.2f}%) | {s['adapter_bytes'] / 2**20:,.2f} MB "
-        f"| {100 * acc:.2f}% | {s['wall_seconds'] / 60:.1f} min | {s['tokens_per_s']:,.0f} | {s['peak_memory_mb'] / 1024:.2f} GB "
+        f"| {label} | {s['trainable_parameters']:,} ({s['trainable_percent']:.2f}%) | "
+        f"{s['adapter_bytes'] / 2**20:,.2f} MB | {100 * acc:.2f}% | {s['wall_seconds'] / 60:.1f} min | "
+        f"{s['tokens_per_s']:,.0f} | {s['peak_memory_mb'] / 1024:.2f} GB "
         f"| {extra.get('load_average_before', float('nan')):.2f} | `{cmd}` |"
     )
 
@@ -126,8 +127,9 @@ def gsm8k_row(label: str, recipe: str, data: str, steps: int, evals: int, out: P
     s = report["summary"]
     loss = (report["best_metrics"] or report["final_metrics"]).get("loss", float("nan"))
     return (
-        f"| {label} | {s['trainable_parameters']:,} ({s['trainable_percent']:.2f}%) | {loss:.4f} | {s['wall_seconds'] / 60:.1f} min "
-        f"| {s['tokens_per_s']:,.0f} | {s['peak_memory_mb'] / 1024:.2f} GB | {extra.get('load_average_before', float('nan')):.2f} | `{cmd}` |"
+        f"| {label} | {s['trainable_parameters']:,} ({s['trainable_percent']:.2f}%) | {loss:.4f} | "
+        f"{s['wall_seconds'] / 60:.1f} min | {s['tokens_per_s']:,.0f} | {s['peak_memory_mb'] / 1024:.2f} GB | "
+        f"{extra.get('load_average_before', float('nan')):.2f} | `{cmd}` |"
     )
 
 
@@ -145,11 +147,20 @@ def gsm8k_table(args: argparse.Namespace) -> None:
     page = args.out.read_text()
     kept = kept_rows(page, GSM8K_START, GSM8K_END)
     lines = [
-        f"SmolLM2-135M-Instruct on GSM8K, each recipe as shipped (gradient checkpointing, dropout 0.05) but {args.gsm8k_steps} steps",
-        f"of 4 examples (no accumulation); eval loss over the answer tokens of the first {args.gsm8k_eval} test problems. 2-core CPU;",
+        (
+            "SmolLM2-135M-Instruct on GSM8K, each recipe as shipped (gradient checkpointing, dropout 0.05) but "
+            f"{args.gsm8k_steps} steps"
+        ),
+        (
+            f"of 4 examples (no accumulation); eval loss over the answer tokens of the first {args.gsm8k_eval} test "
+            "problems. 2-core CPU;"
+        ),
         "written by `scripts/methods_table.py --table gsm8k`.",
         "",
-        "| method | trainable parameters | eval loss | wall time | train tok/s | peak memory | load avg before | command |",
+        (
+            "| method | trainable parameters | eval loss | wall time | train tok/s | peak memory | load avg before | "
+            "command |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
@@ -193,10 +204,16 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     lines = [
-        f"SST-2 with all-MiniLM-L6-v2, the first {args.train_examples:,} training sentences (one pass), accuracy on the",
+        (
+            f"SST-2 with all-MiniLM-L6-v2, the first {args.train_examples:,} training sentences (one pass), accuracy "
+            "on the"
+        ),
         "872 validation sentences; 2-core CPU, fp32, one run at a time. Written by `scripts/methods_table.py`.",
         "",
-        "| method | trainable parameters | adapter file | accuracy | wall time | train tok/s | peak memory | load avg before | command |",
+        (
+            "| method | trainable parameters | adapter file | accuracy | wall time | train tok/s | peak memory | load "
+            "avg before | command |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     page = args.out.read_text()

@@ -83,13 +83,19 @@ def quickstart_2proc_quotes(report: dict[str, Any]) -> dict[str, str]:
     best, final = report["best_metrics"]["accuracy"], report["final_metrics"]["accuracy"]
     steps = report["summary"]["steps"]
     return {
-        "quickstart 2 processes": f"({steps} steps of 32) | {percent(best)} accuracy (best eval; {percent(final)} final)"
+        "quickstart 2 processes": (
+            f"({steps} steps of 32) | {percent(best)} accuracy (best eval; {percent(final)} final)"
+        )
     }
 
 
 def entity_cell(metrics: dict[str, Any], classes: dict[str, Any] | None) -> str:
-    """An eval's entity F1, precision, recall, token accuracy and (given the per-type scores) F1 per type, best first."""
-    cell = f"entity F1 {metrics['f1']:.3f} (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}), token accuracy {metrics['accuracy']:.3f}"
+    """An eval's entity F1, precision, recall, token accuracy and (given the per-type scores) F1 per type,
+    best first."""
+    cell = (
+        f"entity F1 {metrics['f1']:.3f} (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}), "
+        f"token accuracy {metrics['accuracy']:.3f}"
+    )
     if classes:
         per_type = sorted(
             ((scores["f1"], name) for name, scores in classes["per_class"].items()), key=lambda t: (-t[0], t[1])
@@ -112,13 +118,17 @@ def ner_quotes(run_dir: Path, val: dict[str, Any], test: dict[str, Any]) -> dict
     per_type_test = {name: v["f1"] for name, v in test["classes"]["per_class"].items()}
     return {
         "ner training": (
-            f"{s['trainable_parameters']:,} trainable of {s['total_parameters'] / 1e6:.1f} M ({s['trainable_percent']:.2f}%); "
-            f"validation entity F1 {steps}, token accuracy {report['final_metrics']['accuracy']:.3f}"
+            f"{s['trainable_parameters']:,} trainable of {s['total_parameters'] / 1e6:.1f} M "
+            f"({s['trainable_percent']:.2f}%); validation entity F1 {steps}, token accuracy "
+            f"{report['final_metrics']['accuracy']:.3f}"
         ),
         "ner validation": entity_cell(val["metrics"], val.get("classes")),
         "ner test": entity_cell(test["metrics"], test.get("classes")),
         "ner people": f"People are found from context (F1 {per_type_test['PER']:.2f} on test)",
-        "ner losses": f"The training loss ends at {train_losses[-1]:.2f} against {report['final_metrics']['loss']:.2f} on validation",
+        "ner losses": (
+            f"The training loss ends at {train_losses[-1]:.2f} against {report['final_metrics']['loss']:.2f} "
+            "on validation"
+        ),
     }
 
 
@@ -168,8 +178,9 @@ def commit() -> str:
 def timing(report: dict[str, Any]) -> str:
     s = report["summary"]
     return (
-        f"{s['wall_seconds']:.0f} s wall ({s['train_seconds']:.0f} s in the loop), {s['tokens_per_s']:,.0f} real tok/s, "
-        f"peak {s['peak_memory_mb'] / 1000:.1f} GB, {s['cpu_threads']} threads, {precision_words(s['mixed_precision'])}"
+        f"{s['wall_seconds']:.0f} s wall ({s['train_seconds']:.0f} s in the loop), {s['tokens_per_s']:,.0f} real "
+        f"tok/s, peak {s['peak_memory_mb'] / 1000:.1f} GB, {s['cpu_threads']} threads, "
+        f"{precision_words(s['mixed_precision'])}"
     )
 
 
@@ -177,7 +188,10 @@ def merge_said(stderr: str) -> str:
     said = " ".join(stderr.split())
     difference = re.search(r"largest logit difference (\S+)", said)
     model = re.search(r"load it with (\w+)\.from_pretrained", said)
-    return f"{model.group(1) if model else '?'}; largest logit difference merged vs adapted {difference.group(1) if difference else '?'}"
+    return (
+        f"{model.group(1) if model else '?'}; largest logit difference merged vs adapted "
+        f"{difference.group(1) if difference else '?'}"
+    )
 
 
 def main() -> int:
@@ -191,7 +205,8 @@ def main() -> int:
         parser.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
     print(
-        f"measured on {commit()} by scripts/readme_numbers.py; load average before: {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs"
+        f"measured on {commit()} by scripts/readme_numbers.py; load average before: "
+        f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs"
     )
     quotes: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="readme-numbers-") as tmp:
