@@ -151,7 +151,8 @@ class HubServer:
             raise HubError(
                 status,
                 "GatedRepo",
-                f"Access to model {repo.repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.",
+                f"Access to model {repo.repo_id} is restricted. You must have access to it and be authenticated to "
+                "access it. Please log in.",
             )
         found = repo.resolve(revision)
         if found is None:

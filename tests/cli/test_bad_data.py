@@ -135,7 +135,10 @@ LABELS = [
         "t.jsonl",
         '{"text": "good", "label": {"y": 1}}\n{"text": "bad", "label": {"y": 0}}\n',
         "train",
-        f"data.columns.label: {{f}}: row 1: a label is one string or one integer 0..N-1 per row (got {{{{'y': 1}}}}). {ONE_LABEL}",
+        (
+            "data.columns.label: {f}: row 1: a label is one string or one integer 0..N-1 per row "
+            f"(got {{{{'y': 1}}}}). {ONE_LABEL}"
+        ),
     ),
     (
         "bools-and-strings",
@@ -237,25 +240,37 @@ TAGS = [
         "null-tag",
         '{"tokens": ["john", "lives"], "tags": ["B-PER", null]}\n',
         "train",
-        "data.columns.tags: {f}: row 1, word 2: the tag is missing (got null). Give every word a tag, or remove the rows without one.",
+        (
+            "data.columns.tags: {f}: row 1, word 2: the tag is missing (got null). "
+            "Give every word a tag, or remove the rows without one."
+        ),
     ),
     (
         "null-tag-in-eval",
         '{"tokens": ["john", "lives"], "tags": [null, "O"]}\n',
         "validation",
-        "data.columns.tags: {f}: row 1, word 1: the tag is missing (got null). Give every word a tag, or remove the rows without one.",
+        (
+            "data.columns.tags: {f}: row 1, word 1: the tag is missing (got null). "
+            "Give every word a tag, or remove the rows without one."
+        ),
     ),
     (
         "nested-tag",
         '{"tokens": ["john", "lives"], "tags": [["B-PER"], "O"]}\n',
         "train",
-        "data.columns.tags: {f}: row 1, word 1: a tag is one string or one integer 0..N-1 per word (got ['B-PER']). Map the values to class names or ids; nested tags are not supported.",
+        (
+            "data.columns.tags: {f}: row 1, word 1: a tag is one string or one integer 0..N-1 per word (got "
+            "['B-PER']). Map the values to class names or ids; nested tags are not supported."
+        ),
     ),
     (
         "ints-and-strings",
         '{"tokens": ["john", "lives"], "tags": [1, "O"]}\n',
         "train",
-        "data.columns.tags: {f}: tags mix numbers and strings (got 1 at row 1, 'O' at row 1). Write every tag as a string, or every tag as an integer 0..N-1.",
+        (
+            "data.columns.tags: {f}: tags mix numbers and strings (got 1 at row 1, 'O' at row 1). "
+            "Write every tag as a string, or every tag as an integer 0..N-1."
+        ),
     ),
     (
         "null-word",
@@ -267,7 +282,10 @@ TAGS = [
         "eval-without-words",
         '{"tokens": [], "tags": []}\n{"tokens": [], "tags": []}\n',
         "validation",
-        "data.columns.tokens: split 'validation' has no word within data.max_length 32, nothing to evaluate (got 2 rows). Give rows with words, or raise data.max_length.",
+        (
+            "data.columns.tokens: split 'validation' has no word within data.max_length 32, nothing to evaluate (got 2 "
+            "rows). Give rows with words, or raise data.max_length."
+        ),
     ),
 ]
 
@@ -303,7 +321,10 @@ def lm_recipe(tiny_dirs, tiny_data, model: str = "gpt2-lm", task: str = LM, **fi
             "gpt2-lm",
             LM,
             {"question": None, "answer": "two"},
-            "data.columns.prompt_template: {f}: row 2: column 'question' has no value (got null). Fill it in, or remove the row.",
+            (
+                "data.columns.prompt_template: {f}: row 2: column 'question' has no value (got null). "
+                "Fill it in, or remove the row."
+            ),
         ),
         (
             "t5-s2s",
@@ -344,7 +365,10 @@ def test_eval_split_with_no_target_left(work: Path, tiny_dirs, tiny_data) -> Non
         "train",
         str(path),
         lines=[
-            "data.max_length: every prompt of split 'validation' fills all 32 tokens, leaving no response to evaluate (got 3 examples). Raise data.max_length."
+            (
+                "data.max_length: every prompt of split 'validation' fills all 32 tokens, leaving no response to "
+                "evaluate (got 3 examples). Raise data.max_length."
+            )
         ],
     )
 
@@ -362,7 +386,10 @@ def test_peft_eval_with_no_target_left(work: Path, tiny_dirs, tiny_data) -> None
         str(path),
         f"data.files.validation={long}",
         lines=[
-            "data.max_length: every prompt of split 'validation' fills all 32 tokens, leaving no response to evaluate (got 3 examples). Raise data.max_length."
+            (
+                "data.max_length: every prompt of split 'validation' fills all 32 tokens, leaving no response to "
+                "evaluate (got 3 examples). Raise data.max_length."
+            )
         ],
     )
     refused(
@@ -373,8 +400,8 @@ def test_peft_eval_with_no_target_left(work: Path, tiny_dirs, tiny_data) -> None
         "--max-examples",
         "2",
         lines=[
-            "data.max_length: every prompt of split 'validation' fills all 32 tokens, leaving no response to evaluate (got 2 examples). "
-            + "Raise data.max_length, or data.max_eval_examples (it keeps the first 2)."
+            "data.max_length: every prompt of split 'validation' fills all 32 tokens, leaving no response to "
+            "evaluate (got 2 examples). " + "Raise data.max_length, or data.max_eval_examples (it keeps the first 2)."
         ],
     )
 
@@ -388,7 +415,10 @@ def test_training_split_of_one_token_texts(work: Path, tiny_dirs, tiny_data) -> 
         "train",
         str(write_recipe(work, recipe)),
         lines=[
-            "data.columns.text: split 'train' has no example of two tokens or more within data.max_length 32, nothing to train on (got 2 examples). Give examples with text, or raise data.max_length."
+            (
+                "data.columns.text: split 'train' has no example of two tokens or more within data.max_length 32, "
+                "nothing to train on (got 2 examples). Give examples with text, or raise data.max_length."
+            )
         ],
     )
 
@@ -461,7 +491,10 @@ VALUES = [
         {"data": {"max_target_length": 2**70}},
         (),
         [
-            f"{RECIPE}: data.max_target_length: input should be less than or equal to 2147483647 (got 1180591620717411303424)."
+            (
+                f"{RECIPE}: data.max_target_length: input should be less than or equal to 2147483647 (got "
+                "1180591620717411303424)."
+            )
         ],
     ),
     (
@@ -496,14 +529,20 @@ POSITIONS = [
         "bert-cls",
         CLS,
         {"data": {"max_length": 129}},
-        "data.max_length: more than the 128 positions of {model} (max_position_embeddings in its config) (got 129). Set data.max_length to 128 or less.",
+        (
+            "data.max_length: more than the 128 positions of {model} (max_position_embeddings in its config) (got "
+            "129). Set data.max_length to 128 or less."
+        ),
     ),
     (
         "gpt2",
         "gpt2-lm",
         LM,
         {"data": {"max_length": 200}},
-        "data.max_length: more than the 128 positions of {model} (n_positions in its config) (got 200). Set data.max_length to 128 or less.",
+        (
+            "data.max_length: more than the 128 positions of {model} (n_positions in its config) (got 200). "
+            "Set data.max_length to 128 or less."
+        ),
     ),
     (
         "virtual-tokens",
@@ -511,7 +550,8 @@ POSITIONS = [
         CLS,
         {"data": {"max_length": 64}, "method": {"name": "prompt_tuning", "num_virtual_tokens": 100}},
         (
-            "data.max_length: with 100 virtual tokens (method.num_virtual_tokens), more than the 128 positions of {model} (max_position_embeddings in its config) (got 64). "
+            "data.max_length: with 100 virtual tokens (method.num_virtual_tokens), more than the 128 positions of "
+            "{model} (max_position_embeddings in its config) (got 64). "
             "Set data.max_length to 28 or less, or use fewer virtual tokens."
         ),
     ),
@@ -520,14 +560,20 @@ POSITIONS = [
         "gpt2-lm",
         LM,
         {"method": {"name": "prefix_tuning", "num_virtual_tokens": 128}},
-        "method.num_virtual_tokens: as many as the 128 positions of {model} (n_positions in its config), leaving none for the text (got 128). Use fewer virtual tokens.",
+        (
+            "method.num_virtual_tokens: as many as the 128 positions of {model} (n_positions in its config), leaving "
+            "none for the text (got 128). Use fewer virtual tokens."
+        ),
     ),
     (
         "bart-target",
         "bart-s2s",
         S2S,
         {"data": {"max_target_length": 129}},
-        "data.max_target_length: more than the 128 positions of the decoder {model} (max_position_embeddings in its config) (got 129). Set data.max_target_length to 128 or less.",
+        (
+            "data.max_target_length: more than the 128 positions of the decoder {model} (max_position_embeddings in "
+            "its config) (got 129). Set data.max_target_length to 128 or less."
+        ),
     ),
 ]
 
@@ -585,7 +631,8 @@ def test_tokenizer_without_pad_or_eos(work: Path, tiny_data) -> None:
         "train",
         str(path),
         lines=[
-            f"model.name: the tokenizer of '{folder}' has neither a pad token nor an end-of-sequence token, and batches are padded "
+            f"model.name: the tokenizer of '{folder}' has neither a pad token nor an end-of-sequence token, and "
+            "batches are padded "
             + "(got pad_token null, eos_token null). Set pad_token (or eos_token) in its tokenizer_config.json."
         ],
     )

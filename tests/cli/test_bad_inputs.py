@@ -86,14 +86,26 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 RECIPE, WORK = "<recipe>", "<work>"
 NAME_HINT = "Use letters, digits, - and _; to write the run elsewhere, set output_dir."
 NOT_FOUND_HINT = "Relative paths in a recipe are relative to its folder."
-MODEL_MISSING = f"{RECIPE}: model: required key is missing. Set it: the base model, e.g. `model: {{name: <hub id, local folder or package:<pkg>/<folder>>}}`."
-DATA_MISSING = f"{RECIPE}: data: required key is missing. Set it: `files:` (split -> local files) or `dataset:` (a hub id), and `columns:`."
-TASK_MISSING = f"{RECIPE}: task: required key is missing. Set it: sequence_classification, causal_lm, seq2seq_lm or token_classification."
+MODEL_MISSING = (
+    f"{RECIPE}: model: required key is missing. Set it: the base model, e.g. `model: {{name: "
+    "<hub id, local folder or package:<pkg>/<folder>>}`."
+)
+DATA_MISSING = (
+    f"{RECIPE}: data: required key is missing. Set it: `files:` (split -> local files) or `dataset:` (a hub id), and "
+    "`columns:`."
+)
+TASK_MISSING = (
+    f"{RECIPE}: task: required key is missing. Set it: sequence_classification, causal_lm, seq2seq_lm or "
+    "token_classification."
+)
 NOT_A_MAPPING = (
     f"{RECIPE}: a recipe is a YAML mapping of keys (got {{}}). Write `key: value` lines: task, model, method, data, ..."
 )
 EMPTY = f"{RECIPE}: the recipe is empty. Write its keys: task, model, method and data at least."
-BOMB_REFUSED = f"aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values, refused as a possible YAML bomb. Write the values out instead."
+BOMB_REFUSED = (
+    f"aliases (*name) expand to more than {MAX_ALIAS_VALUES:,} values, refused as a possible YAML bomb. "
+    "Write the values out instead."
+)
 INT_FROM_STRING = "input should be a valid integer, unable to parse string as an integer"
 
 
@@ -133,7 +145,10 @@ BOMB = "\n".join(
     + [f"l{i}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)]
     + ["model: {name: *i}", "method: {name: lora, target_modules: *i}"]
 )
-ALIAS_OVERRIDE = "method.target_modules=[&a [x,x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]]"
+ALIAS_OVERRIDE = (
+    "method.target_modules=[&a [x,x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c "
+    "[*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]]"
+)
 
 RECIPES = [
     # wrong types
@@ -148,8 +163,14 @@ RECIPES = [
         sets(model__dtype="fp8", data__group_by_length="maybe", train__seed=1.5, schedule__name="cosin"),
         [
             f"{RECIPE}: model.dtype: input should be 'float32', 'bfloat16' or 'float16' (got 'fp8').",
-            f"{RECIPE}: data.group_by_length: input should be a valid boolean, unable to interpret input (got 'maybe').",
-            f"{RECIPE}: schedule.name: input should be 'linear', 'cosine' or 'constant' (got 'cosin'). Did you mean 'cosine'?",
+            (
+                f"{RECIPE}: data.group_by_length: input should be a valid boolean, unable to interpret input (got "
+                "'maybe')."
+            ),
+            (
+                f"{RECIPE}: schedule.name: input should be 'linear', 'cosine' or 'constant' (got 'cosin'). "
+                "Did you mean 'cosine'?"
+            ),
             f"{RECIPE}: train.seed: input should be a valid integer, got a number with a fractional part (got 1.5).",
         ],
     ),
@@ -162,7 +183,10 @@ RECIPES = [
         "task-a-list",
         sets(task=[1]),
         [
-            f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or 'token_classification' (got [1])."
+            (
+                f"{RECIPE}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or "
+                "'token_classification' (got [1])."
+            )
         ],
     ),
     Case(
@@ -186,7 +210,10 @@ RECIPES = [
         "unknown-key-no-match",
         sets(optimizer__zzz=1),
         [
-            f"{RECIPE}: optimizer.zzz: unknown key. Valid keys here: name, lr, weight_decay, betas, eps, momentum, loraplus_lr_ratio."
+            (
+                f"{RECIPE}: optimizer.zzz: unknown key. Valid keys here: name, lr, weight_decay, betas, eps, momentum, "
+                "loraplus_lr_ratio."
+            )
         ],
     ),
     # missing required keys
@@ -212,7 +239,10 @@ RECIPES = [
         "data-file-is-a-folder",
         sets(data__files__train="."),
         [
-            f"{RECIPE}: data.files.train: a folder, not a file (got '{WORK}'). Name its files, or give the folder as data.dataset."
+            (
+                f"{RECIPE}: data.files.train: a folder, not a file (got '{WORK}'). "
+                "Name its files, or give the folder as data.dataset."
+            )
         ],
     ),
     Case(
@@ -229,36 +259,54 @@ RECIPES = [
         "header-only-csv-and-tsv",
         sets(data__files={"train": "header.csv", "validation": "header.tsv"}),
         [
-            f"{RECIPE}: data.files.train: the file holds only a header row (got '{WORK}/header.csv'). Give a file with examples.",
-            f"{RECIPE}: data.files.validation: the file holds only a header row (got '{WORK}/header.tsv'). Give a file with examples.",
+            (
+                f"{RECIPE}: data.files.train: the file holds only a header row (got '{WORK}/header.csv'). "
+                "Give a file with examples."
+            ),
+            (
+                f"{RECIPE}: data.files.validation: the file holds only a header row (got '{WORK}/header.tsv'). "
+                "Give a file with examples."
+            ),
         ],
     ),
     Case(
         "eval-split-not-in-files",
         sets(data__eval_split="test"),
         [
-            f"{RECIPE}: data.eval_split: no such split in data.files (got 'test'; files give train, validation). Add data.files.test or set data.eval_split: null."
+            (
+                f"{RECIPE}: data.eval_split: no such split in data.files (got 'test'; files give train, validation). "
+                "Add data.files.test or set data.eval_split: null."
+            )
         ],
     ),
     Case(
         "label-column-not-in-data",
         sets(data__files__train="nolabel.jsonl"),
         [
-            "data.columns.label: column 'label' is not in split 'train' (columns: text, y). Set data.columns.label to one of them."
+            (
+                "data.columns.label: column 'label' is not in split 'train' (columns: text, y). "
+                "Set data.columns.label to one of them."
+            )
         ],
     ),
     Case(
         "text-column-not-in-data",
         sets(data__columns__text="sentence"),
         [
-            "data.columns.text: column 'sentence' is not in split 'train' (columns: text, label). Set data.columns.text to one of them."
+            (
+                "data.columns.text: column 'sentence' is not in split 'train' (columns: text, label). "
+                "Set data.columns.text to one of them."
+            )
         ],
     ),
     Case(
         "data-file-not-json",
         sets(data__files__train="broken.jsonl"),
         [
-            f"data.files.train: cannot read ['{WORK}/broken.jsonl'] as jsonl (ArrowInvalid: JSON parse error: Missing a name for object member. in row 1). Check that it is valid jsonl."
+            (
+                f"data.files.train: cannot read ['{WORK}/broken.jsonl'] as jsonl (ArrowInvalid: JSON parse error: "
+                "Missing a name for object member. in row 1). Check that it is valid jsonl."
+            )
         ],
     ),
     # values out of range
@@ -291,14 +339,20 @@ RECIPES = [
         "gradient-checkpointing-with-prefix-tuning",
         sets(method={"name": "prefix_tuning"}, train__gradient_checkpointing=True),
         [
-            f"{RECIPE}: train.gradient_checkpointing: prefix_tuning cannot train with gradient checkpointing (got true). Set it to false."
+            (
+                f"{RECIPE}: train.gradient_checkpointing: prefix_tuning cannot train with gradient checkpointing (got "
+                "true). Set it to false."
+            )
         ],
     ),
     Case(
         "best-metric-of-another-task",
         sets(train__best_metric="perplexity"),
         [
-            f"{RECIPE}: train.best_metric: not an eval metric of sequence_classification (got 'perplexity'). Metrics: loss, accuracy, f1."
+            (
+                f"{RECIPE}: train.best_metric: not an eval metric of sequence_classification (got 'perplexity'). "
+                "Metrics: loss, accuracy, f1."
+            )
         ],
     ),
     # methods
@@ -312,7 +366,10 @@ RECIPES = [
         "unknown-method-keys",
         sets(method__rnak=4, method__foo=1),
         [
-            f"{RECIPE}: method.foo: unknown key. Valid keys here: name, rank, alpha, dropout, target_modules, use_rslora, use_dora, init, pissa_niter, modules_to_save.",
+            (
+                f"{RECIPE}: method.foo: unknown key. Valid keys here: name, rank, alpha, dropout, target_modules, "
+                "use_rslora, use_dora, init, pissa_niter, modules_to_save."
+            ),
             f"{RECIPE}: method.rnak: unknown key. Did you mean 'rank'?",
         ],
     ),
@@ -384,7 +441,10 @@ RECIPES = [
         "bad-indentation",
         "task: causal_lm\nmodel:\n  name: x\n data: {files: y}\n",
         [
-            f"{RECIPE}: line 4: invalid YAML (expected <block end>, but found '<block mapping start>'). Fix the syntax there."
+            (
+                f"{RECIPE}: line 4: invalid YAML (expected <block end>, but found '<block mapping start>'). "
+                "Fix the syntax there."
+            )
         ],
     ),
     Case(
@@ -401,7 +461,10 @@ RECIPES = [
         "python-tag",
         "task: !!python/object/apply:os.system ['touch pwned']\n",
         [
-            f"{RECIPE}: line 1: invalid YAML (could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'). Fix the syntax there."
+            (
+                f"{RECIPE}: line 1: invalid YAML (could not determine a constructor for the tag "
+                "'tag:yaml.org,2002:python/object/apply:os.system'). Fix the syntax there."
+            )
         ],
     ),
     Case(
@@ -419,7 +482,10 @@ RECIPES = [
         "nested-too-deep",
         "task: causal_lm\nmethod: " + "[" * 5000 + "\n",
         [
-            f"{RECIPE}: line 2: values nested more than {MAX_YAML_DEPTH} levels deep. A recipe is a few levels deep; check the brackets."
+            (
+                f"{RECIPE}: line 2: values nested more than {MAX_YAML_DEPTH} levels deep. "
+                "A recipe is a few levels deep; check the brackets."
+            )
         ],
     ),
 ]
@@ -457,11 +523,17 @@ def test_recipe_file_not_found(work: Path) -> None:
 USAGE = [
     (
         ("generate", "runs/x", "hi", "--temperature", "abc"),
-        "peft generate: invalid value for '--temperature': Input should be a valid number, unable to parse string as a number (got 'abc')",
+        (
+            "peft generate: invalid value for '--temperature': Input should be a valid number, unable to parse "
+            "string as a number (got 'abc')"
+        ),
     ),
     (
         ("generate", "runs/x", "hi", "--top-k=1.5"),
-        "peft generate: invalid value for '--top-k': Input should be a valid integer, unable to parse string as an integer (got '1.5')",
+        (
+            "peft generate: invalid value for '--top-k': Input should be a valid integer, unable to parse string as an "
+            "integer (got '1.5')"
+        ),
     ),
     (("train",), "peft train: missing argument 'RECIPE'"),
     (("train", "r.yaml", "--bogus"), "peft train: no such option: --bogus"),
@@ -487,7 +559,10 @@ def test_validate_reports_like_train(work: Path, tiny_dirs, tiny_data) -> None:
         str(path),
         lines=[
             f"{path}: optimizer.lr: input should be greater than 0 (got 0).",
-            f"{path}: name: a run name is one folder name under runs/ (got '../up'). Use letters, digits, - and _; to write the run elsewhere, set output_dir.",
+            (
+                f"{path}: name: a run name is one folder name under runs/ (got '../up'). Use letters, digits, - and _; "
+                "to write the run elsewhere, set output_dir."
+            ),
         ],
     )
 
@@ -516,7 +591,10 @@ def test_fp16_on_a_cpu_only_machine(work: Path, tiny_dirs, tiny_data) -> None:
         "train",
         str(path),
         lines=[
-            "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). Use auto, bf16 (CPUs with bf16 support) or no."
+            (
+                "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
+                "Use auto, bf16 (CPUs with bf16 support) or no."
+            )
         ],
     )
 
@@ -533,7 +611,10 @@ def test_train_onto_an_existing_run_directory(work: Path, tiny_dirs, tiny_data) 
         "train",
         str(path),
         lines=[
-            "runs/tiny: run directory already exists. Pass --overwrite to replace it, or give the run another name (name=NEW or output_dir=DIR)."
+            (
+                "runs/tiny: run directory already exists. Pass --overwrite to replace it, or give the run another name "
+                "(name=NEW or output_dir=DIR)."
+            )
         ],
     )
 
@@ -545,7 +626,10 @@ def test_in_process_matches_a_subprocess(work: Path, tiny_dirs, tiny_data) -> No
     path.write_text(yaml.safe_dump(recipe))
     lines = [
         f"{path}: train.batch_size: input should be a valid integer, unable to parse string as an integer (got 'abc').",
-        f"{path}: name: a run name is one folder name under runs/ (got 'x/y'). Use letters, digits, - and _; to write the run elsewhere, set output_dir.",
+        (
+            f"{path}: name: a run name is one folder name under runs/ (got 'x/y'). Use letters, digits, - and _; "
+            "to write the run elsewhere, set output_dir."
+        ),
     ]
     refused(work, "train", str(path), lines=lines)
     before = snapshot(work)
@@ -633,7 +717,10 @@ def test_truncated_weights(run: Path, work: Path) -> None:
         "eval",
         str(run),
         lines=[
-            f"{weights}: cannot read the safetensors file (Error while deserializing header: incomplete metadata, file not fully covered). It is corrupt or truncated; re-save the adapter."
+            (
+                f"{weights}: cannot read the safetensors file (Error while deserializing header: "
+                "incomplete metadata, file not fully covered). It is corrupt or truncated; re-save the adapter."
+            )
         ],
     )
 
@@ -648,7 +735,10 @@ def test_weights_cut_inside_the_header(run: Path, work: Path) -> None:
         "--out",
         str(work / "merged"),
         lines=[
-            f"{weights}: cannot read the safetensors file (Error while deserializing header: invalid header length). It is corrupt or truncated; re-save the adapter."
+            (
+                f"{weights}: cannot read the safetensors file (Error while deserializing header: "
+                "invalid header length). It is corrupt or truncated; re-save the adapter."
+            )
         ],
     )
 
@@ -661,7 +751,10 @@ def test_random_bytes_as_weights(run: Path, work: Path) -> None:
         "inspect",
         str(run),
         lines=[
-            f"{weights}: cannot read the safetensors file (Error while deserializing header: header too large). It is corrupt or truncated; re-save the adapter."
+            (
+                f"{weights}: cannot read the safetensors file (Error while deserializing header: header too large). "
+                "It is corrupt or truncated; re-save the adapter."
+            )
         ],
     )
 
@@ -674,7 +767,10 @@ def test_config_not_json(run: Path, work: Path) -> None:
         "eval",
         str(run),
         lines=[
-            f"{config}: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 23 (char 22)). The file is corrupt; re-save the adapter."
+            (
+                f"{config}: not valid JSON (Expecting property name enclosed in double quotes: "
+                "line 1 column 23 (char 22)). The file is corrupt; re-save the adapter."
+            )
         ],
     )
 
@@ -735,7 +831,11 @@ def test_config_of_another_architecture(run: Path, work: Path) -> None:
         "--out",
         str(work / "merged"),
         lines=[
-            f"{config}: target_modules ['q_proj', 'v_proj'] matched no linear layer of BertForSequenceClassification (linear layers: classifier, dense, key, query, value). Was the adapter trained on another base model?"
+            (
+                f"{config}: target_modules ['q_proj', 'v_proj'] matched no linear layer of "
+                "BertForSequenceClassification (linear layers: classifier, dense, key, query, value). "
+                "Was the adapter trained on another base model?"
+            )
         ],
     )
 
@@ -751,7 +851,11 @@ def test_shapes_of_another_base_model(command: str, artifacts: Path, run: Path, 
         str(run),
         *out,
         lines=[
-            f"{run / 'adapter' / 'adapter_model.safetensors'}: base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight has shape (4, 64) but the model expects (4, 32). Was the adapter trained on another base model?"
+            (
+                f"{run / 'adapter' / 'adapter_model.safetensors'}: "
+                "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight has shape (4, 64) but the "
+                "model expects (4, 32). Was the adapter trained on another base model?"
+            )
         ],
     )
 
@@ -764,7 +868,11 @@ def test_bare_adapter_of_another_base_model(artifacts: Path, work: Path) -> None
         "inspect",
         str(adapter),
         lines=[
-            f"{adapter / 'adapter_model.safetensors'}: base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight has shape (4, 64) but the model expects (4, 32). Was the adapter trained on another base model?"
+            (
+                f"{adapter / 'adapter_model.safetensors'}: "
+                "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight has shape (4, 64) but the "
+                "model expects (4, 32). Was the adapter trained on another base model?"
+            )
         ],
     )
 
@@ -780,7 +888,10 @@ def test_bare_adapter_with_truncated_weights(artifacts: Path, work: Path) -> Non
         "inspect",
         str(adapter),
         lines=[
-            f"{weights}: cannot read the safetensors file (Error while deserializing header: header too small). It is corrupt or truncated; re-save the adapter."
+            (
+                f"{weights}: cannot read the safetensors file (Error while deserializing header: header too small). "
+                "It is corrupt or truncated; re-save the adapter."
+            )
         ],
     )
 
@@ -796,7 +907,10 @@ def test_bare_adapter_with_unsupported_task(artifacts: Path, work: Path) -> None
         "--out",
         str(work / "merged"),
         lines=[
-            f"{adapter / 'adapter_config.json'}: task_type 'QUESTION_ANS' is not supported (supported: {', '.join(sorted(BY_PEFT_TASK_TYPE))})."
+            (
+                f"{adapter / 'adapter_config.json'}: task_type 'QUESTION_ANS' is not supported (supported: "
+                f"{', '.join(sorted(BY_PEFT_TASK_TYPE))})."
+            )
         ],
     )
 
@@ -833,7 +947,10 @@ def test_pickle_weights_are_never_unpickled(command: str, run: Path, work: Path)
         str(run),
         *out,
         lines=[
-            f"{pickled}: a pickle file, which peftcli never loads (unpickling can run any code). If you trust it, convert it to adapter_model.safetensors with HF peft's save_pretrained."
+            (
+                f"{pickled}: a pickle file, which peftcli never loads (unpickling can run any code). "
+                "If you trust it, convert it to adapter_model.safetensors with HF peft's save_pretrained."
+            )
         ],
     )
     assert not (work / "UNPICKLED").exists()
@@ -849,7 +966,10 @@ def test_missing_adapter_folder(command: str, run: Path, work: Path) -> None:
         str(run),
         *out,
         lines=[
-            f"{run}: not a run directory (no adapter/adapter_config.json), an adapter folder (no adapter_config.json) or a recipe."
+            (
+                f"{run}: not a run directory (no adapter/adapter_config.json), an adapter folder (no "
+                "adapter_config.json) or a recipe."
+            )
         ],
     )
 
@@ -886,7 +1006,10 @@ def test_merge_onto_a_file(run: Path, work: Path) -> None:
         "merged",
         "--overwrite",
         lines=[
-            "merged: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one with --overwrite)."
+            (
+                "merged: a file, not a folder. Give --out a folder for the merged model (a new one, or an existing one "
+                "with --overwrite)."
+            )
         ],
     )
 
@@ -917,8 +1040,8 @@ def test_merge_overwrite_replaces_only_a_model_folder(run: Path, work: Path) -> 
         "--overwrite",
         lines=[
             (
-                "docs: not a model folder peft merge wrote (config.json and files only), so --overwrite will not delete it. "
-                "Choose another --out, or empty the folder yourself."
+                "docs: not a model folder peft merge wrote (config.json and files only), so --overwrite will not "
+                "delete it. Choose another --out, or empty the folder yourself."
             )
         ],
     )
@@ -954,7 +1077,10 @@ def test_merge_overwrite_never_deletes_the_working_folder(run: Path, work: Path)
         ".",
         "--overwrite",
         lines=[
-            f".: --overwrite would delete the folder you run from ({work / 'sub'}), which is inside it. Choose another --out."
+            (
+                f".: --overwrite would delete the folder you run from ({work / 'sub'}), which is inside it. "
+                "Choose another --out."
+            )
         ],
     )
 
@@ -979,6 +1105,9 @@ def test_eval_of_a_split_the_run_lacks(run: Path, work: Path) -> None:
         "--split",
         "test",
         lines=[
-            f"{run}: --split: no such split in data.files (got 'test'; files give train, validation). Choose one of them, or add data.files.test=FILE."
+            (
+                f"{run}: --split: no such split in data.files (got 'test'; files give train, validation). "
+                "Choose one of them, or add data.files.test=FILE."
+            )
         ],
     )

@@ -21,11 +21,13 @@ from tests.cli.test_cli import ROOT
 def test_benchmark_script_runs_both_tools_and_a_variant(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text(
-        "# Benchmarks\n\nprose before\n\n<!-- bench: tiny start -->\nold table\n<!-- bench: tiny end -->\n\nprose after\n"
+        "# Benchmarks\n\nprose before\n\n<!-- bench: tiny start -->\nold table\n<!-- bench: tiny end -->\n\n"
+        "prose after\n"
     )
     cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "train_vs_hf.py"), "--workload", "tiny", "--steps", "6", "--warmup", "2",
-        "--tools", "peftcli,hf-grouped-bf16", "--variant", "bf16:train.mixed_precision=bf16", "--markdown", str(doc),
+        sys.executable, str(ROOT / "benchmarks" / "train_vs_hf.py"), "--workload", "tiny", "--steps", "6",
+        "--warmup", "2", "--tools", "peftcli,hf-grouped-bf16", "--variant", "bf16:train.mixed_precision=bf16",
+        "--markdown", str(doc),
     ]  # fmt: skip
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -84,7 +86,8 @@ def test_the_gpu_workloads_build_their_models_from_a_config_with_smollm2s_tokeni
         billion = AutoModelForCausalLM.from_config(LlamaConfig(**every["llama-1b-gsm8k"].config))
     assert 1.0e9 < sum(p.numel() for p in billion.parameters()) < 1.1e9
 
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
     tiny = bench.replace(shape, config=shape.config | small)
     built = bench.built_model(tiny, tmp_path / "model", tmp_path / "tokenizer")
     again = bench.built_model(tiny, tmp_path / "again", tmp_path / "tokenizer")

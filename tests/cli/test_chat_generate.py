@@ -83,8 +83,8 @@ def test_dry_run_marks_the_trained_tokens_and_writes_nothing(work: Path, chat_mo
     out = peft_in_process("train", str(recipe), "--dry-run")
     assert snapshot(work) == before and not (work / "runs").exists()
     assert (
-        "[BOS] question : what is one plus one answer : [[two [EOS]]] question : what is two plus two answer : [[four five [EOS]]]"
-        in out
+        "[BOS] question : what is one plus one answer : [[two [EOS]]] question : what is two plus two answer : "
+        "[[four five [EOS]]]" in out
     )
     assert re.search(r"^train: 48 examples, [\d,]+ tokens, [\d,]+ trained \([\d.]+%\)$", out, re.MULTILINE)
     assert re.search(r"^validation: 16 examples, ", out, re.MULTILINE)
@@ -107,8 +107,9 @@ def test_dry_run_of_prompt_response_and_classification(work: Path, tiny_dirs, ti
 def test_a_model_without_a_chat_template_is_refused(work: Path, tiny_dirs, tiny_data) -> None:
     recipe = chat_recipe(tiny_dirs["llama-lm"], tiny_data, work)
     line = (
-        f"data.columns.messages: the tokenizer of '{tiny_dirs['llama-lm']}' has no chat template. Use a chat (instruct) model, "
-        "save a chat template beside its tokenizer (chat_template.jinja), or train on prompt/response columns."
+        f"data.columns.messages: the tokenizer of '{tiny_dirs['llama-lm']}' has no chat template. "
+        "Use a chat (instruct) model, save a chat template beside its tokenizer (chat_template.jinja), or train on "
+        "prompt/response columns."
     )
     refused(work, "train", str(recipe), lines=[line])
 
@@ -221,5 +222,8 @@ def test_bad_prompts(chat_run: Path, work: Path, args: list[str], line: str) -> 
 
 def test_chat_needs_a_chat_template(chat_run: Path, work: Path, tiny_dirs) -> None:
     plain = tiny_dirs["llama-lm"]  # the same model without a chat template
-    line = f"--chat: the tokenizer of '{plain}' has no chat template. Complete plain text (plain prompts, --no-chat), or use a chat model."
+    line = (
+        f"--chat: the tokenizer of '{plain}' has no chat template. Complete plain text (plain prompts, --no-chat), "
+        "or use a chat model."
+    )
     refused(work, "generate", str(chat_run), "hello", f"model.name={plain}", lines=[line])

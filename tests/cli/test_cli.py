@@ -157,7 +157,8 @@ def test_target_modules_that_match_nothing(tmp_path: Path, tiny_dirs, tiny_data)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         "error: method.target_modules ['q_proj'] matched no linear layer of BertForSequenceClassification "
-        "(linear layers: classifier, dense, key, query, value). `peft inspect --modules RECIPE` lists them with their full names."
+        "(linear layers: classifier, dense, key, query, value). `peft inspect --modules RECIPE` lists them with "
+        "their full names."
     )
     assert not (tmp_path / "run").exists()
 
@@ -213,6 +214,7 @@ def test_fp16_without_cuda_is_refused(tmp_path: Path, tiny_dirs, tiny_data) -> N
     result = peft("train", str(write_recipe(tmp_path, recipe)))
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). Use auto, bf16 (CPUs with bf16 support) or no."
+        "error: train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
+        "Use auto, bf16 (CPUs with bf16 support) or no."
     )
     assert not (tmp_path / "run").exists()

@@ -28,7 +28,8 @@ COMPARISON_FILES = {"comparison.json", "comparison.md", "report.html"}
 DECADES = {0: "1", 1: "10", 2: "100", 3: "1k", 4: "10k", 5: "100k", 6: "1M", 7: "10M"}
 NO_TARGET = (
     "method.target_modules ['q_proj'] matched no linear layer of BertForSequenceClassification "
-    "(linear layers: classifier, dense, key, query, value). `peft inspect --modules RECIPE` lists them with their full names."
+    "(linear layers: classifier, dense, key, query, value). `peft inspect --modules RECIPE` lists them with their "
+    "full names."
 )
 
 

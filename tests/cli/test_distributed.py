@@ -146,8 +146,9 @@ def test_an_adapter_read_while_sharded_is_refused(tmp_path: Path) -> None:
             check_whole({"base_model.model.layer.lora_A.weight": sharded}, shapes)
         assert exc.value.lines == [
             (
-                f"adapter tensor base_model.model.layer.lora_A.weight has shape {tuple(sharded.shape)} instead of (4, 8), so "
-                "nothing was saved. It was read while its parameter was sharded; this is a peftcli bug, please report it "
+                f"adapter tensor base_model.model.layer.lora_A.weight has shape {tuple(sharded.shape)} instead of "
+                "(4, 8), so nothing was saved. It was read while its parameter was sharded; "
+                "this is a peftcli bug, please report it "
                 "with your launch config."
             )
         ]
@@ -197,8 +198,8 @@ def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monk
         make_accelerator(TrainSpec())
     assert exc.value.lines == [
         (
-            "accelerate launch: configs/fsdp.yaml shards the model across GPUs and none is visible (got ACCELERATE_USE_FSDP=true). "
-            "On CPUs use configs/cpu-ddp.yaml or --num-processes N."
+            "accelerate launch: configs/fsdp.yaml shards the model across GPUs and none is visible (got "
+            "ACCELERATE_USE_FSDP=true). On CPUs use configs/cpu-ddp.yaml or --num-processes N."
         )
     ]
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
@@ -206,7 +207,10 @@ def test_engines_that_need_gpus_and_bf16_without_support_are_refused_on_cpu(monk
     with pytest.raises(PeftcliError) as exc:
         make_accelerator(TrainSpec(mixed_precision="bf16"))
     assert exc.value.lines == [
-        "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). Use auto or no."
+        (
+            "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). "
+            "Use auto or no."
+        )
     ]
 
 

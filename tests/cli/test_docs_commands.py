@@ -73,7 +73,10 @@ def all_commands() -> dict[str, list[str]]:
 
 RUN = "runs offline as printed"
 DRY = "trains for minutes: runs here with --dry-run, which reads the recipe, the tokenizer and the data offline"
-HEAVY = "trains for a minute or more: runs offline as printed in the heavy test, after the commands before it in HEAVY_CHAINS"
+HEAVY = (
+    "trains for a minute or more: runs offline as printed in the heavy test, after the commands before it in "
+    "HEAVY_CHAINS"
+)
 IN_PROCESS = "runs in this process, as the CLI would run it, in test_documented_recipes_validate"
 SAME_DRY_RUN = (
     "trains for minutes; another command here dry-runs the same data, and its recipe and overrides validate here"
@@ -100,18 +103,27 @@ HOW = {
     "peft train recipes/quickstart.yaml": HEAVY,
     "peft train recipes/lora-ner.yaml": HEAVY,
     "peft train recipes/lora-sst2.yaml data.dataset=../shared/data/sst2": DRY,
-    "peft train recipes/lora-smollm2-instruct.yaml data.dataset=null data.files.train=../shared/data/instruct/gsm8k_train.jsonl data.files.test=../shared/data/instruct/gsm8k_test.jsonl": DRY,
+    "peft train recipes/lora-smollm2-instruct.yaml data.dataset=null "
+    "data.files.train=../shared/data/instruct/gsm8k_train.jsonl "
+    "data.files.test=../shared/data/instruct/gsm8k_test.jsonl": DRY,
     "peft train recipes/lora-bert2bert-sst2.yaml data.dataset=../shared/data/sst2": DRY,
-    "peft train recipes/lora-smollm2-chat.yaml data.dataset=null data.files.train=data/chat/train.jsonl data.files.test=data/chat/validation.jsonl train.max_steps=20 train.grad_accum=2 train.eval_every=10": SAME_DRY_RUN,
-    "peft train recipes/qlora-smollm2-instruct.yaml data.dataset=null data.files.train=../shared/data/instruct/gsm8k_train.jsonl data.files.test=../shared/data/instruct/gsm8k_test.jsonl": SAME_DRY_RUN,
+    "peft train recipes/lora-smollm2-chat.yaml data.dataset=null data.files.train=data/chat/train.jsonl "
+    "data.files.test=data/chat/validation.jsonl train.max_steps=20 train.grad_accum=2 "
+    "train.eval_every=10": SAME_DRY_RUN,
+    "peft train recipes/qlora-smollm2-instruct.yaml data.dataset=null "
+    "data.files.train=../shared/data/instruct/gsm8k_train.jsonl "
+    "data.files.test=../shared/data/instruct/gsm8k_test.jsonl": SAME_DRY_RUN,
     "peft train recipes/ia3-sst2.yaml data.dataset=../shared/data/sst2": SAME_DRY_RUN,
     "peft train recipes/quickstart.yaml 'method={name: prefix_tuning, num_virtual_tokens: 20}' optimizer.lr=2e-2": DRY,
     "peft train recipes/quickstart.yaml train.report_to=tensorboard": SAME_DRY_RUN,
     "peft train recipes/quickstart.yaml 'train.report_to=[tensorboard,mlflow]'": SAME_DRY_RUN,
     # looking before training (training-runs.md, recipes.md, data-and-tasks.md)
-    "peft train recipes/lora-smollm2-chat.yaml data.dataset=null data.files.train=data/chat/train.jsonl data.files.test=data/chat/validation.jsonl --dry-run": RUN,
+    "peft train recipes/lora-smollm2-chat.yaml data.dataset=null data.files.train=data/chat/train.jsonl "
+    "data.files.test=data/chat/validation.jsonl --dry-run": RUN,
     "peft train recipes/lora-sst2.yaml data.dataset=../shared/data/sst2 --dry-run": RUN,
-    "peft train recipes/lora-smollm2-instruct.yaml data.dataset=null data.files.train=../shared/data/instruct/gsm8k_train.jsonl data.files.test=../shared/data/instruct/gsm8k_test.jsonl --dry-run": RUN,
+    "peft train recipes/lora-smollm2-instruct.yaml data.dataset=null "
+    "data.files.train=../shared/data/instruct/gsm8k_train.jsonl "
+    "data.files.test=../shared/data/instruct/gsm8k_test.jsonl --dry-run": RUN,
     "peft train recipes/lora-ner.yaml --dry-run": RUN,
     "peft inspect recipes/quickstart.yaml": RUN,
     "peft inspect recipes/quickstart.yaml --modules": RUN,
@@ -123,8 +135,8 @@ HOW = {
     "peft merge runs/quickstart --out merged/": HEAVY,
     "peft eval runs/lora-ner --split test": HEAVY,
     "peft eval runs/quickstart --split test data.files.test=my_test.jsonl": USER_FILES + " (my_test.jsonl) and a run",
-    "peft eval path/to/hf-adapter data.files.validation=val.jsonl data.columns.text=text data.columns.label=label --labels negative,positive": USER_FILES
-    + ": an HF peft adapter and its data",
+    "peft eval path/to/hf-adapter data.files.validation=val.jsonl data.columns.text=text data.columns.label=label "
+    "--labels negative,positive": USER_FILES + ": an HF peft adapter and its data",
     "peft eval runs/lora-smollm2-instruct --generate 5": NEEDS_A_RUN,
     "peft eval runs/lora-bert2bert-sst2 --generate 20": NEEDS_A_RUN,
     "peft eval runs/lora-bert2bert-sst2 --generate 10": NEEDS_A_RUN,
@@ -137,27 +149,44 @@ HOW = {
     "peft merge runs/qlora-smollm2-instruct --out merged/": NEEDS_A_RUN,
     # resume and faults (resume-and-faults.md)
     "peft train recipes/quickstart.yaml train.save_every=20": SAME_DRY_RUN,
-    "peft train recipes/quickstart.yaml train.save_every=20 --resume": "needs a stopped run; tests/cli/test_resume.py stops runs and resumes them",
-    "peft train recipes/quickstart.yaml --resume runs/quickstart/checkpoints/step-40": "needs a stopped run; tests/cli/test_resume.py stops runs and resumes them",
+    "peft train recipes/quickstart.yaml train.save_every=20 --resume": (
+        "needs a stopped run; tests/cli/test_resume.py stops runs and resumes them"
+    ),
+    "peft train recipes/quickstart.yaml --resume runs/quickstart/checkpoints/step-40": (
+        "needs a stopped run; tests/cli/test_resume.py stops runs and resumes them"
+    ),
     "peft train recipes/quickstart.yaml --overwrite": SAME_DRY_RUN,
     # several processes (distributed.md)
     "peft train recipes/quickstart.yaml --num-processes 2": HEAVY,
     "accelerate launch --config_file configs/cpu-ddp.yaml -m peftcli train recipes/quickstart.yaml": HEAVY,
-    "accelerate launch --config_file configs/multi-node.yaml --machine_rank 0 --main_process_ip 10.0.0.1 -m peftcli train RECIPE": GPU,
-    "accelerate launch --config_file configs/multi-node.yaml --machine_rank 1 --main_process_ip 10.0.0.1 -m peftcli train RECIPE": GPU,
+    "accelerate launch --config_file configs/multi-node.yaml --machine_rank 0 --main_process_ip 10.0.0.1 -m peftcli "
+    "train RECIPE": GPU,
+    "accelerate launch --config_file configs/multi-node.yaml --machine_rank 1 --main_process_ip 10.0.0.1 -m peftcli "
+    "train RECIPE": GPU,
     # compare and sweep (compare-and-sweep.md)
-    "peft compare recipes/quickstart.yaml --methods lora,ia3,bitfit,prompt_tuning,bottleneck": "trains five runs (minutes); tests/cli/test_compare.py compares tiny models",
-    "peft compare recipes/lora-sst2.yaml recipes/ia3-sst2.yaml data.dataset=../shared/data/sst2 train.max_steps=200": "trains two runs (minutes); tests/cli/test_compare.py compares tiny models",
+    "peft compare recipes/quickstart.yaml --methods lora,ia3,bitfit,prompt_tuning,bottleneck": (
+        "trains five runs (minutes); tests/cli/test_compare.py compares tiny models"
+    ),
+    "peft compare recipes/lora-sst2.yaml recipes/ia3-sst2.yaml data.dataset=../shared/data/sst2 "
+    "train.max_steps=200": "trains two runs (minutes); tests/cli/test_compare.py compares tiny models",
     "peft compare compare/quickstart/lora runs/quickstart --out compare/mine": NEEDS_A_RUN,
-    "peft compare recipes/lora-sst2.yaml recipes/ia3-sst2.yaml recipes/bitfit-sst2.yaml recipes/prompt-tuning-sst2.yaml recipes/bottleneck-sst2.yaml data.dataset=../shared/data/sst2 train.max_steps=150 --out compare/five-recipes": "trains five runs (minutes); tests/cli/test_compare.py compares tiny models",
-    "peft sweep recipes/lora-sst2.yaml --space recipes/sweeps/lora-sst2-rank-lr.yaml data.dataset=../shared/data/sst2 train.max_steps=100 train.eval_every=100 data.max_train_examples=4000": "trains six trials (minutes); tests/cli/test_sweep.py runs sweeps on tiny models",
+    "peft compare recipes/lora-sst2.yaml recipes/ia3-sst2.yaml recipes/bitfit-sst2.yaml "
+    "recipes/prompt-tuning-sst2.yaml recipes/bottleneck-sst2.yaml data.dataset=../shared/data/sst2 "
+    "train.max_steps=150 --out compare/five-recipes": (
+        "trains five runs (minutes); tests/cli/test_compare.py compares tiny models"
+    ),
+    "peft sweep recipes/lora-sst2.yaml --space recipes/sweeps/lora-sst2-rank-lr.yaml "
+    "data.dataset=../shared/data/sst2 train.max_steps=100 train.eval_every=100 data.max_train_examples=4000": (
+        "trains six trials (minutes); tests/cli/test_sweep.py runs sweeps on tiny models"
+    ),
     # trackers and serving (trackers.md, serving.md)
     "tensorboard --logdir runs/quickstart/trackers/tensorboard --host 127.0.0.1": OTHER_PROGRAM,
     "tensorboard --logdir runs --host 127.0.0.1": OTHER_PROGRAM,
     "peft inspect runs/lora-smollm2": NEEDS_A_RUN,
-    "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 8 --lora-modules my-adapter=runs/lora-smollm2/adapter": OTHER_PROGRAM
-    + "; needs a GPU",
-    'curl localhost:8000/v1/completions -H \'Content-Type: application/json\' -d \'{"model": "my-adapter", "prompt": "Question: ...", "max_tokens": 64}\'': OTHER_PROGRAM,
+    "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 8 --lora-modules "
+    "my-adapter=runs/lora-smollm2/adapter": OTHER_PROGRAM + "; needs a GPU",
+    'curl localhost:8000/v1/completions -H \'Content-Type: application/json\' -d \'{"model": "my-adapter", "prompt": '
+    '"Question: ...", "max_tokens": 64}\'': OTHER_PROGRAM,
     "peft merge runs/lora-smollm2-instruct --out smollm2-gsm8k.gguf --format gguf": NEEDS_A_RUN,
     "peft merge runs/lora-smollm2-instruct --out smollm2-gsm8k-q8.gguf --format gguf --gguf-type q8_0": NEEDS_A_RUN,
     'llama-cli -m smollm2-gsm8k.gguf -p "Question: What is 12 plus 30?" -n 64': OTHER_PROGRAM,
@@ -165,7 +194,8 @@ HOW = {
     "python llama.cpp/convert_hf_to_gguf.py merged/ --outfile my-run.gguf --outtype q8_0": OTHER_PROGRAM,
     # benchmarks (benchmarks.md)
     "git worktree add /tmp/h/before 3c25d9b": OTHER_PROGRAM,
-    "python benchmarks/startup.py --runs 5 --recipes quickstart.yaml lora-sst2.yaml lora-smollm2-instruct.yaml --root /tmp/h/before .": BENCHMARK,
+    "python benchmarks/startup.py --runs 5 --recipes quickstart.yaml lora-sst2.yaml lora-smollm2-instruct.yaml "
+    "--root /tmp/h/before .": BENCHMARK,
 }
 
 # The HEAVY commands, in the order they run: each chain in a fresh folder holding the checkout's

@@ -295,8 +295,8 @@ def test_non_mergeable_method_is_refused(cls_run: Path, tmp_path: Path, monkeypa
     with pytest.raises(PeftcliError) as info:
         run_merge(cls_run, tmp_path / "out")
     assert str(info.value) == (
-        f"{cls_run / 'adapter'}: prompt_like adds a learned update to existing weights and cannot be merged into the weights. "
-        "Use the adapter as it is: `peft eval`, or HF peft's PeftModel.from_pretrained."
+        f"{cls_run / 'adapter'}: prompt_like adds a learned update to existing weights and cannot be merged into the "
+        "weights. Use the adapter as it is: `peft eval`, or HF peft's PeftModel.from_pretrained."
     )
     assert not (tmp_path / "out").exists()
 

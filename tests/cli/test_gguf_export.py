@@ -134,7 +134,10 @@ def test_f16_gguf_loads_in_transformers_with_the_merged_logits(llama_run: Path, 
     out = tmp_path / "tiny.gguf"
     code, stderr = merge(str(llama_run), "--out", str(out), "--format", "gguf")
     assert code == 0, stderr
-    said = rf"merged lora into {re.escape(str(llama_run.parent / 'base'))}: largest logit difference (\S+) \(float32\), (\S+) with its matrices in f16\. "
+    said = (
+        rf"merged lora into {re.escape(str(llama_run.parent / 'base'))}: "
+        r"largest logit difference (\S+) \(float32\), (\S+) with its matrices in f16\. "
+    )
     said += rf"Wrote {re.escape(str(out))} \(\S+ MiB\); run it with llama\.cpp: llama-cli -m {re.escape(str(out))}"
     shown = re.fullmatch(said, one_line(stderr))
     assert shown is not None, stderr
@@ -230,7 +233,10 @@ def test_refusals(llama_run: Path, tiny_dirs, tmp_path: Path, monkeypatch: pytes
     cases = [
         (
             ["--out", str(tmp_path / "model"), "--format", "gguf"],
-            f"{tmp_path / 'model'}: with --format gguf, --out is the .gguf file to write (got a name without .gguf). Give a file name ending in .gguf.",
+            (
+                f"{tmp_path / 'model'}: with --format gguf, --out is the .gguf file to write (got a name without "
+                ".gguf). Give a file name ending in .gguf."
+            ),
         ),
         (
             ["--out", str(not_gguf), "--format", "gguf", "--overwrite"],
@@ -246,7 +252,10 @@ def test_refusals(llama_run: Path, tiny_dirs, tmp_path: Path, monkeypatch: pytes
         ),
         (
             ["--out", str(tmp_path / "m.gguf"), "--format", "gguf", "--dtype", "float16"],
-            "--dtype: sets the safetensors folder's dtype (got 'float16' with --format gguf). Choose the GGUF's with --gguf-type f16 or q8_0.",
+            (
+                "--dtype: sets the safetensors folder's dtype (got 'float16' with --format gguf). "
+                "Choose the GGUF's with --gguf-type f16 or q8_0."
+            ),
         ),
         (
             ["--out", str(tmp_path / "m.gguf"), "--format", "onnx"],
@@ -263,13 +272,18 @@ def test_refusals(llama_run: Path, tiny_dirs, tmp_path: Path, monkeypatch: pytes
         code, stderr = merge(str(llama_run), "--out", str(tmp_path / "m.gguf"), "--format", "gguf")
     assert (code, one_line(stderr)) == (
         2,
-        "error: --format gguf: needs the gguf package, which is not installed. Install it: pip install 'peftcli[gguf]'.",
+        (
+            "error: --format gguf: needs the gguf package, which is not installed. Install it: "
+            "pip install 'peftcli[gguf]'."
+        ),
     )
 
     # A GPT-2 adapter, and a Llama's whose word-level tokenizer llama.cpp has no form for: refused before the merge.
     refusals = {
-        "gpt2-lm": "--format gguf writes llama-family causal LMs (model_type llama: Llama 2/3, SmolLM2, TinyLlama; got gpt2 GPT2LMHeadModel)",
-        "llama-lm": "tokenizer: --format gguf writes byte-level BPE tokenizers with a pre-tokenizer llama.cpp names (gpt-2, smollm, llama-bpe) and no normalizer (got model WordLevel",
+        "gpt2-lm": "--format gguf writes llama-family causal LMs (model_type llama: Llama 2/3, SmolLM2, TinyLlama; "
+        "got gpt2 GPT2LMHeadModel)",
+        "llama-lm": "tokenizer: --format gguf writes byte-level BPE tokenizers with a pre-tokenizer llama.cpp names "
+        "(gpt-2, smollm, llama-bpe) and no normalizer (got model WordLevel",
     }
     for name, message in refusals.items():
         base = AutoModelForCausalLM.from_pretrained(tiny_dirs[name])
@@ -315,7 +329,10 @@ def test_gguf_base_in_gguf_out_keeps_its_tokenizer_fields(llama_run: Path, tmp_p
     )
     assert (code, one_line(stderr)) == (
         2,
-        f"error: {folder / 'base.gguf'}: the base model's GGUF file, so --overwrite will not replace it. Choose another --out.",
+        (
+            f"error: {folder / 'base.gguf'}: the base model's GGUF file, so --overwrite will not replace it. "
+            "Choose another --out."
+        ),
     )
     assert (folder / "base.gguf").read_bytes() == before
 

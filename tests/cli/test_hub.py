@@ -143,8 +143,9 @@ REFUSALS = {
         SST2_DATA,
         None,
         (
-            "model.name: no model peftcli-test/no-such-model on the Hub, or it is private (got 'peftcli-test/no-such-model'). "
-            "Check the id on {url}/peftcli-test/no-such-model; for a private repo, log in with `hf auth login` (or set HF_TOKEN) "
+            "model.name: no model peftcli-test/no-such-model on the Hub, or it is private (got "
+            "'peftcli-test/no-such-model'). Check the id on {url}/peftcli-test/no-such-model; "
+            "for a private repo, log in with `hf auth login` (or set HF_TOKEN) "
             "with an account that can read it."
         ),
     ),
@@ -153,8 +154,9 @@ REFUSALS = {
         SST2_DATA,
         None,
         (
-            f"model.name: {BERT} is a gated model: the Hub gives its files only to a logged-in account that accepted its terms "
-            f"(got no token). Accept them on {{url}}/{BERT}, then log in with `hf auth login` (or set HF_TOKEN)."
+            f"model.name: {BERT} is a gated model: the Hub gives its files only to a logged-in account that accepted "
+            f"its terms (got no token). Accept them on {{url}}/{BERT}, then log in with `hf auth login` (or set "
+            "HF_TOKEN)."
         ),
     ),
     "missing model revision": (
@@ -171,8 +173,9 @@ REFUSALS = {
         SST2_DATA | {"dataset": "peftcli-test/gated-sst2"},
         STRANGER,
         (
-            "data.dataset: peftcli-test/gated-sst2 is a gated dataset and the account of your token has no access to it (got HTTP 403). "
-            "Accept its terms on {url}/datasets/peftcli-test/gated-sst2 (the authors may have to approve the request), "
+            "data.dataset: peftcli-test/gated-sst2 is a gated dataset and the account of your token has no access to "
+            "it (got HTTP 403). Accept its terms on {url}/datasets/peftcli-test/gated-sst2 (the authors may have to "
+            "approve the request), "
             "or set HF_TOKEN to a token of an account that has access."
         ),
     ),
@@ -182,8 +185,8 @@ REFUSALS = {
         None,
         (
             "data.dataset: no dataset nobody/no-such-data on the Hub, or it is private (got 'nobody/no-such-data'). "
-            "Check the id on {url}/datasets/nobody/no-such-data; for a private repo, log in with `hf auth login` (or set HF_TOKEN) "
-            "with an account that can read it."
+            "Check the id on {url}/datasets/nobody/no-such-data; for a private repo, log in with `hf auth login` (or "
+            "set HF_TOKEN) with an account that can read it."
         ),
     ),
     "missing data revision": (
@@ -205,8 +208,8 @@ PUSH_REFUSALS = {
     ),
     "read-only token": (
         READER,
-        "push: the token may not write to someone/x (got HTTP 403: You don't have the rights to create a model under this "
-        "namespace). Use a token with write access to 'someone': " + LOGIN,
+        "push: the token may not write to someone/x (got HTTP 403: You don't have the rights to create a model under "
+        "this namespace). Use a token with write access to 'someone': " + LOGIN,
     ),
     "invalid token": (
         "hf_expired",

@@ -38,8 +38,9 @@ def recipe_file(tmp_path: Path, folder: Path, tiny_data, **sections) -> Path:
             {"bits": 4},
             {"name": "bitfit"},
             (
-                "method.name: bitfit trains the base model's biases, which a 4-bit base holds quantized and frozen (got bitfit "
-                "with model.quantization). Use one of: lora, adalora, ia3, prefix_tuning, prompt_tuning, p_tuning, bottleneck; "
+                "method.name: bitfit trains the base model's biases, which a 4-bit base holds quantized and frozen "
+                "(got bitfit with model.quantization). Use one of: lora, adalora, ia3, prefix_tuning, prompt_tuning, "
+                "p_tuning, bottleneck; "
                 "or remove model.quantization."
             ),
         ),
@@ -78,7 +79,10 @@ def test_without_bitsandbytes_the_recipe_says_what_to_install(tmp_path, folders,
         "train",
         str(recipe),
         lines=[
-            f"{recipe}: {KEY}: needs bitsandbytes, which is not installed (got bits 4). Install it: pip install 'peftcli[quant]'."
+            (
+                f"{recipe}: {KEY}: needs bitsandbytes, which is not installed (got bits 4). Install it: "
+                "pip install 'peftcli[quant]'."
+            )
         ],
     )
 
@@ -104,8 +108,8 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
     said = " ".join((result.stdout + result.stderr).split())
     ratio = f"{s['weights_bytes'] / full_bytes:.2f}x"
     assert (
-        f"base weights: {size_text(s['weights_bytes'])} in {s['quantization']}, {ratio} the {size_text(full_bytes)} they take unquantized"
-        in said
+        f"base weights: {size_text(s['weights_bytes'])} in {s['quantization']}, {ratio} the {size_text(full_bytes)} "
+        "they take unquantized" in said
     )
 
     result = CliRunner().invoke(app, ["eval", str(run)])
@@ -134,7 +138,8 @@ def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders
     monkeypatch.chdir(tmp_path)
     recipe = recipe_file(
         tmp_path, folders["llama-lm"], tiny_data, model={"quantization": {"bits": 4, "compute_dtype": "float32"}},
-        optimizer={"name": optimizer, "lr": 1e-2}, train={"max_steps": 8, "save_every": 4, "eval_every": 4, "log_every": 1},
+        optimizer={"name": optimizer, "lr": 1e-2},
+        train={"max_steps": 8, "save_every": 4, "eval_every": 4, "log_every": 1},
     )  # fmt: skip
     run_train(recipe, [])
     run = tmp_path / "run"

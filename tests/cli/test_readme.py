@@ -40,7 +40,8 @@ def test_entity_cell_lists_types_best_first() -> None:
     metrics = {"f1": 0.6354, "precision": 0.6, "recall": 0.68449, "accuracy": 0.9339}
     classes = {"per_class": {"ORG": {"f1": 0.5}, "PER": {"f1": 0.9}, "LOC": {"f1": 0.5}}}
     assert readme_numbers.entity_cell(metrics, classes) == (
-        "entity F1 0.635 (precision 0.600, recall 0.684), token accuracy 0.934; per type F1: PER 0.900, LOC 0.500, ORG 0.500"
+        "entity F1 0.635 (precision 0.600, recall 0.684), token accuracy 0.934; per type F1: "
+        "PER 0.900, LOC 0.500, ORG 0.500"
     )
 
 

@@ -132,16 +132,18 @@ def test_resume_refuses_a_changed_recipe_and_a_run_without_checkpoints(tmp_path,
         run_train(recipe, [], resume="latest")
     assert exc.value.lines == [
         (
-            f"--resume: {tmp_path / 'run'} has no step checkpoint to resume from (none in {tmp_path / 'run' / 'checkpoints'}). "
-            "Set train.save_every, or stop a run with Ctrl-C: it saves one on the way out."
+            f"--resume: {tmp_path / 'run'} has no step checkpoint to resume from (none in "
+            f"{tmp_path / 'run' / 'checkpoints'}). Set train.save_every, or stop a run with Ctrl-C: "
+            "it saves one on the way out."
         )
     ]
     with pytest.raises(CheckpointError) as exc:
         run_train(recipe, ["optimizer.lr=0.5", "method.rank=2"], resume="latest")
     assert exc.value.lines == [
         (
-            f"--resume: the recipe differs from the one {tmp_path / 'run'} was started with, in method.rank, optimizer.lr. "
-            f"Resume with the same recipe and overrides (the run's own copy is {tmp_path / 'run' / 'recipe.yaml'})."
+            f"--resume: the recipe differs from the one {tmp_path / 'run'} was started with, in method.rank, "
+            "optimizer.lr. Resume with the same recipe and overrides (the run's own copy is "
+            f"{tmp_path / 'run' / 'recipe.yaml'})."
         )
     ]
 
@@ -160,8 +162,9 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, tiny_
     assert exc.value.exit_code == 1
     assert exc.value.lines == [
         (
-            f"train: the loss or its gradient became nan at step 7; the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-5'}. "
-            "Lower optimizer.lr, set train.max_grad_norm, or let a few bad steps pass with train.skip_nonfinite_steps."
+            "train: the loss or its gradient became nan at step 7; the last good checkpoint is "
+            f"{tmp_path / 'run' / 'checkpoints' / 'step-5'}. Lower optimizer.lr, set train.max_grad_norm, or let a "
+            "few bad steps pass with train.skip_nonfinite_steps."
         )
     ]
     assert [p.name for p in checkpoint_steps(tmp_path / "run")] == ["step-5"]
@@ -354,30 +357,42 @@ def test_broken_checkpoints_are_refused_with_one_line(tmp_path, tiny_dirs, tiny_
         return exc.value.lines
 
     assert refused(str(tmp_path / "nope")) == [
-        f"--resume {tmp_path / 'nope'}: no such checkpoint folder. Give a run's checkpoints/step-N folder, or --resume alone for the latest."
+        (
+            f"--resume {tmp_path / 'nope'}: no such checkpoint folder. Give a run's checkpoints/step-N folder, or "
+            "--resume alone for the latest."
+        )
     ]
     (step / "rng-0.json").unlink()
     assert refused(str(step)) == [f"{step}: no rng-0.json; the checkpoint is incomplete. Resume from an earlier one."]
     (step / "training_state.json").write_text("{not json")
     assert refused(str(step)) == [
         (
-            f"{step / 'training_state.json'}: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
-            "(char 1)). The checkpoint is corrupt; resume from an earlier one."
+            f"{step / 'training_state.json'}: not valid JSON (Expecting property name enclosed in double quotes: "
+            "line 1 column 2 (char 1)). The checkpoint is corrupt; resume from an earlier one."
         )
     ]
     (step / "training_state.json").write_text('{"format": 99}')
     assert refused(str(step)) == [
-        f"{step / 'training_state.json'}: not a peftcli training state of format 1; resume from a checkpoint this version wrote."
+        (
+            f"{step / 'training_state.json'}: not a peftcli training state of format 1; "
+            "resume from a checkpoint this version wrote."
+        )
     ]
     (step / "training_state.json").unlink()
     assert refused(str(step)) == [
-        f"{step}: no training_state.json; this checkpoint holds an adapter but not the training state, so the run cannot resume from it."
+        (
+            f"{step}: no training_state.json; this checkpoint holds an adapter but not the training state, so the run "
+            "cannot resume from it."
+        )
     ]
     tensors = tmp_path / "run" / "checkpoints" / "step-6"
     assert not tensors.exists()  # the final step is the adapter, not a checkpoint
     (tmp_path / "run" / "recipe.yaml").unlink()
     assert refused("latest") == [
-        f"--resume: {tmp_path / 'run' / 'recipe.yaml'} not found; {tmp_path / 'run'} is not a run directory to resume. Check name= or output_dir=."
+        (
+            f"--resume: {tmp_path / 'run' / 'recipe.yaml'} not found; {tmp_path / 'run'} is not a run directory to "
+            "resume. Check name= or output_dir=."
+        )
     ]
 
 

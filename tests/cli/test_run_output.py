@@ -47,13 +47,19 @@ def test_piped_training_prints_whole_lines_on_stderr(piped: SimpleNamespace) -> 
     logs = [r for r in piped.history if "loss" in r]
     assert [r["step"] for r in logs] == [2, 4, 6]
     for r in logs:
-        line = f"step {r['step']}/6: train loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s (the last 2 steps)"
+        line = (
+            f"step {r['step']}/6: train loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s (the "
+            "last 2 steps)"
+        )
         assert line in piped.lines
     evals = [r for r in piped.history if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]
     best = piped.report["best_step"]
     for r in evals:
-        line = f"step {r['step']}/6 eval: loss {r['eval_loss']:.4f}  accuracy {r['eval_accuracy']:.4f}  f1 {r['eval_f1']:.4f}"
+        line = (
+            f"step {r['step']}/6 eval: loss {r['eval_loss']:.4f}  accuracy {r['eval_accuracy']:.4f}  f1 "
+            f"{r['eval_f1']:.4f}"
+        )
         if r["step"] == 3 or r["step"] == best:  # the first eval is the best so far, and so is the best
             line += "  (best accuracy so far)"
         assert line in piped.lines
@@ -66,8 +72,9 @@ def test_the_end_lines_name_each_figure(piped: SimpleNamespace) -> None:
     done = next(i for i, line in enumerate(piped.lines) if line.startswith("done in "))
     first, *evals, where = piped.lines[done:]
     assert first == (
-        f"done in {s['wall_seconds']:.1f} s wall: 6 training steps took {s['train_seconds']:.1f} s (the rest: loading, 2 evals, "
-        f"saving); {s['tokens_per_s']:,.0f} tok/s in the training steps ({s['tokens'] / s['wall_seconds']:,.0f} over the wall time), "
+        f"done in {s['wall_seconds']:.1f} s wall: 6 training steps took {s['train_seconds']:.1f} s (the rest: "
+        f"loading, 2 evals, saving); {s['tokens_per_s']:,.0f} tok/s in the training steps "
+        f"({s['tokens'] / s['wall_seconds']:,.0f} over the wall time), "
         f"peak memory {s['peak_memory_mb']:,.0f} MB"
     )
 

@@ -205,8 +205,8 @@ def test_overwrite_deletes_only_a_peftcli_run(tmp_path, tiny_dirs, tiny_data, mo
         2,
         [
             (
-                f"error: {mine}: not a peftcli run directory (no recipe.yaml written by peft train), so --overwrite will not "
-                "delete it. Choose another output_dir, or empty the folder yourself."
+                f"error: {mine}: not a peftcli run directory (no recipe.yaml written by peft train), so --overwrite "
+                "will not delete it. Choose another output_dir, or empty the folder yourself."
             )
         ],
     )
@@ -265,8 +265,8 @@ def test_overwrite_refuses_a_symbolic_link_as_the_run_directory(tmp_path, tiny_d
         2,
         [
             (
-                f"error: {tmp_path / 'alias'}: a symbolic link ({tmp_path / 'run'}); --overwrite replaces only a run directory "
-                "itself. Give output_dir the real folder, or another name."
+                f"error: {tmp_path / 'alias'}: a symbolic link ({tmp_path / 'run'}); "
+                "--overwrite replaces only a run directory itself. Give output_dir the real folder, or another name."
             )
         ],
     )
@@ -306,7 +306,10 @@ def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path, tin
     assert find_checkpoint(run_dir, "latest") == run_dir / "checkpoints" / "step-7"
     assert read_loop_state(run_dir / "checkpoints" / "step-7", 0, 1).step == 7
     assert exc.value.lines == [
-        f"SIGTERM at step 7: saved {run_dir / 'checkpoints' / 'step-7'}. Resume with: peft train {recipe} train.save_total_limit=1 --resume"
+        (
+            f"SIGTERM at step 7: saved {run_dir / 'checkpoints' / 'step-7'}. Resume with: "
+            f"peft train {recipe} train.save_total_limit=1 --resume"
+        )
     ]
     monkeypatch.undo()
     # The resume line it printed finishes the run as if it had never stopped.
@@ -344,7 +347,8 @@ def test_resume_refuses_changed_data(tmp_path, tiny_dirs, tiny_data) -> None:
         run_train(recipe, [], resume="latest")
     (line,) = exc.value.lines
     assert line.startswith(
-        f"--resume: the training data differs from the data {tmp_path / 'run' / 'checkpoints' / 'step-2'} was trained on (fingerprint "
+        f"--resume: the training data differs from the data {tmp_path / 'run' / 'checkpoints' / 'step-2'} was "
+        "trained on (fingerprint "
     )
     assert line.endswith(
         "a data file changed since the run started. Resume with the original data, or start a new run."
@@ -381,8 +385,9 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_d
         2,
         [
             (
-                f"error: {run_dir / 'checkpoints' / 'step-4'}: could not save the checkpoint (No space left on device); "
-                f"the checkpoint before it, {run_dir / 'checkpoints' / 'step-2'}, is kept. Free disk space, then resume with: "
+                f"error: {run_dir / 'checkpoints' / 'step-4'}: could not save the checkpoint (No space left on "
+                f"device); the checkpoint before it, {run_dir / 'checkpoints' / 'step-2'}, is kept. "
+                "Free disk space, then resume with: "
                 f"peft train {recipe} --resume"
             )
         ],
@@ -409,8 +414,9 @@ def test_out_of_memory_names_the_batch_and_what_to_lower(tmp_path, tiny_dirs, ti
     (line,) = lines
     assert line.startswith("error: train: out of memory at step 1, on a batch of 4 examples ")
     assert line.endswith(
-        "tokens long (CUDA out of memory. Tried to allocate 20.00 GiB). Lower train.batch_size (raise train.grad_accum to "
-        "keep the step's batch), lower data.max_length, or set train.gradient_checkpointing: true."
+        "tokens long (CUDA out of memory. Tried to allocate 20.00 GiB). "
+        "Lower train.batch_size (raise train.grad_accum to keep the step's batch), lower data.max_length, or set "
+        "train.gradient_checkpointing: true."
     )
     assert not lock_path(tmp_path / "run").exists()
 
@@ -458,7 +464,10 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, tiny_dirs, ti
     code, lines = invoke("train", str(recipe), f"output_dir={tmp_path / 'a-file' / 'run'}")
     assert code == 2
     assert lines == [
-        f"error: {tmp_path / 'a-file'}: cannot write (File exists). Check that the folder is writable and the disk has space."
+        (
+            f"error: {tmp_path / 'a-file'}: cannot write (File exists). Check that the folder is writable and the disk "
+            "has space."
+        )
     ]
     assert snapshot(tmp_path) == before
 

@@ -116,8 +116,8 @@ def test_inits_that_change_the_base_are_refused() -> None:
     assert vllm_verdict(lora_config(init_lora_weights=False), lora_keys(), LLAMA).loads is True
     assert vllm_verdict(lora_config(init_lora_weights="pissa"), lora_keys(), LLAMA).reasons == [
         (
-            "init_lora_weights='pissa' also changes the base weights when HF peft loads the adapter, which vLLM does not: "
-            "save it converted to a plain LoRA (peftcli does)"
+            "init_lora_weights='pissa' also changes the base weights when HF peft loads the adapter, which vLLM does "
+            "not: save it converted to a plain LoRA (peftcli does)"
         )
     ]
 
@@ -162,7 +162,10 @@ def test_tasks_and_model_classes() -> None:
         "GPT2LMHeadModel",
     )
     assert gpt2.reasons == [
-        "vLLM's GPT2LMHeadModel does not support LoRA (no SupportsLoRA: the LoRA column of vLLM's supported-models table is empty)"
+        (
+            "vLLM's GPT2LMHeadModel does not support LoRA (no SupportsLoRA: "
+            "the LoRA column of vLLM's supported-models table is empty)"
+        )
     ]
     # Qwen2's vLLM class lists no embedding modules: LoRA on the embeddings has nowhere to go.
     keys = lora_keys() + [
@@ -170,14 +173,17 @@ def test_tasks_and_model_classes() -> None:
         "base_model.model.model.embed_tokens.lora_embedding_B",
     ]
     assert vllm_verdict(lora_config(), keys, "Qwen2ForCausalLM").reasons == [
-        "LoRA on embed_tokens: vLLM's Qwen2ForCausalLM takes LoRA on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj only"
+        (
+            "LoRA on embed_tokens: vLLM's Qwen2ForCausalLM takes LoRA on q_proj, k_proj, v_proj, o_proj, gate_proj, "
+            "up_proj, down_proj only"
+        )
     ]
     assert vllm_verdict(lora_config(), keys, LLAMA).loads is True  # Llama's embedding_modules has embed_tokens
     unknown = vllm_verdict(lora_config(), lora_keys(), "OlmoForCausalLM")
     assert unknown.loads is None
     assert unknown.line() == (
-        "vLLM: cannot tell: peftcli has no table of vLLM's LoRA modules for OlmoForCausalLM (see the LoRA column of vLLM's "
-        "supported-models page). The adapter itself passes vLLM's checks (LoRA rank 8 on q_proj, v_proj; "
+        "vLLM: cannot tell: peftcli has no table of vLLM's LoRA modules for OlmoForCausalLM (see the LoRA column of "
+        "vLLM's supported-models page). The adapter itself passes vLLM's checks (LoRA rank 8 on q_proj, v_proj; "
         "--enable-lora --max-lora-rank 8)"
     )
 

@@ -209,7 +209,10 @@ def test_bad_space_files_are_refused_one_line_each(tmp_path: Path, monkeypatch: 
     with pytest.raises(PeftcliError) as exc:
         read_space(path)
     assert exc.value.lines == [
-        f"{path}: colour: unknown key (got 'blue'). The keys of a space file are strategy, trials, seed, metric, params.",
+        (
+            f"{path}: colour: unknown key (got 'blue'). The keys of a space file are strategy, trials, seed, metric, "
+            "params."
+        ),
         f"{path}: trials: missing; strategy random draws trials until it has this many. Add e.g. trials: 8.",
         f"{path}: params.method.rank: an empty list of values (got []). List at least one value, e.g. [4, 8].",
         f"{path}: params.optimizer.lr: low > high (got low=0.01, high=0.0001). Swap them.",
@@ -349,7 +352,10 @@ def test_sigterm_stops_every_parallel_trial_at_a_step_and_writes_no_table(tmp_pa
     for i in (1, 2):  # both stopped at a step boundary, saved it, and say how to resume
         run_dir = out / f"trial-00{i}"
         step = max(int(p.name.split("-")[1]) for p in checkpoint_steps(run_dir))
-        said = f"stopped: SIGTERM at step {step}: saved {run_dir / 'checkpoints' / f'step-{step}'}. Resume with: peft train "
+        said = (
+            f"stopped: SIGTERM at step {step}: saved {run_dir / 'checkpoints' / f'step-{step}'}. "
+            "Resume with: peft train "
+        )
         assert any(line.startswith(said) and line.endswith(" --resume") for line in lines[-3:-1]), stderr
     assert not (out / "trial-003").exists()  # no trial starts after a stop
     assert not (out / "sweep.json").exists()

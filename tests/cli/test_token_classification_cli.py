@@ -70,10 +70,22 @@ def test_columns_of_another_task_are_refused_all_at_once(work: Path, tiny_ner: d
         "train",
         str(path),
         lines=[
-            f"{path}: data.columns.tokens: token_classification needs the tokens column's name (e.g. tokens: tokens): a list of words per row.",
-            f"{path}: data.columns.tags: token_classification needs the tags column's name (e.g. tags: tags): a list of tags per row, one per word.",
-            f"{path}: data.columns.text: token_classification reads `tokens` and `tags` only (got text: 'tokens'). Remove it.",
-            f"{path}: data.columns.label: token_classification reads `tokens` and `tags` only (got label: 'tags'). Remove it.",
+            (
+                f"{path}: data.columns.tokens: token_classification needs the tokens column's name (e.g. tokens: "
+                "tokens): a list of words per row."
+            ),
+            (
+                f"{path}: data.columns.tags: token_classification needs the tags column's name (e.g. tags: tags): "
+                "a list of tags per row, one per word."
+            ),
+            (
+                f"{path}: data.columns.text: token_classification reads `tokens` and `tags` only (got text: 'tokens'). "
+                "Remove it."
+            ),
+            (
+                f"{path}: data.columns.label: token_classification reads `tokens` and `tags` only (got label: 'tags'). "
+                "Remove it."
+            ),
         ],
     )
     recipe = ner_recipe(tiny_ner) | {"task": "sequence_classification"}
@@ -83,8 +95,14 @@ def test_columns_of_another_task_are_refused_all_at_once(work: Path, tiny_ner: d
         "validate",
         str(path),
         lines=[
-            f"{path}: data.columns.tokens: word-level columns train token_classification only (got 'tokens' with task sequence_classification). Remove it, or set task: token_classification.",
-            f"{path}: data.columns.tags: word-level columns train token_classification only (got 'tags' with task sequence_classification). Remove it, or set task: token_classification.",
+            (
+                f"{path}: data.columns.tokens: word-level columns train token_classification only (got 'tokens' with "
+                "task sequence_classification). Remove it, or set task: token_classification."
+            ),
+            (
+                f"{path}: data.columns.tags: word-level columns train token_classification only (got 'tags' with task "
+                "sequence_classification). Remove it, or set task: token_classification."
+            ),
             f"{path}: data.columns.text: sequence_classification needs the text column's name (e.g. text: sentence).",
             f"{path}: data.columns.label: sequence_classification needs the label column's name (e.g. label: label).",
         ],

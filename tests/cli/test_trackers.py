@@ -218,14 +218,18 @@ def test_a_tracker_without_its_package_names_the_extra(recipe_file: Path, monkey
         load_recipe(recipe_file, ["train.report_to=[tensorboard,mlflow,wandb]"])
     where = "override 'train.report_to=[tensorboard,mlflow,wandb]': train.report_to:"
     assert str(refused.value).splitlines() == [
-        f"{where} mlflow needs sqlalchemy and alembic, which are not installed (got 'mlflow'). Install it: pip install 'peftcli[mlflow]'.",
+        (
+            f"{where} mlflow needs sqlalchemy and alembic, which are not installed (got 'mlflow'). Install it: "
+            "pip install 'peftcli[mlflow]'."
+        ),
         f"{where} wandb needs wandb, which is not installed (got 'wandb'). Install it: pip install 'peftcli[wandb]'.",
     ]
 
 
 def test_validate_imports_no_tracker(recipe_file: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "peftcli", "validate", str(recipe_file), f"train.report_to=[{','.join(TRACKERS)}]"],
+        [sys.executable, "-X", "importtime", "-m", "peftcli", "validate", str(recipe_file),
+         f"train.report_to=[{','.join(TRACKERS)}]"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

@@ -81,8 +81,9 @@ def test_dropout_on_the_gpu_stays_torchs_fused_kernel() -> None:
 
 def test_benchmark_reports_gpu_memory_and_the_gpu(tmp_path: Path) -> None:
     cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "train_vs_hf.py"), "--workload", "tiny", "--steps", "6", "--warmup", "2",
-        "--tools", "hf-defaults-bf16,hf-grouped-bf16", "--variant", "bf16:train.mixed_precision=bf16", "--markdown", str(tmp_path / "b.md"),
+        sys.executable, str(ROOT / "benchmarks" / "train_vs_hf.py"), "--workload", "tiny", "--steps", "6",
+        "--warmup", "2", "--tools", "hf-defaults-bf16,hf-grouped-bf16", "--variant", "bf16:train.mixed_precision=bf16",
+        "--markdown", str(tmp_path / "b.md"),
     ]  # fmt: skip
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

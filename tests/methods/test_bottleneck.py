@@ -202,7 +202,8 @@ def test_overlapping_module_lists_are_an_error() -> None:
     assert str(info.value) == (
         "method.attention_modules and method.feedforward_modules both match "
         "['bert.encoder.layer.0.attention.output.dense', 'bert.encoder.layer.1.attention.output.dense'] (2 in all). "
-        r"Make them disjoint, e.g. with a regular expression ('.*\.layer\.\d+\.output\.dense' for BERT's feed-forward output)."
+        r"Make them disjoint, e.g. with a regular expression ('.*\.layer\.\d+\.output\.dense' for BERT's "
+        r"feed-forward output)."
     )
 
 

@@ -138,8 +138,9 @@ def test_auto_on_an_unknown_model_type_says_what_to_set() -> None:
     with pytest.raises(MethodError) as err:
         IA3.apply(model, IA3Params(), context_for(model, ("classifier",)))
     assert str(err.value) == (
-        "method.target_modules: 'auto' knows no (IA)^3 targets for model type 'mystery' (known: bart, bert, deberta-v2, "
-        "gemma, gemma2, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2, qwen3, roberta, t5). Name them: "
+        "method.target_modules: 'auto' knows no (IA)^3 targets for model type 'mystery' (known: "
+        "bart, bert, deberta-v2, gemma, gemma2, gpt2, gpt_neox, llama, mistral, opt, phi, qwen2, qwen3, roberta, "
+        "t5). Name them: "
         "target_modules (the attention's key and value projections and the MLP's output projection) and "
         "feedforward_modules (that MLP projection)."
     )

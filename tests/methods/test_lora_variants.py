@@ -287,8 +287,9 @@ def test_unsupported_init_in_an_adapter_config_is_refused_in_one_line(tmp_path: 
         LORA.from_peft_config(config)
     assert exc.value.lines == [
         (
-            "adapter_config.json: init_lora_weights='loftq' is not supported by peftcli's LoRA (it loads True, gaussian, "
-            "pissa, pissa_niter_N and olora). Load this adapter with HF peft, or save it converted to plain LoRA "
+            "adapter_config.json: init_lora_weights='loftq' is not supported by peftcli's LoRA (it loads True, "
+            "gaussian, pissa, pissa_niter_N and olora). Load this adapter with HF peft, or save it converted to "
+            "plain LoRA "
             "(save_pretrained's path_initial_model_for_weight_conversion)."
         )
     ]

@@ -157,12 +157,18 @@ def test_default_hidden_size_is_the_model_s_and_is_recorded(tmp_path: Path) -> N
         (
             {"encoder_num_layers": 3},
             "encoder_num_layers",
-            "encoder_num_layers sets the LSTM encoder only; the mlp has three fixed layers and no dropout. Set encoder: lstm, or remove it (got 3).",
+            (
+                "encoder_num_layers sets the LSTM encoder only; the mlp has three fixed layers and no dropout. "
+                "Set encoder: lstm, or remove it (got 3)."
+            ),
         ),
         (
             {"encoder_dropout": 0.1},
             "encoder_dropout",
-            "encoder_dropout sets the LSTM encoder only; the mlp has three fixed layers and no dropout. Set encoder: lstm, or remove it (got 0.1).",
+            (
+                "encoder_dropout sets the LSTM encoder only; the mlp has three fixed layers and no dropout. "
+                "Set encoder: lstm, or remove it (got 0.1)."
+            ),
         ),
         ({"encoder": "gru"}, "encoder", "input should be 'mlp' or 'lstm' (got 'gru')."),
     ],

@@ -248,7 +248,10 @@ def test_gradient_checkpointing_is_refused_at_validation(tiny_dirs, tiny_data, t
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.lines == [
-        f"{path}: train.gradient_checkpointing: prefix_tuning cannot train with gradient checkpointing (got true). Set it to false."
+        (
+            f"{path}: train.gradient_checkpointing: prefix_tuning cannot train with gradient checkpointing (got true). "
+            "Set it to false."
+        )
     ]
 
 

@@ -182,17 +182,26 @@ def test_text_init_with_a_missing_tokenizer_says_what_to_set() -> None:
         (
             {"init": "text"},
             "init_text",
-            "init: text needs the text whose token embeddings start the prompt, e.g. init_text: 'Classify the sentiment of this review' (got None).",
+            (
+                "init: text needs the text whose token embeddings start the prompt, e.g. init_text: "
+                "'Classify the sentiment of this review' (got None)."
+            ),
         ),
         (
             {"init_text": "good"},
             "init_text",
-            "init_text is used by init: text only (init is sample_vocab). Set init: text, or remove init_text (got 'good').",
+            (
+                "init_text is used by init: text only (init is sample_vocab). Set init: "
+                "text, or remove init_text (got 'good')."
+            ),
         ),
         (
             {"init": "random", "tokenizer_name_or_path": "x"},
             "tokenizer_name_or_path",
-            "tokenizer_name_or_path is used by init: text only (init is random). Set init: text, or remove tokenizer_name_or_path (got 'x').",
+            (
+                "tokenizer_name_or_path is used by init: text only (init is random). Set init: "
+                "text, or remove tokenizer_name_or_path (got 'x')."
+            ),
         ),
         ({"num_virtual_tokens": 0}, "num_virtual_tokens", "input should be greater than 0 (got 0)."),
     ],

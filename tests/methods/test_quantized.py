@@ -88,7 +88,8 @@ def test_methods_train_only_the_adapter_over_a_quantized_base(
         model(**{k: v for k, v in random_batches(model, LM, n=1)[0].items() if k != "labels"})
     frozen = frozen_bytes(model)
     result = run_training(
-        model, LM, tokenizer, tiny_data, TrainSpec(batch_size=8, max_steps=10, log_every=1, seed=0, mixed_precision="no"),
+        model, LM, tokenizer, tiny_data,
+        TrainSpec(batch_size=8, max_steps=10, log_every=1, seed=0, mixed_precision="no"),
         method_hooks=training_hooks(model, METHODS[method], params, adapted),
     )  # fmt: skip
     losses = [r["loss"] for r in result.history if "loss" in r]

@@ -74,7 +74,10 @@ def test_a_method_without_encoder_decoder_support_is_refused_in_one_line(tiny_di
     usable = ", ".join(m.name for m in METHODS.values() if m.supports_encoder_decoder)
     assert "prefix_tuning" not in usable
     assert exc.value.lines == [
-        f"r.yaml: method.name: prefix_tuning does not support encoder-decoder models (got task seq2seq_lm). Use one of: {usable}."
+        (
+            "r.yaml: method.name: prefix_tuning does not support encoder-decoder models (got task seq2seq_lm). "
+            f"Use one of: {usable}."
+        )
     ]
 
 
@@ -84,8 +87,14 @@ def test_seq2seq_columns_and_decoder_problems_are_reported_at_once(tiny_dirs, ti
     with pytest.raises(RecipeError) as exc:
         validate_recipe(recipe, source="r.yaml")
     assert exc.value.lines == [
-        "r.yaml: data.columns.text: not used by seq2seq_lm (got 'question'). Give the source as `prompt` or `prompt_template` and the target as `response`.",
-        "r.yaml: data.columns.prompt: seq2seq_lm needs the source column's name (e.g. prompt: article), or a prompt_template.",
+        (
+            "r.yaml: data.columns.text: not used by seq2seq_lm (got 'question'). "
+            "Give the source as `prompt` or `prompt_template` and the target as `response`."
+        ),
+        (
+            "r.yaml: data.columns.prompt: seq2seq_lm needs the source column's name (e.g. prompt: "
+            "article), or a prompt_template."
+        ),
         "r.yaml: data.columns.response: seq2seq_lm needs the target column's name (e.g. response: summary).",
     ]
     recipe = tiny_recipe(
@@ -94,7 +103,10 @@ def test_seq2seq_columns_and_decoder_problems_are_reported_at_once(tiny_dirs, ti
     with pytest.raises(RecipeError) as exc:
         validate_recipe(recipe, source="r.yaml")
     assert exc.value.lines == [
-        "r.yaml: model.decoder: builds an encoder-decoder, which task causal_lm does not use (got 'x/y'). Remove it, or set task: seq2seq_lm."
+        (
+            "r.yaml: model.decoder: builds an encoder-decoder, which task causal_lm does not use (got 'x/y'). "
+            "Remove it, or set task: seq2seq_lm."
+        )
     ]
 
 

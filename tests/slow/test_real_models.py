@@ -65,7 +65,8 @@ def test_quickstart_trains_minilm_to_high_accuracy(tmp_path: Path) -> None:
     check_readme_quotes(readme_numbers.quickstart_quotes(report), report)
 
 
-# About a minute each on 2 quiet cores (SmolLM2 loads from its GGUF file): `heavy`, so .ci/run runs them after the default run.
+# About a minute each on 2 quiet cores (SmolLM2 loads from its GGUF file): `heavy`, so .ci/run runs them
+# after the default run.
 @pytest.mark.heavy
 @pytest.mark.skipif(not (SHARED / "instruct").is_dir(), reason="../shared/data is not beside this checkout")
 def test_smollm2_instruct_trains_and_loads_in_hf_peft(tmp_path: Path) -> None:
@@ -111,7 +112,8 @@ def test_smollm2_instruct_trains_and_loads_in_hf_peft(tmp_path: Path) -> None:
         torch.testing.assert_close(standalone(**batch).logits, ours(**batch).logits, rtol=1e-4, atol=1e-4)
 
 
-# About a minute each on 2 quiet cores (SmolLM2 loads from its GGUF file): `heavy`, so .ci/run runs them after the default run.
+# About a minute each on 2 quiet cores (SmolLM2 loads from its GGUF file): `heavy`, so .ci/run runs them
+# after the default run.
 @pytest.mark.heavy
 def test_qlora_on_real_smollm2_trains_merges_and_loads(tmp_path: Path) -> None:
     """The README's QLoRA recipe on the real model, a few steps: NF4 layers, a report, a merged model

@@ -128,7 +128,10 @@ def test_recipe_checks_of_the_messages_column(tmp_path: Path) -> None:
         write_jsonl(tmp_path / "data" / f"{split}.jsonl", [{"messages": CONVERSATION, "text": "a", "label": 0}])
     cls = write(tmp_path, BASE.replace("{text: text, label: label}", "{text: text, label: label, messages: messages}"))
     assert errors(cls) == [
-        f"{cls}: data.columns.messages: chat data trains causal_lm only (got 'messages' with task sequence_classification). Remove it, or set task: causal_lm."
+        (
+            f"{cls}: data.columns.messages: chat data trains causal_lm only (got 'messages' with task "
+            "sequence_classification). Remove it, or set task: causal_lm."
+        )
     ]
     lm = write(
         tmp_path,
@@ -138,6 +141,9 @@ def test_recipe_checks_of_the_messages_column(tmp_path: Path) -> None:
     )
     assert errors(lm, ["optimizer.lr=-1"]) == [
         "override 'optimizer.lr=-1': optimizer.lr: input should be greater than 0 (got -1).",
-        f"{lm}: data.columns.messages: a conversation is the whole example: give `messages` alone, without text, prompt, prompt_template or response.",
+        (
+            f"{lm}: data.columns.messages: a conversation is the whole example: "
+            "give `messages` alone, without text, prompt, prompt_template or response."
+        ),
     ]
     assert load_recipe(lm, ["data.columns.response=null"]).data.columns.messages == "messages"

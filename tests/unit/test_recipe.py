@@ -98,11 +98,17 @@ def test_every_problem_is_reported_at_once(recipe_dir: Path) -> None:
     text = text.replace("train.jsonl", "nothere.jsonl") + "optimizer: {lr: -1}\ntrain: {batch_sise: 4}\n"
     path = write(recipe_dir, text)
     assert errors(path) == [
-        f"{path}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or 'token_classification' (got 'clasification'). Did you mean 'token_classification'?",
+        (
+            f"{path}: task: input should be 'sequence_classification', 'causal_lm', 'seq2seq_lm' or "
+            "'token_classification' (got 'clasification'). Did you mean 'token_classification'?"
+        ),
         f"{path}: optimizer.lr: input should be greater than 0 (got -1).",
         f"{path}: train.batch_sise: unknown key. Did you mean 'batch_size'?",
         f"{path}: method.rnak: unknown key. Did you mean 'rank'?",
-        f"{path}: data.files.train: file not found (got '{recipe_dir / 'data' / 'nothere.jsonl'}'). Relative paths in a recipe are relative to its folder.",
+        (
+            f"{path}: data.files.train: file not found (got '{recipe_dir / 'data' / 'nothere.jsonl'}'). "
+            "Relative paths in a recipe are relative to its folder."
+        ),
     ]
 
 
@@ -111,7 +117,8 @@ def test_unknown_method_lists_the_registry(recipe_dir: Path) -> None:
     assert errors(path, ["method.name=lroa"]) == [
         (
             "override 'method.name=lroa': method.name: unknown method (got 'lroa'). Did you mean 'lora'? "
-            "Available: adalora, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, selective."
+            "Available: adalora, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning, "
+            "selective."
         )
     ]
 
@@ -135,7 +142,10 @@ def test_causal_lm_columns_are_checked(recipe_dir: Path) -> None:
         BASE.replace("sequence_classification", "causal_lm").replace("{text: text, label: label}", "{prompt: q}"),
     )
     assert errors(path) == [
-        f"{path}: data.columns: causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or `prompt_template`."
+        (
+            f"{path}: data.columns: causal_lm needs `text`, `messages` (a chat column), or `response` with `prompt` or "
+            "`prompt_template`."
+        )
     ]
 
 
@@ -156,7 +166,10 @@ def test_invalid_yaml_names_the_line(recipe_dir: Path) -> None:
 def test_recipe_must_be_a_mapping(recipe_dir: Path) -> None:
     path = write(recipe_dir, "- a\n- b\n")
     assert errors(path) == [
-        f"{path}: a recipe is a YAML mapping of keys (got list). Write `key: value` lines: task, model, method, data, ..."
+        (
+            f"{path}: a recipe is a YAML mapping of keys (got list). Write `key: value` lines: "
+            "task, model, method, data, ..."
+        )
     ]
 
 
@@ -187,8 +200,9 @@ def test_missing_package_says_how_to_install(recipe_dir: Path) -> None:
     path = write(recipe_dir, BASE)
     assert errors(path, ["model.name=package:no_such_pkg/model"]) == [
         (
-            "override 'model.name=package:no_such_pkg/model': model.name: Python package 'no_such_pkg' is not installed "
-            "(got 'package:no_such_pkg/model'). Install it, e.g. `pip install no-such-pkg`."
+            "override 'model.name=package:no_such_pkg/model': model.name: "
+            "Python package 'no_such_pkg' is not installed (got 'package:no_such_pkg/model'). Install it, e.g. "
+            "`pip install no-such-pkg`."
         )
     ]
 
@@ -219,7 +233,10 @@ def test_parse_override_keeps_strings() -> None:
 def test_best_metric_must_be_a_metric_of_the_task(recipe_dir: Path) -> None:
     path = write(recipe_dir, BASE + "train: {best_metric: acuracy}\n")
     assert errors(path) == [
-        f"{path}: train.best_metric: not an eval metric of sequence_classification (got 'acuracy'). Did you mean 'accuracy'? Metrics: loss, accuracy, f1."
+        (
+            f"{path}: train.best_metric: not an eval metric of sequence_classification (got 'acuracy'). "
+            "Did you mean 'accuracy'? Metrics: loss, accuracy, f1."
+        )
     ]
 
 

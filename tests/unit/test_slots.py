@@ -34,7 +34,10 @@ def test_more_runs_than_devices_is_refused_naming_the_limit() -> None:
     assert plan_slots(3, 2, []) == (
         [],
         [
-            "--parallel 3: this machine has 2 CPU cores and no GPU, and a run needs a core at least. Use --parallel 2 or less."
+            (
+                "--parallel 3: this machine has 2 CPU cores and no GPU, and a run needs a core at least. "
+                "Use --parallel 2 or less."
+            )
         ],
     )
 
