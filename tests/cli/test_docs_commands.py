@@ -86,6 +86,8 @@ USER_FILES = "a placeholder for the user's own files"
 INSTALL = "installs from the package indexes (needs the network)"
 GPU = "needs GPUs or several machines; tests/cli runs the same launches on CPU processes with tiny models"
 OTHER_PROGRAM = "another program's command (vLLM, llama.cpp, TensorBoard, git), not peftcli's"
+STOPPED_RUN = "needs a stopped run; tests/cli/test_resume.py stops runs and resumes them"
+FIVE_RUNS = "trains five runs (minutes); tests/cli/test_compare.py compares tiny models"
 BENCHMARK = "a benchmark (minutes, and a second checkout): it printed the table below it in docs/benchmarks.md"
 
 # Every command in the bash blocks of README.md and docs/*.md, and how this file checks it. A command
@@ -149,12 +151,8 @@ HOW = {
     "peft merge runs/qlora-smollm2-instruct --out merged/": NEEDS_A_RUN,
     # resume and faults (resume-and-faults.md)
     "peft train recipes/quickstart.yaml train.save_every=20": SAME_DRY_RUN,
-    "peft train recipes/quickstart.yaml train.save_every=20 --resume": (
-        "needs a stopped run; tests/cli/test_resume.py stops runs and resumes them"
-    ),
-    "peft train recipes/quickstart.yaml --resume runs/quickstart/checkpoints/step-40": (
-        "needs a stopped run; tests/cli/test_resume.py stops runs and resumes them"
-    ),
+    "peft train recipes/quickstart.yaml train.save_every=20 --resume": STOPPED_RUN,
+    "peft train recipes/quickstart.yaml --resume runs/quickstart/checkpoints/step-40": STOPPED_RUN,
     "peft train recipes/quickstart.yaml --overwrite": SAME_DRY_RUN,
     # several processes (distributed.md)
     "peft train recipes/quickstart.yaml --num-processes 2": HEAVY,
@@ -164,17 +162,13 @@ HOW = {
     "accelerate launch --config_file configs/multi-node.yaml --machine_rank 1 --main_process_ip 10.0.0.1 -m peftcli "
     "train RECIPE": GPU,
     # compare and sweep (compare-and-sweep.md)
-    "peft compare recipes/quickstart.yaml --methods lora,ia3,bitfit,prompt_tuning,bottleneck": (
-        "trains five runs (minutes); tests/cli/test_compare.py compares tiny models"
-    ),
+    "peft compare recipes/quickstart.yaml --methods lora,ia3,bitfit,prompt_tuning,bottleneck": FIVE_RUNS,
     "peft compare recipes/lora-sst2.yaml recipes/ia3-sst2.yaml data.dataset=../shared/data/sst2 "
     "train.max_steps=200": "trains two runs (minutes); tests/cli/test_compare.py compares tiny models",
     "peft compare compare/quickstart/lora runs/quickstart --out compare/mine": NEEDS_A_RUN,
     "peft compare recipes/lora-sst2.yaml recipes/ia3-sst2.yaml recipes/bitfit-sst2.yaml "
     "recipes/prompt-tuning-sst2.yaml recipes/bottleneck-sst2.yaml data.dataset=../shared/data/sst2 "
-    "train.max_steps=150 --out compare/five-recipes": (
-        "trains five runs (minutes); tests/cli/test_compare.py compares tiny models"
-    ),
+    "train.max_steps=150 --out compare/five-recipes": FIVE_RUNS,
     "peft sweep recipes/lora-sst2.yaml --space recipes/sweeps/lora-sst2-rank-lr.yaml "
     "data.dataset=../shared/data/sst2 train.max_steps=100 train.eval_every=100 data.max_train_examples=4000": (
         "trains six trials (minutes); tests/cli/test_sweep.py runs sweeps on tiny models"
