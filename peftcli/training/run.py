@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,9 @@ def build(recipe: Recipe, start: Start) -> Parts:
     chosen, why = precision.resolve(t.mixed_precision)
     console.print(f"mixed precision: {chosen}" + (f" (auto: {why})" if t.mixed_precision == "auto" else ""))
     tokenizer = load_tokenizer(recipe.model)
+    # The adapter folder gets the tokenizer as it loaded: a fast tokenizer's file also records the
+    # truncation and padding of its last call, which tokenizing sets, or not when datasets' cache answers.
+    saved_tokenizer = copy.deepcopy(tokenizer)
     data = prepare_data(recipe.data, recipe.task, tokenizer)
     # The main process writes checkpoints, so it alone fingerprints the data and checks it.
     fingerprint = data_fingerprint(data.train, data.eval) if accelerator.is_main_process else None
@@ -136,7 +140,7 @@ def build(recipe: Recipe, start: Start) -> Parts:
         method.calibrate(model, recipe.method, adapted, calibration(loader, task, accelerator))
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    return Parts(tokenizer, data, fingerprint, model, adapted, loader, evals, weights, trainable, total)
+    return Parts(saved_tokenizer, data, fingerprint, model, adapted, loader, evals, weights, trainable, total)
 
 
 def fit(run: Run, hooks: Hooks) -> TrainResult:

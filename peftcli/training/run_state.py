@@ -64,7 +64,7 @@ class Start:
 class Parts:
     """What a run trains: the base model with its adapter, and the data."""
 
-    tokenizer: Any
+    tokenizer: Any  # as it loaded, for the adapter folder
     data: PreparedData
     fingerprint: str | None  # the data's, on the main process (it alone writes checkpoints)
     model: torch.nn.Module
