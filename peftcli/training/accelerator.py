@@ -12,6 +12,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch import nn
 
+from peftcli.config.hardware import bf16_runs_here
 from peftcli.config.schema import TrainSpec
 from peftcli.errors import PeftcliError
 from peftcli.training import precision
@@ -25,7 +26,7 @@ def make_accelerator(spec: TrainSpec, trackers: list[Any] | None = None) -> Acce
             "train.mixed_precision: fp16 needs a CUDA GPU and none is visible (got 'fp16'). "
             "Use auto, bf16 (CPUs with bf16 support) or no."
         )
-    if mixed_precision == "bf16" and not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if mixed_precision == "bf16" and not torch.cuda.is_available() and not bf16_runs_here():
         raise PeftcliError(
             "train.mixed_precision: this CPU has no bfloat16 support and no CUDA GPU is visible (got 'bf16'). "
             "Use auto or no."
