@@ -121,29 +121,14 @@ def fresh_model(built: Built) -> Any:
 
 
 def applicable(built: Built) -> list[str]:
-    """The tricks that change something on this workload (the others would measure noise)."""
-    import torch
-    from torch import nn
-
-    from peftcli.training import precision
-    from peftcli.training.speedups import applied
-    from peftcli.training.speedups.first_position import first_position_only
-    from peftcli.training.speedups.head_at_targets import output_head
+    """The tricks that change something on this workload (the others would measure noise): those that
+    `speedups.applied` reports it entered, for a training loop, with the run's accelerator."""
+    from peftcli.training.accelerator import make_accelerator
+    from peftcli.training.speedups.applied import ALL, applied
 
     model = fresh_model(built)
-    tricks = []
-    on_cpu = not torch.cuda.is_available()
-    bf16 = precision.resolve(built.recipe.train.mixed_precision)[0] == "bf16" or built.recipe.model.dtype == "bfloat16"
-    with first_position_only(model, model, built.task.reads_one_position) as narrowed:
-        if narrowed and not bf16:  # speedups.applied leaves it off in 16 bits, where it does not pay
-            tricks.append(applied.FIRST_POSITION)
-    if output_head(model, built.task) is not None:
-        tricks.append(applied.HEAD_AT_TARGETS)
-    if on_cpu and bf16:
-        tricks.append(applied.MATH_ATTENTION)
-    if on_cpu and any(type(m) is nn.Dropout and m.p > 0 for m in model.modules()):
-        tricks.append(applied.CHEAPER_DROPOUT)
-    return tricks
+    with applied(model, make_accelerator(built.recipe.train), built.task, True, ALL) as per_batch:
+        return sorted(per_batch.entered)
 
 
 def trial(built: Built, names: frozenset[str], steps: int, with_eval: bool) -> dict[str, float]:

@@ -13,7 +13,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from peftcli.tasks.registry import TASKS
-from peftcli.training.speedups.applied import ALL, CHEAPER_DROPOUT, NO_SPEEDUPS, applied
+from peftcli.training.speedups.applied import (
+    ALL,
+    CHEAPER_DROPOUT,
+    FIRST_POSITION,
+    MATH_ATTENTION,
+    NO_SPEEDUPS,
+    applied,
+)
 from peftcli.training.speedups.dropout_masks import CheaperDropout
 from tests.conftest import tiny_model
 
@@ -34,12 +41,26 @@ def test_applied_enters_the_named_tricks_and_leaves_nothing_behind() -> None:
     task = TASKS["sequence_classification"]
     with applied(model, accelerator, task, True, frozenset()) as per_batch:
         assert pre_hooks(model) == 0 and cheaper(model) == 0 and per_batch == NO_SPEEDUPS
-    with applied(model, accelerator, task, True, ALL):
+    with applied(model, accelerator, task, True, ALL) as per_batch:
         assert pre_hooks(model) == 1 and cheaper(model) > 0  # the first position, and the dropouts
-    with applied(model, accelerator, task, False, ALL):
+        # what it reports entering: the tiny model's dropouts drop nothing (p 0), a classifier has no
+        # output head to cut, and fp32 keeps torch's attention
+        assert per_batch.entered == {FIRST_POSITION}
+    dropouts = [m for m in model.modules() if type(m) is nn.Dropout]
+    for m in dropouts:
+        m.p = 0.1
+    with applied(model, accelerator, task, True, ALL) as per_batch:
+        assert per_batch.entered == {FIRST_POSITION, CHEAPER_DROPOUT}
+    with applied(model, accelerator, task, False, ALL) as per_batch:
         assert pre_hooks(model) == 1 and cheaper(model) == 0  # an eval keeps torch's dropout
-    with applied(model, accelerator, task, True, ALL - {CHEAPER_DROPOUT}):
-        assert cheaper(model) == 0
+        assert per_batch.entered == {FIRST_POSITION}
+    with applied(model, accelerator, task, True, ALL - {CHEAPER_DROPOUT}) as per_batch:
+        assert cheaper(model) == 0 and per_batch.entered == {FIRST_POSITION}
+    with applied(model.to(torch.bfloat16), accelerator, task, True, ALL) as per_batch:
+        assert per_batch.entered == {CHEAPER_DROPOUT, MATH_ATTENTION}  # in 16 bits on the CPU
+    model.float()
+    for m in dropouts:
+        m.p = 0.0
     assert pre_hooks(model) == 0 and cheaper(model) == 0
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from peftcli.tasks.registry import Task
 from peftcli.training.precision import low_precision
 from peftcli.training.speedups.attention_kernel import KernelChoice, any_kernel, math_attention
-from peftcli.training.speedups.dropout_masks import cheaper_dropout
+from peftcli.training.speedups.dropout_masks import cheaper_dropout, draws_own_masks
 from peftcli.training.speedups.first_position import first_position_only
 from peftcli.training.speedups.head_at_targets import head_at_targets, output_head, with_target_index
 
@@ -36,6 +36,7 @@ class PerBatch:
 
     attention: KernelChoice = any_kernel
     head: nn.Module | None = None
+    entered: frozenset[str] = frozenset()  # the tricks that change something here (benchmarks/speedups.py reads it)
 
     def on_host(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The host batch with what the tricks need found there (without waiting for the device)."""
@@ -59,13 +60,21 @@ def applied(
     """Enters the tricks in `names` that apply, for a training loop (`training`) or an eval; yields
     the per-batch ones. Evals keep torch's attention kernels and dropout (it draws nothing there)."""
     inner = accelerator.unwrap_model(model)
+    entered: set[str] = set()
     with ExitStack() as stack:
-        if FIRST_POSITION in names and not low_precision(accelerator, model):  # it pays in fp32 only
-            stack.enter_context(first_position_only(model, inner, task.reads_one_position))
+        narrow = FIRST_POSITION in names and not low_precision(accelerator, model)  # it pays in fp32 only
+        if narrow and stack.enter_context(first_position_only(model, inner, task.reads_one_position)):
+            entered.add(FIRST_POSITION)
         if training and CHEAPER_DROPOUT in names:
-            stack.enter_context(cheaper_dropout(model))
+            switched = stack.enter_context(cheaper_dropout(model))
+            if any(draws_own_masks(m.p, accelerator.device.type) for m in switched):
+                entered.add(CHEAPER_DROPOUT)
         attention = any_kernel
         if training and MATH_ATTENTION in names:
             attention = stack.enter_context(math_attention(accelerator, model))
+            if attention is not any_kernel:
+                entered.add(MATH_ATTENTION)
         head = output_head(inner, task) if HEAD_AT_TARGETS in names else None
-        yield PerBatch(attention, head)
+        if head is not None:
+            entered.add(HEAD_AT_TARGETS)
+        yield PerBatch(attention, head, frozenset(entered))

@@ -49,23 +49,28 @@ class _Masked(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
+def draws_own_masks(p: float, device_type: str) -> bool:
+    """Whether CheaperDropout draws its masks for this p on this device (torch draws them otherwise)."""
+    return device_type == "cpu" and 0 < round(p * RESOLUTION) < RESOLUTION
+
+
 class CheaperDropout(nn.Dropout):
     """nn.Dropout with masks from `keep_mask` on CPU tensors in training; torch's own otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or not 0 < round(self.p * RESOLUTION) < RESOLUTION:
+        if not self.training or not draws_own_masks(self.p, x.device.type):
             return super().forward(x)
         return _Masked.apply(x, keep_mask(x.shape, self.p), kept_scale(self.p))
 
 
 @contextmanager
-def cheaper_dropout(model: nn.Module) -> Iterator[int]:
-    """Switches the model's `nn.Dropout` modules to CheaperDropout inside the block; yields how many."""
+def cheaper_dropout(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Switches the model's `nn.Dropout` modules to CheaperDropout inside the block; yields them."""
     switched = [m for m in model.modules() if type(m) is nn.Dropout]
     for module in switched:
         module.__class__ = CheaperDropout
     try:
-        yield len(switched)
+        yield switched
     finally:
         for module in switched:
             module.__class__ = nn.Dropout
