@@ -155,7 +155,8 @@ class OptimizerSpec(Strict):
     name: Literal["adamw", "sgd", "adamw8bit", "paged_adamw8bit"] = Field(
         "adamw",
         description="adamw8bit / paged_adamw8bit: bitsandbytes' AdamW with 8-bit moments (a quarter of AdamW's "
-        "optimizer memory; paged: moments that may spill to host memory), pip install 'peftcli[quant]'",
+        "optimizer memory; paged: moments that may spill to host memory, on CUDA; on a CPU the same as "
+        "adamw8bit), pip install 'peftcli[quant]'",
     )
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0)

@@ -123,7 +123,7 @@ def prepared(
     """The model and its optimizer as accelerate prepares them, and the training loader."""
     fp32_masters(model, accelerator)
     configure_deepspeed(accelerator, spec.batch_size, spec.grad_accum, spec.max_grad_norm)
-    optimizer = make_optimizer(model, optim)
+    optimizer = make_optimizer(model, optim, on_cuda=accelerator.device.type == "cuda")
     if data_parallel(accelerator):  # DDP stops at step 2 if a trainable parameter gets no gradient
         with accelerator.autocast():
             unused = unused_parameters(

@@ -13,14 +13,18 @@ from peftcli.config.schema import OptimizerSpec, ScheduleSpec
 from peftcli.errors import PeftcliError
 
 
-def make_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, spec: OptimizerSpec, on_cuda: bool = False) -> torch.optim.Optimizer:
+    """`on_cuda`: the run trains on a GPU. bitsandbytes pages optimizer state on CUDA only; elsewhere its
+    paged AdamW warns at the first step and runs as its plain 8-bit AdamW (the same updates and state), so
+    a CPU run takes that one at once."""
     groups = parameter_groups(model, spec)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
     if spec.name in ("adamw8bit", "paged_adamw8bit"):
         import bitsandbytes as bnb  # an optional extra; recipe validation checked it is installed
 
-        cls = bnb.optim.PagedAdamW8bit if spec.name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        paged = spec.name == "paged_adamw8bit" and on_cuda
+        cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
         return cls(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
 
