@@ -16,7 +16,7 @@ from peftcli.adapter_io import atomic_dir, plain_modes, read_adapter_config
 from peftcli.errors import PeftcliError
 from peftcli.models.gguf_export import check_exportable, is_gguf_file, round_as_stored, write_gguf
 from peftcli.models.loading import DTYPES, model_location
-from peftcli.models.quantization import dequantize
+from peftcli.models.quantization import compute_dtype, dequantize
 from peftcli.models.target import build, resolve_target
 from peftcli.reporting.model_card import merged_card, target_base, write_card
 from peftcli.training.run_dir import within
@@ -79,13 +79,7 @@ def run_merge(
     said = merged_text(method.name, target, difference)
     if quantization is not None and adapted_quantized is not None:
         result |= quantization_errors(target, batches, adapted_quantized, before)
-        said = (
-            f"merged {method.name} into {escape(target.model.name)}, dequantized from {quantization.bits} bits: "
-            f"merge error {difference:.2e} (against the dequantized model with the adapter); "
-            f"{result['compute_difference']:.2e} against the adapted {quantization.bits}-bit model as it computes; "
-            f"quantization error {result['quantization_error']:.2e} (against the full-precision base with the "
-            "adapter: what the bits cost)"
-        )
+        said = quantized_merge_text(method.name, target, difference, result)
     console.print(
         said
         + (f", {cast_difference:.2e} after casting to {dtype}" if dtype != "float32" else "")
@@ -178,10 +172,32 @@ def quantization_errors(
     the full-precision base with the same adapter (the cost of the bits)."""
     full = build(replace(target, model=target.model.model_copy(update={"quantization": None}))).model.eval()
     reference = [logits(full, b) for b in batches]
+    same = [(d.argmax(-1) == r.argmax(-1))[real(b, d).to(d.device)] for d, r, b in zip(dequantized, reference, batches)]
     return {
         "compute_difference": max(float((d - q).abs().max()) for d, q in zip(dequantized, adapted_quantized)),
         "quantization_error": max(float((d - r).abs().max()) for d, r in zip(dequantized, reference)),
+        "top_token_agreement": float(torch.cat(same).float().mean()),
     }
+
+
+def real(batch: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Which of `out`'s rows are real inputs: a token model's non-padding positions, or every example."""
+    mask = batch["attention_mask"].bool()
+    return mask if out.dim() == 3 and out.shape[:2] == mask.shape else torch.ones(out.shape[0], dtype=torch.bool)
+
+
+def quantized_merge_text(method_name: str, target: Any, difference: float, result: dict[str, Any]) -> str:
+    """The three numbers a quantized merge reports, each the largest logit difference over the probes."""
+    q = target.model.quantization
+    computes = " (LLM.int8 also rounds activations)" if q.bits == 8 else f" in {str(compute_dtype(q))[6:]}"
+    return (
+        f"merged {method_name} into {escape(target.model.name)}, dequantized from {q.bits} bits: "
+        f"merge error {difference:.2e} (largest logit difference from the dequantized model with the adapter); "
+        f"{result['compute_difference']:.2e} from the adapted {q.bits}-bit model as it computes{computes}; "
+        f"quantization error {result['quantization_error']:.2e} from the full-precision base with the adapter, "
+        f"which picks the same next token at {result['top_token_agreement']:.1%} of the probe positions "
+        "(what the bits cost)"
+    )
 
 
 def check_folder_out(out: Path, target: Any, overwrite: bool) -> None:

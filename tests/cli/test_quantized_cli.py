@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,9 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
     assert result.exit_code == 0, result.stderr
     said = " ".join(result.stderr.split())
     assert f"dequantized from {bits} bits: merge error" in said and "quantization error" in said
+    computes = "(LLM.int8 also rounds activations)" if bits == 8 else "in float32"
+    assert f"from the adapted {bits}-bit model as it computes {computes};" in said
+    assert re.search(r"which picks the same next token at \d+\.\d% of the probe positions \(what the bits cost\)", said)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not hasattr(merged.config, "quantization_config")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
@@ -166,3 +171,22 @@ def test_inspect_counts_the_quantized_weights_and_the_8bit_optimizer(tmp_path, f
     assert nf4["trainable_parameters"] == fp32["trainable_parameters"]
     assert nf4["memory_bytes"]["weights"] < 0.6 * fp32["memory_bytes"]["weights"]  # embeddings and head stay fp32
     assert nf4["memory_bytes"]["optimizer_state"] * 4 == fp32["memory_bytes"]["optimizer_state"]
+
+
+def test_the_paged_8bit_optimizer_pages_on_cuda_only(folders) -> None:  # noqa: F811
+    """bitsandbytes pages optimizer state on CUDA only; on a CPU its paged AdamW warns at the first step and
+    runs as the plain one, so a CPU run takes the plain one at once: no warning, the same updates."""
+    import bitsandbytes as bnb
+
+    from peftcli.config.schema import OptimizerSpec
+    from peftcli.training.optim import make_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(folders["llama-lm"])
+    spec = OptimizerSpec(name="paged_adamw8bit")
+    assert type(make_optimizer(model, spec, on_cuda=True)) is bnb.optim.PagedAdamW8bit
+    on_cpu = make_optimizer(model, spec)
+    assert type(on_cpu) is bnb.optim.AdamW8bit
+    model(input_ids=torch.tensor([[4, 5, 6]]), labels=torch.tensor([[4, 5, 6]])).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_cpu.step()
