@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Run on a GPU machine lent through the device tool, after `bash benchmarks/device/prepare.sh` here:
-#   run(command="bash benchmarks/device/run.sh", carry=[".device"], timeout_s=590)
-# One call, in this order, each part under its own time limit so the call ends inside its 10 minutes:
+#   run(command="bash benchmarks/device/run.sh", carry=[".device"], timeout_s=600)
+# A task gets 15 minutes of device time in all, a machine's start (1-2 minutes) included, so this is one
+# call, each part under its own time limit (together under 10 minutes), most wanted first:
 #   1. installs .device/wheels over the image's packages (its CUDA torch stays), and records versions
 #   2. tests/gpu (training with bf16 and fp16 autocast, eval, merge, HF peft, dropout, the benchmark's GPU columns;
-#      fp16 over fp16 base weights, FSDP2 with evals and bf16, compare, TF32 on/off, host syncs per step)
-#   3. the benchmark on the GPU in bf16: SmolLM2-135M's shape, then a ~1B Llama shape, both tools
-# Everything lands in $OUT: versions.txt, gpu-tests.log, gpu-readiness.json, bench-<workload>.jsonl and .log, and
-# benchmarks.md (docs/benchmarks.md with the GPU tables written in; copy it back over the doc).
-# `bash benchmarks/device/run.sh bench` skips the tests, `tests` skips the benchmark: run `tests` first, in a
-# call of its own, so that a slow benchmark cannot lose the test results.
+#      fp16 over fp16 base weights, FSDP2 with evals and bf16, compare, TF32 on/off, host syncs per step;
+#      QLoRA: 4- and 8-bit bases through bitsandbytes' CUDA kernels, HF peft both ways, the paged optimizer)
+#   3. the ~1B Llama shape, both tools: bf16, NF4, and NF4 with gradient checkpointing (peak GPU memory)
+#   4. SmolLM2-135M's shape in bf16, both tools
+# Everything lands in $OUT as it is made: versions.txt, gpu-tests.log, bench-<workload>.jsonl and .log, and
+# benchmarks.md (docs/benchmarks.md with the GPU tables written in; copy it back over the doc), so a part cut
+# off by its limit loses only itself. `run.sh tests` runs 1-2, `run.sh bench` 1, 3-4.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-device-out}
@@ -25,16 +27,22 @@ print('transformers', transformers.__version__, 'peft', peft.__version__, 'accel
 } 2>&1 | tee "$out/versions.txt"
 stage=${1:-all}
 if [ "$stage" != bench ]; then
-    OUT=$out timeout 360 python3 -m pytest tests/gpu -q -rA -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+    OUT=$out timeout 200 python3 -m pytest tests/gpu -q -rA -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
 fi
 [ "$stage" = tests ] && exit 0
 cp docs/benchmarks.md "$out/benchmarks.md"
 bf16="--variant bf16:train.mixed_precision=bf16 --variant bf16-base:train.mixed_precision=bf16,model.dtype=bfloat16"
-for spec in smollm2-shape-gsm8k:100:10:150 llama-1b-gsm8k:60:6:220; do
-    IFS=: read -r workload steps warmup limit <<<"$spec"
+nf4="--variant bf16-base:train.mixed_precision=bf16,model.dtype=bfloat16
+     --variant nf4:train.mixed_precision=bf16,model.quantization.bits=4
+     --variant nf4-gc:train.mixed_precision=bf16,model.quantization.bits=4,train.gradient_checkpointing=true"
+for spec in "llama-1b-gsm8k:30:5:250:hf-grouped-bf16,hf-grouped-nf4-bf16,hf-grouped-nf4-gc-bf16:nf4" \
+    "smollm2-shape-gsm8k:60:6:100:hf-defaults-bf16,hf-grouped-bf16:bf16"; do
+    IFS=: read -r workload steps warmup limit tools rows <<<"$spec"
+    variants=$bf16
+    [ "$rows" = nf4 ] && variants=$nf4
     # shellcheck disable=SC2086
     timeout "$limit" python3 benchmarks/train_vs_hf.py --workload "$workload" --data .device/data --steps "$steps" \
-        --warmup "$warmup" --tools hf-defaults-bf16,hf-grouped-bf16 $bf16 --markdown "$out/benchmarks.md" \
+        --warmup "$warmup" --tools "$tools" $variants --markdown "$out/benchmarks.md" \
         >"$out/bench-$workload.jsonl" 2>"$out/bench-$workload.log"
     echo "$workload: exit $?"
     cat "$out/bench-$workload.jsonl"
