@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-device-out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl || exit 1
+timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -24,10 +24,15 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())
 print('transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__,
       'datasets', datasets.__version__, 'pydantic', pydantic.__version__, 'typer', typer.__version__)"
+    python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
 } 2>&1 | tee "$out/versions.txt"
 stage=${1:-all}
 if [ "$stage" != bench ]; then
-    OUT=$out timeout 200 python3 -m pytest tests/gpu -q -rA -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+    # One worker per test file (pytest-xdist, in the image), side by side on the machine's 16 cores, so one slow
+    # file cannot starve the others of the limit; -v writes each result to the log as it comes.
+    parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 3 --dist loadfile")
+    # shellcheck disable=SC2086
+    OUT=$out timeout 230 python3 -m pytest tests/gpu -v -rA -p no:cacheprovider $parallel 2>&1 | tee "$out/gpu-tests.log"
 fi
 [ "$stage" = tests ] && exit 0
 cp docs/benchmarks.md "$out/benchmarks.md"
@@ -35,8 +40,8 @@ bf16="--variant bf16:train.mixed_precision=bf16 --variant bf16-base:train.mixed_
 nf4="--variant bf16-base:train.mixed_precision=bf16,model.dtype=bfloat16
      --variant nf4:train.mixed_precision=bf16,model.quantization.bits=4
      --variant nf4-gc:train.mixed_precision=bf16,model.quantization.bits=4,train.gradient_checkpointing=true"
-for spec in "llama-1b-gsm8k:30:5:250:hf-grouped-bf16,hf-grouped-nf4-bf16,hf-grouped-nf4-gc-bf16:nf4" \
-    "smollm2-shape-gsm8k:60:6:100:hf-defaults-bf16,hf-grouped-bf16:bf16"; do
+for spec in "llama-1b-gsm8k:30:5:230:hf-grouped-bf16,hf-grouped-nf4-bf16,hf-grouped-nf4-gc-bf16:nf4" \
+    "smollm2-shape-gsm8k:60:6:90:hf-defaults-bf16,hf-grouped-bf16:bf16"; do
     IFS=: read -r workload steps warmup limit tools rows <<<"$spec"
     variants=$bf16
     [ "$rows" = nf4 ] && variants=$nf4

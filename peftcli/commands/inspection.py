@@ -25,6 +25,21 @@ from peftcli.reporting.serving import vllm_verdict
 console = Console(soft_wrap=True, emoji=False)
 
 
+MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit moments in its 8-bit optimizers
+
+
+def optimizer_state_bytes(model: Any, optimizer: Any) -> int:
+    """Bytes of optimizer state for the trainable tensors: AdamW's two fp32 moments (8 a value); the 8-bit
+    AdamWs' two 8-bit ones (2 a value; their per-block scales add under 1%), for tensors of MIN_8BIT_SIZE
+    values or more, fp32 ones below; SGD's momentum if any (4), else none. No recipe: AdamW."""
+    name = optimizer.name if optimizer is not None else "adamw"
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    if name.endswith("8bit"):
+        return sum(2 * n if n >= MIN_8BIT_SIZE else 8 * n for n in sizes)
+    per_value = 8 if name == "adamw" else 4 if optimizer.momentum else 0
+    return per_value * sum(sizes)
+
+
 def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) -> dict[str, Any]:
     target = resolve_target(target_path, overrides)
     built = build(target, with_adapter=not modules)
@@ -35,11 +50,7 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
     assert built.method is not None and built.adapted is not None
     trainable, total = count_parameters(built.model)
     weights = sum(p.numel() * p.element_size() for p in built.model.parameters())
-    optimizer = target.recipe.optimizer.name if target.recipe is not None else "adamw"
-    # Bytes of optimizer state per trainable parameter: AdamW's two fp32 moments, the 8-bit AdamWs' two
-    # 8-bit ones (their per-block scales add under 1%), SGD's momentum if any.
-    momentum = bool(target.recipe and target.recipe.optimizer.momentum)
-    state_bytes = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}.get(optimizer, 4 if momentum else 0)
+    optimizer = target.recipe.optimizer if target.recipe is not None else None
     adapter_file = target.adapter_dir / WEIGHTS_NAME if target.adapter_dir is not None else None
     config = read_adapter_config(target.adapter_dir) if target.adapter_dir is not None else None
     base = target_base(config, target.model, target.recipe is not None)
@@ -66,7 +77,7 @@ def run_inspect(target_path: Path, overrides: list[str], modules: bool = False) 
         "memory_bytes": {
             "weights": weights,
             "gradients": trainable * 4,
-            "optimizer_state": trainable * state_bytes,
+            "optimizer_state": optimizer_state_bytes(built.model, optimizer),
         },
         "module_groups": module_groups(built.model, built.adapted.adapted_modules),
         # Whether vLLM would serve the saved adapter (a recipe has none yet).

@@ -74,12 +74,12 @@ def run_merge(
         )
     model.to(DTYPES[dtype])
     cast_difference = max(float((logits(model, b).float() - ref).abs().max()) for b, ref in zip(batches, before))
-    write_folder(model, built.tokenizer, method.name, target, out, dtype)
     result = {"difference": difference, "cast_difference": cast_difference, "out": str(out)}
     said = merged_text(method.name, target, difference)
-    if quantization is not None and adapted_quantized is not None:
+    if quantization is not None and adapted_quantized is not None:  # measured before anything is written
         result |= quantization_errors(target, batches, adapted_quantized, before)
         said = quantized_merge_text(method.name, target, difference, result)
+    write_folder(model, built.tokenizer, method.name, target, out, dtype)
     console.print(
         said
         + (f", {cast_difference:.2e} after casting to {dtype}" if dtype != "float32" else "")
@@ -171,7 +171,7 @@ def quantization_errors(
     the quantized one as it computes (LLM.int8 also rounds the activations), and how far both are from
     the full-precision base with the same adapter (the cost of the bits)."""
     full = build(replace(target, model=target.model.model_copy(update={"quantization": None}))).model.eval()
-    reference = [logits(full, b) for b in batches]
+    reference = [logits(full, b).to(d.device) for b, d in zip(batches, dequantized)]  # the float base loads on the CPU
     same = [(d.argmax(-1) == r.argmax(-1))[real(b, d).to(d.device)] for d, r, b in zip(dequantized, reference, batches)]
     return {
         "compute_difference": max(float((d - q).abs().max()) for d, q in zip(dequantized, adapted_quantized)),

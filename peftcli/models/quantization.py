@@ -19,6 +19,8 @@ from torch import nn
 from peftcli.config.hardware import bf16_runs_here
 from peftcli.methods._layers import dense_weight
 
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (transformers' default): larger activations stay 16-bit
+
 
 def skipped(head_modules: tuple[str, ...]) -> list[str]:
     return ["lm_head", *head_modules]
@@ -36,7 +38,9 @@ def load_kwargs(q: Any, head_modules: tuple[str, ...]) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     if q.bits == 8:
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skipped(head_modules))
+        config = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=skipped(head_modules)
+        )
     else:
         config = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -70,7 +74,9 @@ def quantize_loaded(model: nn.Module, q: Any, head_modules: tuple[str, ...]) -> 
         out_features, in_features = weight.shape
         bias = layer.bias is not None
         if q.bits == 8:
-            new = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False, device="meta")
+            new = bnb.nn.Linear8bitLt(
+                in_features, out_features, bias=bias, has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta"
+            )
             new.weight = bnb.nn.Int8Params(weight.contiguous().clone(), requires_grad=False, has_fp16_weights=False)
         else:
             quant_type, double = q.quant_type or "nf4", True if q.double_quant is None else q.double_quant
@@ -85,6 +91,7 @@ def quantize_loaded(model: nn.Module, q: Any, head_modules: tuple[str, ...]) -> 
             new.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new.to(target))
+    model.to(target)  # embeddings, norms and the head too: what loading with a device_map does
     keep_one_weight_layout(model)
 
 

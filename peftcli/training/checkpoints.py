@@ -131,11 +131,7 @@ def write_loop_state(folder: Path, state: LoopState, num_processes: int, data_fi
                     scalars.setdefault(str(index), {})[name] = v
     method_tensors, method_extras = state.method or ({}, None)
     tensors |= {f"method.{key}": t for key, t in method_tensors.items()}
-    save_tensors(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        folder / STATE_TENSORS,
-        metadata={"format": "pt"},
-    )
+    save_tensors(own_storage(tensors), folder / STATE_TENSORS, metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
         "step": state.step,
@@ -150,6 +146,20 @@ def write_loop_state(folder: Path, state: LoopState, num_processes: int, data_fi
         "data_fingerprint": data_fingerprint,
     }
     (folder / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+
+def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the host, each with memory of its own, as safetensors requires: bitsandbytes' 8-bit
+    optimizers give every parameter's state the same quantization maps (`qmap1`, `qmap2`), which `.cpu()`
+    leaves shared on a CPU run (on a GPU it copies). A resumed run gets one copy a parameter: equal
+    values, and bitsandbytes reads each parameter's own."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        host = value.detach().cpu().contiguous()
+        where = host.untyped_storage().data_ptr()
+        out[key] = host.clone() if where in seen and host.numel() else host
+        seen.add(where)
+    return out
 
 
 def write_rng(folder: Path, rng: dict[str, Any], rank: int) -> None:

@@ -24,6 +24,7 @@ from tests.methods.test_quantized import folders  # noqa: F401 - the fixture
 
 pytest.importorskip("bitsandbytes")
 KEY = "model.quantization"
+MOMENTS = ("exp_avg", "exp_avg_sq", "state1", "state2")  # torch's AdamW's and bitsandbytes' names
 
 
 def recipe_file(tmp_path: Path, folder: Path, tiny_data, **sections) -> Path:
@@ -137,17 +138,24 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
 def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
     """Their moments live in 8 bits with per-block scales, in a dict inside the optimizer state: the
-    checkpoint keeps them all, so a resumed run ends with the same bytes."""
+    checkpoint keeps them all, so a resumed run ends with the same bytes. Rank 64 makes LoRA's A matrices
+    4,096 values, the size from which bitsandbytes keeps 8-bit moments (smaller tensors get 32-bit ones);
+    every 8-bit parameter's state shares the same quantization maps, which the checkpoint must copy."""
+    from safetensors.torch import load_file
+
     from peftcli.training.run import run_train
 
     monkeypatch.chdir(tmp_path)
     recipe = recipe_file(
         tmp_path, folders["llama-lm"], tiny_data, model={"quantization": {"bits": 4, "compute_dtype": "float32"}},
-        optimizer={"name": optimizer, "lr": 1e-2},
+        method={"rank": 64, "alpha": 64}, optimizer={"name": optimizer, "lr": 1e-3},
         train={"max_steps": 8, "save_every": 4, "eval_every": 4, "log_every": 1},
     )  # fmt: skip
     run_train(recipe, [])
     run = tmp_path / "run"
+    saved = load_file(run / "checkpoints" / "step-4" / "training_state.safetensors")
+    moments = {k: t.dtype for k, t in saved.items() if k.endswith(("state1", "state2"))}
+    assert torch.uint8 in moments.values() and torch.float32 in moments.values()  # 8-bit and 32-bit ones
     finished = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert losses[-1] < losses[0]
@@ -156,21 +164,39 @@ def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders
 
 
 def test_inspect_counts_the_quantized_weights_and_the_8bit_optimizer(tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
+    """`peft inspect`'s estimate of the optimizer state is what the optimizer holds after a step. Rank 64 gives
+    tensors on both sides of bitsandbytes' 4,096 values, below which its 8-bit AdamW keeps fp32 moments."""
     from peftcli.commands.inspection import run_inspect
+    from peftcli.models.target import build, resolve_target
+    from peftcli.training.optim import make_optimizer
 
     monkeypatch.chdir(tmp_path)
-    infos = {}
+    infos, held = {}, {}
     for name, model, optimizer in (
         ("fp32", {}, "adamw"),
         ("nf4", {"quantization": {"bits": 4, "compute_dtype": "float32"}}, "adamw8bit"),
     ):
-        recipe = recipe_file(tmp_path, folders["llama-lm"], tiny_data, model=model, optimizer={"name": optimizer})
+        recipe = recipe_file(
+            tmp_path, folders["llama-lm"], tiny_data, model=model, optimizer={"name": optimizer},
+            method={"rank": 64, "alpha": 64},
+        )  # fmt: skip
         infos[name] = run_inspect(recipe, [], False)
+        target = resolve_target(recipe, [])
+        built = build(target)
+        step = make_optimizer(built.model, target.recipe.optimizer)
+        ids = torch.tensor([[4, 5, 6, 7]])
+        built.model(input_ids=ids, labels=ids).loss.backward()
+        step.step()
+        moments = [t for slots in step.state.values() for k, t in slots.items() if k in MOMENTS]
+        held[name] = sum(t.numel() * t.element_size() for t in moments)
     fp32, nf4 = infos["fp32"], infos["nf4"]
     assert nf4["total_parameters"] == fp32["total_parameters"]  # a 4-bit byte holds two parameters
     assert nf4["trainable_parameters"] == fp32["trainable_parameters"]
-    assert nf4["memory_bytes"]["weights"] < 0.6 * fp32["memory_bytes"]["weights"]  # embeddings and head stay fp32
-    assert nf4["memory_bytes"]["optimizer_state"] * 4 == fp32["memory_bytes"]["optimizer_state"]
+    adapter = 4 * fp32["trainable_parameters"]  # fp32 on both
+    base = {name: info["memory_bytes"]["weights"] - adapter for name, info in infos.items()}
+    assert base["nf4"] < 0.6 * base["fp32"]  # embeddings and head stay fp32
+    assert fp32["memory_bytes"]["optimizer_state"] == held["fp32"] == 8 * fp32["trainable_parameters"]
+    assert nf4["memory_bytes"]["optimizer_state"] == held["nf4"] < 0.5 * held["fp32"]
 
 
 def test_the_paged_8bit_optimizer_pages_on_cuda_only(folders) -> None:  # noqa: F811

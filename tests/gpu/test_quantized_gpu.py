@@ -57,7 +57,8 @@ def test_qlora_trains_evaluates_and_merges_on_the_gpu(bits, tmp_path: Path, fold
     result = peft("eval", str(run_dir), "--out", str(tmp_path / "eval.json"))
     assert result.returncode == 0, result.stderr
     evaluated = json.loads((tmp_path / "eval.json").read_text())
-    assert evaluated["metrics"]["loss"] == pytest.approx(report["final_metrics"]["loss"], rel=1e-3)  # bf16
+    # The run's own eval ran under bf16 autocast; `peft eval` runs in fp32 (its 4-bit layers in bf16 either way).
+    assert evaluated["metrics"]["loss"] == pytest.approx(report["final_metrics"]["loss"], rel=2e-2)
 
     result = peft("merge", str(run_dir), "--out", str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr
@@ -119,11 +120,11 @@ def test_the_paged_8bit_optimizer_resumes_bit_exact_on_the_gpu(tmp_path: Path, f
 def test_a_float_loaded_model_is_quantized_onto_the_gpu(bits, folders) -> None:  # noqa: F811
     """What a GGUF base goes through (transformers loads it as float): each linear layer replaced by a
     bitsandbytes one on the GPU, computing what the same layers quantized while loading compute."""
-    model = AutoModelForCausalLM.from_pretrained(folders["llama-lm"]).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(folders["llama-lm"]).eval()  # on the CPU, as GGUF loads
     quantization = {"bits": bits} | ({"compute_dtype": "float32"} if bits == 4 else {})
     quantize_loaded(model, ModelSpec(name="m", quantization=quantization).quantization, TASKS[LM].head_modules)
     layers = quantized_layers(model)
-    assert layers and all(p.is_cuda for layer in layers.values() for p in layer.parameters())
+    assert layers and all(p.is_cuda for p in model.parameters())  # the embeddings, norms and head too
     loaded = quantized(folders["llama-lm"], bits)
     assert layers.keys() == quantized_layers(loaded).keys()
     batch = on_gpu(random_batches(model, LM, n=1)[0])
