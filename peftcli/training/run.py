@@ -109,6 +109,8 @@ def build(recipe: Recipe, start: Start) -> Parts:
     console.print(f"[bold]{escape(str(recipe.name))}[/]: {method.name} on {escape(recipe.model.name)} ({recipe.task})")
     chosen, why = precision.resolve(t.mixed_precision)
     console.print(f"mixed precision: {chosen}" + (f" (auto: {why})" if t.mixed_precision == "auto" else ""))
+    if recipe.optimizer.name == "paged_adamw8bit" and accelerator.device.type != "cuda":
+        console.print("optimizer: paged_adamw8bit runs as adamw8bit here (bitsandbytes pages its state on CUDA only)")
     tokenizer = load_tokenizer(recipe.model)
     # The adapter folder gets the tokenizer as it loaded: a fast tokenizer's file also records the
     # truncation and padding of its last call, which tokenizing sets, or not when datasets' cache answers.

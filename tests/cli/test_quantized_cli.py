@@ -136,7 +136,14 @@ def test_a_quantized_run_trains_evaluates_and_merges(bits, tmp_path, folders, ti
 
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
-def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders, tiny_data, monkeypatch) -> None:  # noqa: F811
+def test_8bit_optimizers_train_and_resume_bit_exact(
+    optimizer,
+    tmp_path,
+    folders,  # noqa: F811
+    tiny_data,
+    monkeypatch,
+    capsys,
+) -> None:
     """Their moments live in 8 bits with per-block scales, in a dict inside the optimizer state: the
     checkpoint keeps them all, so a resumed run ends with the same bytes. Rank 64 makes LoRA's A matrices
     4,096 values, the size from which bitsandbytes keeps 8-bit moments (smaller tensors get 32-bit ones);
@@ -152,6 +159,9 @@ def test_8bit_optimizers_train_and_resume_bit_exact(optimizer, tmp_path, folders
         train={"max_steps": 8, "save_every": 4, "eval_every": 4, "log_every": 1},
     )  # fmt: skip
     run_train(recipe, [])
+    said = " ".join(capsys.readouterr().err.split())
+    paged = "optimizer: paged_adamw8bit runs as adamw8bit here (bitsandbytes pages its state on CUDA only)"
+    assert (paged in said) == (optimizer == "paged_adamw8bit")
     run = tmp_path / "run"
     saved = load_file(run / "checkpoints" / "step-4" / "training_state.safetensors")
     moments = {k: t.dtype for k, t in saved.items() if k.endswith(("state1", "state2"))}
