@@ -21,11 +21,9 @@ from peftcli.methods.base import count_parameters, name_matches
 from peftcli.models.target import build, resolve_target
 from peftcli.reporting.model_card import target_base
 from peftcli.reporting.serving import vllm_verdict
+from peftcli.training.optim import MIN_8BIT_SIZE
 
 console = Console(soft_wrap=True, emoji=False)
-
-
-MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit moments in its 8-bit optimizers
 
 
 def optimizer_state_bytes(model: Any, optimizer: Any) -> int:

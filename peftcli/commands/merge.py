@@ -172,7 +172,7 @@ def quantization_errors(
     the full-precision base with the same adapter (the cost of the bits)."""
     full = build(replace(target, model=target.model.model_copy(update={"quantization": None}))).model.eval()
     reference = [logits(full, b).to(d.device) for b, d in zip(batches, dequantized)]  # the float base loads on the CPU
-    same = [(d.argmax(-1) == r.argmax(-1))[real(b, d).to(d.device)] for d, r, b in zip(dequantized, reference, batches)]
+    same = [(d.argmax(-1) == r.argmax(-1))[real(b, d)] for d, r, b in zip(dequantized, reference, batches)]
     return {
         "compute_difference": max(float((d - q).abs().max()) for d, q in zip(dequantized, adapted_quantized)),
         "quantization_error": max(float((d - r).abs().max()) for d, r in zip(dequantized, reference)),
@@ -182,14 +182,15 @@ def quantization_errors(
 
 def real(batch: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """Which of `out`'s rows are real inputs: a token model's non-padding positions, or every example."""
-    mask = batch["attention_mask"].bool()
-    return mask if out.dim() == 3 and out.shape[:2] == mask.shape else torch.ones(out.shape[0], dtype=torch.bool)
+    mask = batch["attention_mask"].bool().to(out.device)
+    return mask if out.dim() == 3 and out.shape[:2] == mask.shape else torch.ones_like(out[:, 0], dtype=torch.bool)
 
 
 def quantized_merge_text(method_name: str, target: Any, difference: float, result: dict[str, Any]) -> str:
     """The three numbers a quantized merge reports, each the largest logit difference over the probes."""
     q = target.model.quantization
-    computes = " (LLM.int8 also rounds activations)" if q.bits == 8 else f" in {str(compute_dtype(q))[6:]}"
+    dtype = str(compute_dtype(q)).removeprefix("torch.")
+    computes = " (LLM.int8 also rounds activations)" if q.bits == 8 else f" in {dtype}"
     return (
         f"merged {method_name} into {escape(target.model.name)}, dequantized from {q.bits} bits: "
         f"merge error {difference:.2e} (largest logit difference from the dequantized model with the adapter); "

@@ -12,20 +12,27 @@ from transformers import get_scheduler
 from peftcli.config.schema import OptimizerSpec, ScheduleSpec
 from peftcli.errors import PeftcliError
 
+MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit AdamWs keep fp32 moments for tensors with fewer values (its default)
+
+
+def runs_as(spec: OptimizerSpec, on_cuda: bool) -> str:
+    """The optimizer a run builds for `spec`: bitsandbytes pages optimizer state on CUDA only; elsewhere its
+    paged AdamW warns at the first step and runs as its plain 8-bit AdamW (the same updates and state), so
+    a run off CUDA takes that one at once."""
+    return "adamw8bit" if spec.name == "paged_adamw8bit" and not on_cuda else spec.name
+
 
 def make_optimizer(model: nn.Module, spec: OptimizerSpec, on_cuda: bool = False) -> torch.optim.Optimizer:
-    """`on_cuda`: the run trains on a GPU. bitsandbytes pages optimizer state on CUDA only; elsewhere its
-    paged AdamW warns at the first step and runs as its plain 8-bit AdamW (the same updates and state), so
-    a CPU run takes that one at once."""
+    """`on_cuda`: the run trains on a GPU (see `runs_as`)."""
     groups = parameter_groups(model, spec)
-    if spec.name == "sgd":
+    name = runs_as(spec, on_cuda)
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
-    if spec.name in ("adamw8bit", "paged_adamw8bit"):
+    if name in ("adamw8bit", "paged_adamw8bit"):
         import bitsandbytes as bnb  # an optional extra; recipe validation checked it is installed
 
-        paged = spec.name == "paged_adamw8bit" and on_cuda
-        cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
-        return cls(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, min_8bit_size=MIN_8BIT_SIZE)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
 
 

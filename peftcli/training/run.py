@@ -32,6 +32,7 @@ from peftcli.training.batches import model_inputs
 from peftcli.training.checkpoints import check_data, checkpoint_dir, data_fingerprint, find_checkpoint, read_loop_state
 from peftcli.training.distributed import on_main, partitioned_optimizer
 from peftcli.training.loop import Hooks, train
+from peftcli.training.optim import runs_as
 from peftcli.training.resume import check_resumable
 from peftcli.training.run_dir import check_run_dir, kept_paths, settle_replacement
 from peftcli.training.run_state import Parts, Run, Start, best_snapshot
@@ -109,8 +110,10 @@ def build(recipe: Recipe, start: Start) -> Parts:
     console.print(f"[bold]{escape(str(recipe.name))}[/]: {method.name} on {escape(recipe.model.name)} ({recipe.task})")
     chosen, why = precision.resolve(t.mixed_precision)
     console.print(f"mixed precision: {chosen}" + (f" (auto: {why})" if t.mixed_precision == "auto" else ""))
-    if recipe.optimizer.name == "paged_adamw8bit" and accelerator.device.type != "cuda":
-        console.print("optimizer: paged_adamw8bit runs as adamw8bit here (bitsandbytes pages its state on CUDA only)")
+    runs = runs_as(recipe.optimizer, on_cuda=accelerator.device.type == "cuda")
+    if runs != recipe.optimizer.name:
+        paging = "bitsandbytes pages its state on CUDA only"
+        console.print(f"optimizer: {recipe.optimizer.name} runs as {runs} here ({paging})")
     tokenizer = load_tokenizer(recipe.model)
     # The adapter folder gets the tokenizer as it loaded: a fast tokenizer's file also records the
     # truncation and padding of its last call, which tokenizing sets, or not when datasets' cache answers.

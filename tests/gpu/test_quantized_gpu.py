@@ -13,19 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from peftcli.config.schema import ModelSpec
 from peftcli.methods import METHODS
-from peftcli.models.adapters import adapter_config, load_adapter, method_state, save_adapter
+from peftcli.models.adapters import adapter_config, method_state, save_adapter
 from peftcli.models.quantization import quantize_loaded
 from peftcli.tasks.registry import TASKS
 from tests.cli.test_cli import peft, write_recipe
 from tests.conftest import tiny_recipe
 from tests.gpu.test_cuda import train_losses
 from tests.helpers import adapt, logits, random_batches, randomize_trainable
-from tests.methods.test_quantized import folders, quantized, quantized_layers  # noqa: F401 - the fixture
+from tests.methods.test_quantized import (  # noqa: F401 - folders: the fixture
+    folders,
+    hf_peft_adapter_in_ours,
+    quantized,
+    quantized_layers,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("bitsandbytes")
@@ -88,15 +93,8 @@ def test_adapters_move_both_ways_with_hf_peft_on_the_gpu(bits, folders, tmp_path
     theirs = PeftModel.from_pretrained(quantized(folders["llama-lm"], bits), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(theirs, batch), trained, rtol=1e-4, atol=1e-4)
 
-    hf = get_peft_model(
-        quantized(folders["llama-lm"], bits),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    randomize_trainable(hf, seed=3)
-    hf.save_pretrained(tmp_path / "theirs")
-    mine = quantized(folders["llama-lm"], bits)
-    load_adapter(tmp_path / "theirs", mine, task)
-    torch.testing.assert_close(logits(mine, batch), logits(hf.eval(), batch), rtol=1e-4, atol=1e-4)
+    mine, theirs = hf_peft_adapter_in_ours(folders["llama-lm"], bits, tmp_path / "theirs", batch)
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_the_paged_8bit_optimizer_resumes_bit_exact_on_the_gpu(tmp_path: Path, folders, tiny_data) -> None:  # noqa: F811

@@ -119,16 +119,21 @@ def test_save_load_and_hf_peft_both_ways_on_the_quantized_base(bits, folders, tm
     theirs = PeftModel.from_pretrained(quantized(folders["llama-lm"], bits), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(theirs, batch), trained, rtol=1e-5, atol=1e-5)
 
-    # HF peft's QLoRA adapter in ours.
+    mine, theirs = hf_peft_adapter_in_ours(folders["llama-lm"], bits, tmp_path / "theirs", batch)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def hf_peft_adapter_in_ours(folder: Path, bits: int, out: Path, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """An HF peft QLoRA adapter (random values) saved to `out` and loaded by peftcli on the same quantized
+    base: the logits of ours and of HF peft's model on `batch` (tests/gpu/test_quantized_gpu.py too)."""
     hf = get_peft_model(
-        quantized(folders["llama-lm"], bits),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+        quantized(folder, bits), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     )
     randomize_trainable(hf, seed=3)
-    hf.save_pretrained(tmp_path / "theirs")
-    mine = quantized(folders["llama-lm"], bits)
-    load_adapter(tmp_path / "theirs", mine, task)
-    torch.testing.assert_close(logits(mine, batch), logits(hf.eval(), batch), rtol=1e-5, atol=1e-5)
+    hf.save_pretrained(out)
+    mine = quantized(folder, bits)
+    load_adapter(out, mine, TASKS[LM])
+    return logits(mine, batch), logits(hf.eval(), batch)
 
 
 def test_a_quantized_adapter_loads_on_the_full_precision_base(folders, tmp_path) -> None:
